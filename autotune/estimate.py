@@ -1,0 +1,415 @@
+"""Peak training memory of a plan, predicted from the model's config.json alone.
+
+    estimate(model_config, plan, calibration=None) -> {"total_bytes": int, "breakdown": {name: int}}
+
+The peak of a parameter-efficient training step comes at the start of backward: the frozen weights, the adapter
+and its optimizer state, every tensor autograd saved during forward, and the loss's vocabulary-sized buffers are
+all alive at once. Each term below is that peak's share, in bytes (a = bytes per element of the compute dtype:
+2 for bf16/fp16, 4 for fp32; T = tokens in a micro-batch = sequences x max_seq_len; L = layers; h = hidden size;
+I = intermediate size; V = vocabulary).
+
+weights       The frozen base in the compute dtype: parameters x a. QLoRA stores the decoder-block linear layers
+              as NF4, 0.5 byte per parameter, plus one absmax per 64 weights: fp32 (4/64 byte per parameter), or
+              with double quantisation (the default) an 8-bit absmax plus one fp32 constant per 256 absmax
+              (1/64 + 4/(64*256)). Embeddings, lm_head and norms stay in the compute dtype (training must not
+              upcast them to fp32 the way peft's prepare_model_for_kbit_training does: that adds 2 bytes per
+              non-quantised parameter, about 2 GB on Llama-3-8B).
+trainable     Adapter parameters, which peft keeps in fp32 (4 bytes) whatever the base dtype.
+gradients     One fp32 gradient per trainable parameter.
+optimizer     AdamW: two fp32 moments per trainable parameter.
+activations   What autograd keeps for backward, counted per token per layer for a stock transformers block with
+              SDPA (flash or memory-efficient kernels: no seq x seq scores). PyTorch saves a tensor only when a
+              gradient needs it, so the frozen linear layers keep nothing; what is kept:
+                RMSNorm         the fp32 upcast of its input: 4h per norm (Liger's fused norm: a*h)
+                attention       q, k, v (k and v repeated to every head, as transformers does with a padding
+                                mask), the output, and the fp32 log-sum-exp: a*(2*q_dim + 2*q_dim) + 4*heads
+                MLP             gate output, activation output, up output: 3*a*I (Liger SwiGLU: 2*a*I;
+                                GPT-2's Python gelu_new: 4*a*I)
+                LoRA            peft casts each adapted layer's input to fp32 for lora_A: 4*in_features per
+                                adapted layer, plus the dropout mask when dropout > 0 (1 byte per element on
+                                CUDA's fused dropout, 4 on CPU), plus 4*rank for lora_B
+                DoRA            adds the base output and the fp32 LoRA output per adapted layer: (a + 4)*out
+                IA3             the scaled tensor: a*out (a*in for feed-forward layers)
+                adapter         bottleneck adapters after attention and MLP: fp32 input and two bottleneck tensors
+              plus per sequence per layer the padding mask SDPA turns into a compute-dtype bias (a*seq^2; skipped
+              with packing), and for eager attention (Gemma2's soft-capped logits) the fp32 softmax, the
+              probabilities and the tanh output: heads*seq*(4 + 2a) per token. Without gradient checkpointing
+              that is L layers' worth; with it, one saved hidden state per layer (a*h*L) plus one layer recomputed
+              in full. On top: the backward working set of one layer (gradients of the hidden state and the widest
+              intermediates, a*(2h + 2I) + 4*max in_features), QLoRA's dequantised copy of the largest linear
+              weight (out x in x a), and DoRA's weight-norm temporaries for the largest adapted layer (an fp32
+              identity in x in, the fp32 LoRA product and the fp32 weight and sum: 4*in^2 + 16*in*out).
+logits        The lm_head output (a) plus the loss's fp32 upcast/log-softmax output, its gradient and the
+              gradient of its input: T x V x (a + 12). A 128k vocabulary at 8 x 2048 tokens spends 29 GB here.
+              Gemma2's final soft-capping keeps one more a-byte copy. With a fused linear cross-entropy (Liger) the
+              logits exist only a chunk at a time: chunk = T / ceil(V / h) tokens, x V x 2a, plus the gradient of
+              the hidden states (T x h x a). DPO runs chosen and rejected (2 sequences per pair) and a reference
+              forward without gradients whose logits (a + 4 per element) overlap the policy's.
+cuda_context  The CUDA context, cuBLAS handles and kernels that never pass through the caching allocator: about
+              500 MiB on CUDA, nothing on CPU.
+allocator_headroom  The caching allocator's fragmentation: 7% of what is allocated and freed every step
+              (activations, logits, gradients, optimizer state).
+
+The per-layer activation counts were checked against what autograd actually saves (saved_tensors_hooks on a
+bf16 model with peft LoRA, tests/autotune/test_estimate_against_autograd.py): within 2-8%, never under. Every
+constant is named below. A GPU calibration run (bench/memory_estimate.py) compares predictions with
+torch.cuda.max_memory_reserved; its corrections come back through `calibration`, e.g.
+{"activation_scale": 1.07, "logits_scale": 0.95}, without touching the formula.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .shapes import LinearModule, ModelShape
+
+GIB = 1024**3
+MIB = 1024**2
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+FP32 = 4
+
+NF4_BYTES_PER_PARAM = 0.5
+QUANT_BLOCKSIZE = 64  # weights per absmax
+DOUBLE_QUANT_BLOCKSIZE = 256  # absmax per second-level fp32 constant
+ADAM_STATES = 2
+
+LOSS_FP32_BUFFERS = 3  # upcast/log-softmax output, its gradient, the gradient of its input
+DPO_REFERENCE_LOGITS_EXTRA = FP32  # the reference pass's fp32 log-softmax beside its logits
+DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask; CPU keeps a mask in the input's dtype
+CUDA_CONTEXT_BYTES = 500 * MIB
+ALLOCATOR_HEADROOM_FRACTION = 0.07
+
+DEFAULT_RANK = 16
+DEFAULT_LORA_DROPOUT = 0.05
+DEFAULT_NUM_VIRTUAL_TOKENS = 20
+DEFAULT_ADAPTER_BOTTLENECK = 64
+ADAPTERS_PER_LAYER = 2  # bottleneck adapters after attention and after the MLP
+
+LORA_METHODS = ("lora", "qlora", "dora", "dpo")
+METHODS = (*LORA_METHODS, "ia3", "prefix", "prompt", "adapter")
+
+CALIBRATION_KEYS = {
+    "weights_scale": "multiplies weights",
+    "state_scale": "multiplies trainable, gradients and optimizer",
+    "activation_scale": "multiplies activations",
+    "logits_scale": "multiplies logits",
+    "cuda_context_bytes": "replaces the CUDA context size",
+    "allocator_headroom_fraction": "replaces the fragmentation margin's fraction",
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The plan fields that decide memory, with defaults filled in and checked."""
+
+    method: str = "lora"
+    rank: int = DEFAULT_RANK
+    target_modules: object = "all-linear"
+    micro_batch: int = 1
+    max_seq_len: int = 512
+    gradient_checkpointing: bool = False
+    dtype: str = "bf16"
+    device: str = "cuda"
+    dropout: float = DEFAULT_LORA_DROPOUT
+    num_virtual_tokens: int = DEFAULT_NUM_VIRTUAL_TOKENS
+    adapter_bottleneck: int = DEFAULT_ADAPTER_BOTTLENECK
+    double_quant: bool = True
+    fused_cross_entropy: bool = False
+    liger: bool = False
+    packing: bool = False
+    attn_implementation: str | None = None  # None: what transformers picks for the architecture
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> "Setup":
+        fields = {k: plan[k] for k in cls.__dataclass_fields__ if plan.get(k) is not None}
+        device = str(fields.get("device", "cuda")).lower()
+        fields["device"] = "cpu" if device == "cpu" else "cuda"
+        dtype = str(fields.get("dtype", "auto")).lower()
+        fields["dtype"] = dtype if dtype in DTYPE_BYTES else ("fp32" if fields["device"] == "cpu" else "bf16")
+        fields["method"] = str(fields.get("method", "lora")).lower()
+        if fields["method"] not in METHODS:
+            raise ValueError(f"unknown method {fields['method']!r}; choose one of {', '.join(METHODS)}")
+        for name in ("rank", "micro_batch", "max_seq_len", "num_virtual_tokens", "adapter_bottleneck"):
+            if name in fields and (isinstance(fields[name], bool) or int(fields[name]) < 1):
+                raise ValueError(f"plan field {name!r} must be a positive integer, not {fields[name]!r}")
+        return cls(**fields)
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per micro-batch: DPO runs the chosen and the rejected answer of every pair."""
+        return self.micro_batch * (2 if self.method == "dpo" else 1)
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """Prompt tuning prepends its virtual tokens to every sequence."""
+        return self.max_seq_len + (self.num_virtual_tokens if self.method == "prompt" else 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.tokens_per_sequence
+
+
+# ------------------------------------------------------------------------ public
+
+
+def estimate(model_config, plan: dict, calibration: dict | None = None) -> dict:
+    """Predicted peak memory of one training step: {"total_bytes", "breakdown"} (see the module docstring)."""
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    setup = Setup.from_plan(plan or {})
+    scale = _calibration(calibration)
+    trainable = trainable_parameters(shape, plan or {})
+    breakdown = {
+        "weights": weight_bytes(shape, setup) * scale["weights_scale"],
+        "trainable": trainable * FP32 * scale["state_scale"],
+        "gradients": trainable * FP32 * scale["state_scale"],
+        "optimizer": trainable * FP32 * ADAM_STATES * scale["state_scale"],
+        "activations": activation_bytes(shape, setup) * scale["activation_scale"],
+        "logits": logits_bytes(shape, setup) * scale["logits_scale"],
+        "cuda_context": scale["cuda_context_bytes"] if setup.device == "cuda" else 0,
+    }
+    dynamic = sum(breakdown[k] for k in ("activations", "logits", "gradients", "optimizer"))
+    breakdown["allocator_headroom"] = dynamic * scale["allocator_headroom_fraction"]
+    breakdown = {name: int(math.ceil(value)) for name, value in breakdown.items()}
+    return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown}
+
+
+def trainable_parameters(model_config, plan: dict) -> int:
+    """Parameters the method trains (what peft's print_trainable_parameters reports)."""
+    shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
+    setup = plan if isinstance(plan, Setup) else Setup.from_plan(plan or {})
+    per_method = {
+        "ia3": _ia3_parameters,
+        "prefix": _prefix_parameters,
+        "prompt": _prompt_parameters,
+        "adapter": _adapter_parameters,
+    }
+    return per_method.get(setup.method, _lora_parameters)(shape, setup)
+
+
+def adapted_modules(shape: ModelShape, setup: Setup) -> list[LinearModule]:
+    """The block's linear layers the method puts an adapter on."""
+    if setup.method in LORA_METHODS:
+        return shape.modules_for(setup.target_modules)
+    if setup.method == "ia3":
+        return shape.modules_for(list(shape.ia3_target_modules))
+    return []
+
+
+# ------------------------------------------------------------------------ parameters
+
+
+def _lora_parameters(shape: ModelShape, setup: Setup) -> int:
+    per_layer = sum(setup.rank * (m.in_features + m.out_features) for m in adapted_modules(shape, setup))
+    if setup.method == "dora":
+        per_layer += sum(m.out_features for m in adapted_modules(shape, setup))  # the magnitude vector
+    return shape.num_layers * per_layer
+
+
+def _ia3_parameters(shape: ModelShape, setup: Setup) -> int:
+    per_layer = sum(_ia3_vector_size(shape, m) for m in adapted_modules(shape, setup))
+    return shape.num_layers * per_layer
+
+
+def _ia3_vector_size(shape: ModelShape, module: LinearModule) -> int:
+    """IA3 scales a feed-forward layer's input and any other layer's output."""
+    feedforward = any(module.matches(t) for t in shape.ia3_feedforward_modules)
+    return module.in_features if feedforward else module.out_features
+
+
+def _prefix_parameters(shape: ModelShape, setup: Setup) -> int:
+    """A key and a value vector per virtual token per layer (peft without the prefix projection MLP)."""
+    return setup.num_virtual_tokens * shape.num_layers * 2 * shape.kv_dim
+
+
+def _prompt_parameters(shape: ModelShape, setup: Setup) -> int:
+    return setup.num_virtual_tokens * shape.hidden_size
+
+
+def _adapter_parameters(shape: ModelShape, setup: Setup) -> int:
+    h, b = shape.hidden_size, setup.adapter_bottleneck
+    one_adapter = h * b + b + b * h + h  # down and up projections with biases
+    return shape.num_layers * ADAPTERS_PER_LAYER * one_adapter
+
+
+# ------------------------------------------------------------------------ weights
+
+
+def weight_bytes(shape: ModelShape, setup: Setup) -> float:
+    a = setup.compute_bytes
+    if setup.method != "qlora":
+        return shape.parameters * a
+    quantised = shape.linear_parameters
+    return quantised * nf4_bytes_per_parameter(setup.double_quant) + (shape.parameters - quantised) * a
+
+
+def nf4_bytes_per_parameter(double_quant: bool = True) -> float:
+    if double_quant:
+        absmax = 1 / QUANT_BLOCKSIZE + FP32 / (QUANT_BLOCKSIZE * DOUBLE_QUANT_BLOCKSIZE)
+    else:
+        absmax = FP32 / QUANT_BLOCKSIZE
+    return NF4_BYTES_PER_PARAM + absmax
+
+
+# ------------------------------------------------------------------------ activations
+
+
+def activation_bytes(shape: ModelShape, setup: Setup) -> float:
+    per_layer = layer_activation_bytes(shape, setup)
+    if setup.gradient_checkpointing:
+        # one saved hidden state per layer; backward recomputes one layer at a time
+        kept = shape.num_layers * setup.tokens * setup.compute_bytes * shape.hidden_size + per_layer
+    else:
+        kept = shape.num_layers * per_layer
+    final_norm = setup.tokens * _norm_bytes_per_token(shape, setup)
+    return kept + final_norm + _backward_working_set(shape, setup) + _weight_temporaries(shape, setup)
+
+
+def layer_activation_bytes(shape: ModelShape, setup: Setup) -> float:
+    """Bytes one decoder block keeps for backward over a whole micro-batch."""
+    per_token = (
+        shape.norms_per_layer * _norm_bytes_per_token(shape, setup)
+        + _attention_bytes_per_token(shape, setup)
+        + _mlp_bytes_per_token(shape, setup)
+        + shape.residual_dropouts * shape.hidden_size * DROPOUT_MASK_BYTES
+        + _adapter_bytes_per_token(shape, setup)
+    )
+    return per_token * setup.tokens + setup.sequences * _attention_bytes_per_sequence(shape, setup)
+
+
+def _uses_liger(shape: ModelShape, setup: Setup) -> bool:
+    return setup.liger and shape.family != "gpt2"
+
+
+def _norm_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    if shape.norm_kind == "layer":
+        return setup.compute_bytes * shape.hidden_size + 2 * FP32  # input, mean and rstd
+    if _uses_liger(shape, setup):
+        return setup.compute_bytes * shape.hidden_size + FP32  # input and rstd
+    return FP32 * shape.hidden_size  # transformers' RMSNorm upcasts its input to fp32 and keeps it
+
+
+def _attention_implementation(shape: ModelShape, setup: Setup) -> str:
+    return setup.attn_implementation or shape.default_attention
+
+
+def _attention_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    a = setup.compute_bytes
+    q_dim = shape.q_dim
+    implementation = _attention_implementation(shape, setup)
+    # SDPA and eager repeat k and v to every query head; flash-attention takes grouped heads as they are
+    kv = shape.kv_dim if implementation == "flash_attention_2" else q_dim
+    core = a * (2 * q_dim + 2 * kv) + FP32 * shape.num_heads  # q, out, k, v, log-sum-exp
+    if implementation != "eager":
+        return core
+    seq = setup.tokens_per_sequence
+    probabilities = shape.num_heads * seq * (FP32 + a)  # fp32 softmax output and its compute-dtype copy
+    softcap = shape.num_heads * seq * a if shape.attn_logit_softcapping else 0  # tanh keeps its output
+    return core + probabilities + softcap
+
+
+def _attention_bytes_per_sequence(shape: ModelShape, setup: Setup) -> float:
+    """Per-layer attention costs that grow with the sequence rather than the token."""
+    a, seq = setup.compute_bytes, setup.tokens_per_sequence
+    total = 0.0
+    if _attention_implementation(shape, setup) == "sdpa" and not setup.packing:
+        total += a * seq * seq  # SDPA turns the boolean padding mask into a bias it keeps for backward
+    if setup.method == "prefix":
+        total += setup.num_virtual_tokens * 2 * a * shape.q_dim  # prefix keys and values beside the sequence's
+    return total
+
+
+def _mlp_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    saved = shape.mlp_saved_tensors - (1 if _uses_liger(shape, setup) and shape.gated_mlp else 0)
+    return saved * setup.compute_bytes * shape.intermediate_size
+
+
+def _adapter_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    a = setup.compute_bytes
+    if setup.method in LORA_METHODS:
+        mask = _lora_dropout_mask_bytes(setup)
+        total = 0.0
+        for m in adapted_modules(shape, setup):
+            total += (FP32 + mask) * m.in_features + FP32 * setup.rank
+            if setup.method == "dora":
+                total += (a + FP32) * m.out_features
+        return total
+    if setup.method == "ia3":
+        return sum(a * _ia3_vector_size(shape, m) for m in adapted_modules(shape, setup))
+    if setup.method == "adapter":
+        return ADAPTERS_PER_LAYER * FP32 * (shape.hidden_size + 2 * setup.adapter_bottleneck)
+    return 0.0
+
+
+def _lora_dropout_mask_bytes(setup: Setup) -> int:
+    """Per element of an adapted layer's input; dropout there acts on peft's fp32 copy."""
+    if setup.dropout <= 0:
+        return 0
+    return DROPOUT_MASK_BYTES if setup.device == "cuda" else FP32
+
+
+def _backward_working_set(shape: ModelShape, setup: Setup) -> float:
+    """Gradients alive while one block runs backward: the hidden state's and the widest intermediates'."""
+    a = setup.compute_bytes
+    widest_input = max(m.in_features for m in shape.linear_modules)
+    per_token = a * (2 * shape.hidden_size + 2 * shape.intermediate_size)
+    if setup.method in LORA_METHODS:
+        per_token += FP32 * widest_input  # the fp32 gradient of lora_A's input
+    return per_token * setup.tokens
+
+
+def _weight_temporaries(shape: ModelShape, setup: Setup) -> float:
+    """Weight-sized tensors one layer creates in flight."""
+    total = 0.0
+    if setup.method == "qlora":
+        largest = max(m.in_features * m.out_features for m in shape.linear_modules)
+        total += largest * setup.compute_bytes  # bitsandbytes dequantises the weight for each matmul
+    if setup.method == "dora":
+        total += max(FP32 * m.in_features**2 + 4 * FP32 * m.in_features * m.out_features
+                     for m in adapted_modules(shape, setup))
+    return total
+
+
+# ------------------------------------------------------------------------ logits
+
+
+def logits_bytes(shape: ModelShape, setup: Setup) -> float:
+    a, vocab = setup.compute_bytes, shape.vocab_size
+    if setup.fused_cross_entropy:
+        chunks = max(1, math.ceil(vocab / shape.hidden_size))
+        chunk_tokens = math.ceil(setup.tokens / chunks)
+        policy = chunk_tokens * vocab * 2 * a + setup.tokens * shape.hidden_size * a
+    else:
+        per_element = a + LOSS_FP32_BUFFERS * FP32 + (a if shape.final_logit_softcapping else 0)
+        policy = setup.tokens * vocab * per_element
+    if setup.method != "dpo":
+        return policy
+    reference = setup.tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
+    if setup.fused_cross_entropy:
+        reference = chunk_tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
+    return policy + reference
+
+
+# ------------------------------------------------------------------------ calibration
+
+
+def _calibration(calibration: dict | None) -> dict:
+    values = {
+        "weights_scale": 1.0,
+        "state_scale": 1.0,
+        "activation_scale": 1.0,
+        "logits_scale": 1.0,
+        "cuda_context_bytes": CUDA_CONTEXT_BYTES,
+        "allocator_headroom_fraction": ALLOCATOR_HEADROOM_FRACTION,
+    }
+    for key, value in (calibration or {}).items():
+        if key not in values:
+            raise ValueError(f"unknown calibration key {key!r}; known: {', '.join(CALIBRATION_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"calibration {key!r} must be a non-negative number, not {value!r}")
+        values[key] = float(value)
+    return values

@@ -1,0 +1,304 @@
+"""Merging a trained PEFT adapter into its base model, checked against the unmerged model before saving.
+
+Worker-side only: imports torch, transformers and peft inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune.errors import TunedeckError
+from finetune.modelstore import (
+    inspect_model_folder,
+    load_model_and_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    save_generation_config,
+)
+
+MERGE_MARKER = "tunedeck-merge.json"
+
+# Methods whose weight update folds into the base weights: W' = W + scale * B @ A (LoRA, QLoRA, DPO-trained
+# LoRA), DoRA's re-normalised version of that, and IA3's per-channel scaling (W' = W * l).
+MERGEABLE_METHODS = {"lora", "qlora", "dora", "ia3", "dpo"}
+UNMERGEABLE_REASONS = {
+    "prefix": "prefix tuning adds learned key/value vectors to every attention layer; there is no weight "
+    "to fold them into",
+    "prompt": "prompt tuning prepends learned virtual-token embeddings to the input; there is no weight "
+    "to fold them into",
+    "adapter": "adapter layers add new modules (with their own non-linearity) between the base layers; they "
+    "cannot be folded into the base weights",
+}
+# peft types that never merge, whatever the training method was called.
+UNMERGEABLE_PEFT_TYPES = {
+    "PREFIX_TUNING": "prefix",
+    "PROMPT_TUNING": "prompt",
+    "P_TUNING": "prompt",
+    "MULTITASK_PROMPT_TUNING": "prompt",
+    "ADAPTION_PROMPT": "adapter",
+}
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "What is 2+2?",
+    "Write one sentence about the sea.",
+    "Translate to French: thank you",
+)
+# Allowed max |merged - unmerged| logits, relative to the largest reference logit. Merging reorders float
+# arithmetic ((W + BA)x instead of Wx + B(Ax)), so the gap is rounding: ~1e-6 relative in fp32. In bf16 the
+# rounding compounds through the layers: SmolLM2-135M (30 layers, logits up to ~38) shows gaps of ~1.4 (3.6%),
+# so half precision gets a coarse check; merge in fp32 (the CPU default) for a tight one.
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
+# The adapter may widen the gap between the full-precision and the 4-bit base by at most this factor.
+QLORA_GAP_FACTOR = 2.0
+
+
+class MergeMismatch(TunedeckError):
+    """The merged model's outputs differ from base + adapter by more than rounding can explain."""
+
+
+class AdapterNotMergeable(TunedeckError):
+    pass
+
+
+class AdapterFolderError(TunedeckError):
+    pass
+
+
+def can_merge(method: str) -> bool:
+    return (method or "").lower() in MERGEABLE_METHODS
+
+
+def merge_adapter(
+    base_path,
+    adapter_dir,
+    out_dir,
+    *,
+    dtype="auto",
+    atol: float | None = None,
+    sample_prompts=None,
+    method: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Merges `adapter_dir` into the model at `base_path` and saves a standalone model folder at `out_dir`.
+
+    `atol` overrides the dtype-based tolerance for merged vs unmerged logits. A QLoRA adapter is merged into
+    the base loaded in full precision (see `_qlora_gaps` for why); the adapter on the 4-bit base it was
+    trained on is compared too, loosely: by the yardstick of how far 4-bit quantisation moves the base alone.
+    """
+    adapter_dir = Path(adapter_dir)
+    description = describe_adapter(adapter_dir)
+    method = (method or description["method"]).lower()
+    _require_mergeable(method, description["peft_type"])
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    base_info = inspect_model_folder(base_path)
+
+    base, tokenizer = load_model_and_tokenizer(base_path, device=device, dtype=torch_dtype)
+    peft_model = attach_adapter(base, adapter_dir)
+    inputs = sample_inputs(tokenizer, sample_prompts or DEFAULT_SAMPLE_PROMPTS, device)
+    unmerged_logits = logits_for(peft_model, inputs)
+    qlora_gaps = {}
+    if method == "qlora" or description["quantized_base"]:
+        qlora_gaps = _qlora_gaps(base_path, adapter_dir, inputs, peft_model, unmerged_logits, torch_dtype)
+
+    merged = peft_model.merge_and_unload()
+    max_abs_diff = _max_abs_diff(unmerged_logits, logits_for(merged, inputs))
+    tolerance = atol if atol is not None else _tolerance(unmerged_logits, torch_dtype)
+    if not max_abs_diff <= tolerance:
+        raise MergeMismatch(
+            f"The merged model's logits differ from base + adapter by up to {max_abs_diff:.3g} (allowed "
+            f"{tolerance:.3g} for {_dtype_name(torch_dtype)}); the merge was not saved."
+        )
+    report = {
+        "out_dir": str(out_dir),
+        "max_abs_diff": max_abs_diff,
+        "tolerance": tolerance,
+        "method": method,
+        "dtype": _dtype_name(torch_dtype),
+        "merged": True,
+    }
+    report.update(qlora_gaps)
+    provenance = {
+        **report,
+        "base_model": str(base_path),
+        "base_sha256": base_info["sha256"],
+        "adapter_dir": str(adapter_dir),
+    }
+    _save_atomically(merged, tokenizer, Path(out_dir), provenance)
+    return report
+
+
+def describe_adapter(adapter_dir: Path) -> dict:
+    """The training method and peft type of an adapter folder, from tunedeck.json and adapter_config.json."""
+    config = _read_adapter_config(adapter_dir)
+    peft_type = str(config.get("peft_type", "")).upper()
+    meta = _read_json(adapter_dir / "tunedeck.json") or {}
+    plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
+    method = meta.get("method") or plan.get("method") or _method_from_peft_config(peft_type, config)
+    quantized = bool(meta.get("quantize_4bit") or meta.get("load_in_4bit") or str(method).lower() == "qlora")
+    return {"method": str(method).lower(), "peft_type": peft_type, "quantized_base": quantized}
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    if not adapter_dir.is_dir():
+        raise AdapterFolderError(f"Adapter folder {adapter_dir} does not exist.")
+    config = _read_json(adapter_dir / "adapter_config.json")
+    if config is None:
+        raise AdapterFolderError(
+            f"{adapter_dir} has no readable adapter_config.json; it is not a PEFT adapter."
+        )
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pickled = (adapter_dir / "adapter_model.bin").is_file()
+        reason = " (only a pickle adapter_model.bin, which Tunedeck refuses because unpickling runs code)"
+        raise AdapterFolderError(
+            f"{adapter_dir} has no adapter_model.safetensors{reason if pickled else ''}."
+        )
+    return config
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _method_from_peft_config(peft_type: str, config: dict) -> str:
+    if peft_type == "LORA":
+        return "dora" if config.get("use_dora") else "lora"
+    if peft_type in UNMERGEABLE_PEFT_TYPES:
+        return UNMERGEABLE_PEFT_TYPES[peft_type]
+    return peft_type.lower() or "unknown"
+
+
+def _require_mergeable(method: str, peft_type: str) -> None:
+    family = UNMERGEABLE_PEFT_TYPES.get(peft_type) or (method if method in UNMERGEABLE_REASONS else None)
+    if family:
+        raise AdapterNotMergeable(
+            f"A {method} adapter cannot be merged: {UNMERGEABLE_REASONS[family]}. Deploy it unmerged instead "
+            "(base model + adapter)."
+        )
+    if not can_merge(method):
+        raise AdapterNotMergeable(
+            f"Merging {method!r} adapters is not supported (mergeable: "
+            f"{', '.join(sorted(MERGEABLE_METHODS))}); deploy it unmerged instead."
+        )
+
+
+def attach_adapter(base, adapter_dir, adapter_name: str = "default"):
+    """Wraps `base` in a PeftModel with the adapter loaded, in eval mode, turning shape errors into advice."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(
+            base, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
+        )
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise AdapterFolderError(
+            f"The adapter in {adapter_dir} does not fit this base model (it was trained on a different one): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    return model.eval()
+
+
+def sample_inputs(tokenizer, prompts, device: str) -> list:
+    """Token ids for each prompt, through the chat template when the tokenizer has one."""
+    batches = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            encoded = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+            ids = encoded["input_ids"]
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        batches.append(ids.to(device))
+    return batches
+
+
+def logits_for(model, inputs) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids).logits.float().cpu() for ids in inputs]
+
+
+def _max_abs_diff(reference, other) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(reference, other, strict=True))
+
+
+def _logit_scale(reference) -> float:
+    return max(float(a.abs().max()) for a in reference) or 1.0
+
+
+def _tolerance(reference, torch_dtype) -> float:
+    return RELATIVE_TOLERANCE.get(_dtype_name(torch_dtype), 6e-2) * max(1.0, _logit_scale(reference))
+
+
+def _dtype_name(torch_dtype) -> str:
+    return str(torch_dtype).replace("torch.", "")
+
+
+def _qlora_gaps(base_path, adapter_dir, inputs, unmerged_model, unmerged_logits, torch_dtype) -> dict:
+    """Measures the adapter on the 4-bit base against the adapter on the full-precision base.
+
+    A QLoRA adapter learned a low-rank update B@A while the base was NF4-quantised. We fold it into the
+    original full-precision weights, not into a 4-bit model: re-quantising W + B@A would round the small
+    update away (it is far below one NF4 step for most weights), and the quantisation error W - deq(Q(W)) is
+    unstructured noise that a rank-r update neither learned nor could cancel, so the same update on the exact
+    weights gives the intended model without baking that noise into a full-precision artifact. The merge
+    itself is then checked tightly against adapter + full-precision base (the caller does that).
+
+    Here the question is whether the adapter still means the same thing off the 4-bit base. NF4 rounding alone
+    moves the logits a lot on small models (SmolLM2-135M: max |diff| ~26 on logits of ~38), so the yardstick
+    is that same quantisation gap measured without the adapter: with the adapter the gap may not be much
+    larger, else the adapter leans on the quantisation errors and only the unmerged 4-bit deployment
+    reproduces it.
+    """
+    device = str(unmerged_model.device)
+    quantized_base, _ = load_model_and_tokenizer(
+        base_path, device=device, dtype=torch_dtype, quantize_4bit=True
+    )
+    on_4bit = attach_adapter(quantized_base, adapter_dir)
+    with_adapter = _max_abs_diff(unmerged_logits, logits_for(on_4bit, inputs))
+    with unmerged_model.disable_adapter(), on_4bit.disable_adapter():
+        without_adapter = _max_abs_diff(logits_for(unmerged_model, inputs), logits_for(on_4bit, inputs))
+    allowed = QLORA_GAP_FACTOR * without_adapter + _tolerance(unmerged_logits, torch_dtype)
+    if with_adapter > allowed:
+        raise MergeMismatch(
+            f"With the adapter, the full-precision and 4-bit bases differ by up to {with_adapter:.3g}, "
+            f"far more than the {without_adapter:.3g} that 4-bit quantisation alone explains: the adapter "
+            "relies on the quantisation errors it was trained with, so a merged model would not behave like "
+            "the trained one. Deploy it unmerged (on the 4-bit base)."
+        )
+    return {"max_abs_diff_vs_4bit": with_adapter, "quantization_gap": without_adapter}
+
+
+def _save_atomically(merged, tokenizer, out_dir: Path, provenance: dict) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-") as staging:
+        staging_dir = Path(staging) / "model"
+        merged.save_pretrained(staging_dir)  # transformers 5 always writes safetensors
+        tokenizer.save_pretrained(staging_dir)  # includes the chat template
+        save_generation_config(staging_dir, tokenizer, merged.generation_config)
+        (staging_dir / MERGE_MARKER).write_text(json.dumps(provenance, indent=2))
+        inspect_model_folder(staging_dir)
+        _replace_folder(staging_dir, out_dir, Path(staging))
+
+
+def _replace_folder(new: Path, dest: Path, scratch: Path) -> None:
+    # An earlier merge at the same place is moved into the scratch folder (deleted with it), so `dest` is
+    # never a mixture of two merges.
+    if dest.exists():
+        os.rename(dest, scratch / "previous")
+    os.rename(new, dest)
+    shutil.rmtree(scratch / "previous", ignore_errors=True)

@@ -1,0 +1,24 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("auth/token", views.issue_token, name="api-token"),
+    path("base-models", views.BaseModelList.as_view(), name="api-base-models"),
+    path("base-models/<int:pk>", views.BaseModelDetail.as_view(), name="api-base-model"),
+    path("datasets", views.DatasetList.as_view(), name="api-datasets"),
+    path("datasets/<int:pk>", views.DatasetDetail.as_view(), name="api-dataset"),
+    path("datasets/<int:pk>/drop-invalid", views.DatasetDropInvalid.as_view(), name="api-dataset-drop-invalid"),
+    path("plans", views.PlanView.as_view(), name="api-plans"),
+    path("jobs", views.JobList.as_view(), name="api-jobs"),
+    path("jobs/<int:pk>", views.JobDetail.as_view(), name="api-job"),
+    path("jobs/<int:pk>/cancel", views.JobCancel.as_view(), name="api-job-cancel"),
+    path("jobs/<int:pk>/retry", views.JobRetry.as_view(), name="api-job-retry"),
+    path("jobs/<int:pk>/metrics", views.JobMetrics.as_view(), name="api-job-metrics"),
+    path("adapter-versions", views.AdapterVersionList.as_view(), name="api-versions"),
+    path("adapter-versions/compare", views.AdapterVersionCompare.as_view(), name="api-versions-compare"),
+    path("adapter-versions/<int:pk>", views.AdapterVersionDetail.as_view(), name="api-version"),
+    path("adapter-versions/<int:pk>/download", views.AdapterVersionDownload.as_view(), name="api-version-download"),
+    path("deployments/<int:pk>", views.DeploymentDetail.as_view(), name="api-deployment"),
+    path("workers", views.WorkerList.as_view(), name="api-workers"),
+]

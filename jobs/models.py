@@ -1,0 +1,285 @@
+"""What the platform stores. The database is the source of truth for every status; Celery only carries work."""
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+User = settings.AUTH_USER_MODEL
+
+
+class OwnedQuerySet(models.QuerySet):
+    def owned_by(self, user):
+        return self.filter(owner=user)
+
+
+class BaseModel(models.Model):
+    """A Hugging Face model folder on the server. owner=None means shared with every user (the default model)."""
+
+    owner = models.ForeignKey(User, null=True, blank=True, on_delete=models.CASCADE, related_name="base_models")
+    name = models.CharField(max_length=200)
+    path = models.CharField(max_length=1000)
+    architecture = models.CharField(max_length=200, blank=True)
+    model_type = models.CharField(max_length=100, blank=True)
+    parameters = models.BigIntegerField(default=0)
+    config = models.JSONField(default=dict)
+    sha256 = models.CharField(max_length=64, blank=True)
+    is_default = models.BooleanField(default=False)
+    has_chat_template = models.BooleanField(default=False)
+    trust_remote_code = models.BooleanField(default=False, help_text="Only an admin may turn this on.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-is_default", "name"]
+
+    def __str__(self):
+        return self.name
+
+    @classmethod
+    def visible_to(cls, user):
+        return cls.objects.filter(models.Q(owner__isnull=True) | models.Q(owner=user))
+
+
+class Dataset(models.Model):
+    class Status(models.TextChoices):
+        VALIDATING = "validating"
+        READY = "ready"
+        INVALID = "invalid"
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    original_filename = models.CharField(max_length=300, blank=True)
+    content_hash = models.CharField(max_length=64, db_index=True)
+    options_hash = models.CharField(max_length=64, default="", help_text="Hash of validation file and settings.")
+    file_path = models.CharField(max_length=1000)
+    size_bytes = models.BigIntegerField(default=0)
+    validation_file_path = models.CharField(max_length=1000, blank=True)
+    validation_fraction = models.FloatField(default=0.1)
+    split_seed = models.IntegerField(default=42)
+    base_model = models.ForeignKey(BaseModel, null=True, blank=True, on_delete=models.SET_NULL)
+    schema_override = models.CharField(max_length=40, blank=True)
+    column_map = models.JSONField(default=dict, blank=True)
+    drop_invalid = models.BooleanField(default=False)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.VALIDATING)
+    progress = models.FloatField(default=0.0)
+    format = models.CharField(max_length=20, blank=True)
+    schema = models.CharField(max_length=40, blank=True)
+    rows = models.IntegerField(default=0)
+    train_rows = models.IntegerField(default=0)
+    validation_rows = models.IntegerField(default=0)
+    report = models.JSONField(default=dict, blank=True)
+    token_stats = models.JSONField(default=dict, blank=True)
+    preview = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    train_path = models.CharField(max_length=1000, blank=True)
+    validation_path = models.CharField(max_length=1000, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "content_hash", "options_hash"], name="dataset_version_unique")
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+METHODS = ["lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo"]
+
+
+class FineTuneJob(models.Model):
+    ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="jobs")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT)
+    method = models.CharField(max_length=20, default="auto")
+    overrides = models.JSONField(default=dict, blank=True)
+    plan = models.JSONField(default=dict)
+    adapter_name = models.CharField(max_length=200)
+    status = models.CharField(max_length=20, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
+    progress = models.FloatField(default=0.0)
+    step = models.IntegerField(default=0)
+    total_steps = models.IntegerField(default=0)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    # The lease: which worker process holds the job and until when. Another worker may take it only after expiry.
+    worker = models.CharField(max_length=200, blank=True)
+    lease_token = models.CharField(max_length=64, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
+    log_tail = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"Job {self.pk} ({self.adapter_name})"
+
+    @property
+    def is_active(self):
+        return self.status in self.ACTIVE
+
+    @property
+    def checkpoint_dir(self):
+        return settings.CHECKPOINT_DIR / f"job-{self.pk}"
+
+
+class MetricPoint(models.Model):
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="metric_points")
+    step = models.IntegerField()
+    train_loss = models.FloatField(null=True)
+    eval_loss = models.FloatField(null=True)
+    learning_rate = models.FloatField(null=True)
+    grad_norm = models.FloatField(null=True)
+    tokens_per_second = models.FloatField(null=True)
+    memory_bytes = models.BigIntegerField(null=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["step", "id"]
+        indexes = [models.Index(fields=["job", "step"])]
+
+
+class JobEvent(models.Model):
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=40)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+
+class AdapterLine(models.Model):
+    """A named adapter ("support-intents") whose trainings are its versions v1, v2, ..."""
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="adapter_lines")
+    name = models.CharField(max_length=200)
+    champion = models.ForeignKey("AdapterVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="adapter_line_unique")]
+
+    def __str__(self):
+        return self.name
+
+
+class AdapterVersion(models.Model):
+    """Immutable once made: lineage, plan and metrics are written with it and never edited."""
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="adapter_versions")
+    line = models.ForeignKey(AdapterLine, on_delete=models.CASCADE, related_name="versions")
+    version = models.IntegerField()
+    job = models.OneToOneField(FineTuneJob, null=True, on_delete=models.SET_NULL, related_name="adapter_version")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT)
+    method = models.CharField(max_length=20)
+    path = models.CharField(max_length=1000)
+    plan = models.JSONField(default=dict)
+    metrics = models.JSONField(default=dict)
+    generations = models.JSONField(default=list)
+    lineage = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["line", "version"], name="adapter_version_unique")]
+
+    def __str__(self):
+        return f"{self.line.name} v{self.version}"
+
+    @property
+    def label(self):
+        return f"{self.line.name} v{self.version}"
+
+
+class Deployment(models.Model):
+    class Status(models.TextChoices):
+        MERGING = "merging"
+        LOADING = "loading"
+        LIVE = "live"
+        FAILED = "failed"
+        STOPPED = "stopped"
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="deployments")
+    version = models.ForeignKey(AdapterVersion, on_delete=models.PROTECT, related_name="deployments")
+    name = models.CharField(max_length=200, unique=True)
+    merge = models.BooleanField(default=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.MERGING)
+    path = models.CharField(max_length=1000, blank=True)
+    error = models.TextField(blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class ApiToken(models.Model):
+    """Only a hash is stored; the token itself is shown once, when made."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, default="token")
+    prefix = models.CharField(max_length=12)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    PREFIX = "td_"
+
+    @staticmethod
+    def hash(raw: str) -> str:
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name="token"):
+        raw = cls.PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, prefix=raw[:10], token_hash=cls.hash(raw))
+        return token, raw
+
+
+class Worker(models.Model):
+    """A Celery worker process as it last reported itself."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    inventory = models.JSONField(default=dict)
+    queues = models.CharField(max_length=200, blank=True)
+    current_job = models.ForeignKey(FineTuneJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    started_at = models.DateTimeField(default=timezone.now)
+    last_heartbeat = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def is_alive(self, now=None):
+        now = now or timezone.now()
+        return (now - self.last_heartbeat).total_seconds() < 3 * settings.WORKER_HEARTBEAT_SECONDS

@@ -1,0 +1,253 @@
+"""Worker side of a training job: take the job's lease, train, write progress, record the adapter version.
+
+The job row is the source of truth. A worker may train a job only while it holds the job's lease (a random token
+plus a heartbeat time); another worker takes over only when the heartbeat is older than JOB_LEASE_SECONDS, so two
+workers never train the same job at once, and a broker redelivery of a job that is running is a no-op.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import threading
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from finetune.errors import TunedeckError
+
+from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
+
+log = logging.getLogger(__name__)
+
+
+def claim_job(job_id: int, worker_name: str) -> str | None:
+    """Atomically takes the job's lease. Returns the lease token, or None if the job is not ours to run."""
+    token = secrets.token_hex(16)
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.JOB_LEASE_SECONDS)
+    taken = FineTuneJob.objects.filter(
+        Q(status=JobStatus.QUEUED) | Q(status=JobStatus.RUNNING, heartbeat_at__lt=stale),
+        pk=job_id,
+        cancel_requested=False,
+    ).update(
+        status=JobStatus.RUNNING,
+        worker=worker_name,
+        lease_token=token,
+        heartbeat_at=now,
+        attempts=F("attempts") + 1,
+        started_at=now,
+    )
+    return token if taken else None
+
+
+def requeue_orphans() -> list[int]:
+    """Jobs whose worker stopped beating its heart are put back in the queue (they resume from a checkpoint)."""
+    from .services import enqueue_training
+
+    stale = timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS)
+    orphans = list(
+        FineTuneJob.objects.filter(status=JobStatus.RUNNING, heartbeat_at__lt=stale).values_list("pk", "worker")
+    )
+    requeued = []
+    for pk, worker in orphans:
+        with transaction.atomic():
+            n = FineTuneJob.objects.filter(pk=pk, status=JobStatus.RUNNING, heartbeat_at__lt=stale).update(
+                status=JobStatus.QUEUED, lease_token="", worker=""
+            )
+            if n:
+                JobEvent.objects.create(
+                    job_id=pk,
+                    kind="orphaned",
+                    message=f"Worker {worker or '?'} stopped answering; requeued to resume from the last checkpoint.",
+                )
+                transaction.on_commit(lambda pk=pk: enqueue_training(pk))
+                requeued.append(pk)
+    return requeued
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class JobReporter:
+    """Carries progress from the training loop to the database, in batches, and answers should_stop()."""
+
+    FLUSH_SECONDS = 1.0
+
+    def __init__(self, job: FineTuneJob, token: str):
+        self.job_id = job.pk
+        self.token = token
+        self.points: list[MetricPoint] = []
+        self.latest: dict = dict(job.metrics or {})
+        self.step = job.step
+        self.total_steps = job.total_steps
+        self.last_flush = 0.0
+        self.cancel = False
+        self.lease_lost = False
+        self.lock = threading.Lock()
+
+    def on_progress(self, info: dict):
+        with self.lock:
+            self.step = int(info.get("step", self.step))
+            self.total_steps = int(info.get("total_steps", self.total_steps) or 0)
+            for key in ("train_loss", "eval_loss", "perplexity", "learning_rate", "grad_norm",
+                        "tokens_per_second", "eta_seconds", "memory_bytes", "epoch"):
+                if info.get(key) is not None:
+                    self.latest[key] = info[key]
+            self.points.append(
+                MetricPoint(
+                    job_id=self.job_id,
+                    step=self.step,
+                    train_loss=info.get("train_loss"),
+                    eval_loss=info.get("eval_loss"),
+                    learning_rate=info.get("learning_rate"),
+                    grad_norm=info.get("grad_norm"),
+                    tokens_per_second=info.get("tokens_per_second"),
+                    memory_bytes=info.get("memory_bytes"),
+                )
+            )
+        if time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def on_event(self, kind: str, message: str, data: dict | None = None):
+        JobEvent.objects.create(job_id=self.job_id, kind=kind, message=message, data=_jsonable(data or {}))
+        if kind == "oom_recovered" and data:
+            self.latest["oom_recoveries"] = self.latest.get("oom_recoveries", 0) + 1
+
+    def flush(self):
+        """Writes buffered points and the job's latest numbers; also refreshes the lease and reads cancel."""
+        with self.lock:
+            points, self.points = self.points, []
+            progress = min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+            fields = dict(
+                step=self.step,
+                total_steps=self.total_steps,
+                progress=progress,
+                metrics=_jsonable(self.latest),
+                heartbeat_at=timezone.now(),
+            )
+        if points:
+            MetricPoint.objects.bulk_create(points)
+        updated = FineTuneJob.objects.filter(pk=self.job_id, lease_token=self.token).update(**fields)
+        if not updated:
+            self.lease_lost = True
+        self.cancel = FineTuneJob.objects.filter(pk=self.job_id, cancel_requested=True).exists()
+        self.last_flush = time.monotonic()
+
+    def should_stop(self) -> bool:
+        if time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
+            self.flush()
+        return self.cancel or self.lease_lost
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the lease fresh while a long step (or evaluation) runs without calling back."""
+
+    def __init__(self, job_id, token):
+        super().__init__(daemon=True)
+        self.job_id, self.token = job_id, token
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(settings.WORKER_HEARTBEAT_SECONDS / 2):
+            try:
+                FineTuneJob.objects.filter(pk=self.job_id, lease_token=self.token).update(heartbeat_at=timezone.now())
+            except Exception as exc:  # noqa: BLE001 - a database restart must not kill training
+                log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
+            finally:
+                close_old_connections()
+
+    def stop(self):
+        self.stopped.set()
+
+
+def run_training(job_id: int, worker_name: str):
+    """Trains one job if its lease can be taken. Safe to call twice for the same job."""
+    token = claim_job(job_id, worker_name)
+    if token is None:
+        log.info("job %s is not claimable by %s (done, cancelled or running elsewhere)", job_id, worker_name)
+        return None
+    job = FineTuneJob.objects.select_related("base_model", "dataset", "owner").get(pk=job_id)
+    Worker.objects.filter(hostname=worker_name).update(current_job=job)
+    JobEvent.objects.create(
+        job=job, kind="started", message=f"Started on {worker_name} (attempt {job.attempts}).",
+    )
+    reporter = JobReporter(job, token)
+    heartbeat = Heartbeat(job.pk, token)
+    heartbeat.start()
+    try:
+        result = _train(job, reporter)
+        reporter.flush()
+        if reporter.lease_lost:
+            log.warning("job %s lost its lease; another worker owns it now", job.pk)
+            return None
+        if result.status == "cancelled":
+            _finish(job, token, JobStatus.CANCELLED, metrics=reporter.latest)
+            JobEvent.objects.create(job=job, kind="cancelled", message="Cancelled; the last checkpoint is kept.")
+            return None
+        _succeed(job, token, result, reporter)
+    except TunedeckError as exc:
+        reporter.flush()
+        _fail(job, token, str(exc))
+    except Exception as exc:  # noqa: BLE001 - any crash must end with a failed job, not a stuck one
+        log.exception("job %s crashed", job.pk)
+        _fail(job, token, f"{type(exc).__name__}: {exc}")
+    finally:
+        heartbeat.stop()
+        Worker.objects.filter(hostname=worker_name, current_job_id=job_id).update(current_job=None)
+    return job.pk
+
+
+def _train(job: FineTuneJob, reporter: JobReporter):
+    from finetune.train import TrainSpec, train
+
+    out_dir = job.checkpoint_dir / "adapter-out"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    spec = TrainSpec.from_plan(
+        job.plan,
+        base_model_path=job.base_model.path,
+        train_file=job.dataset.train_path,
+        eval_file=job.dataset.validation_path or None,
+        output_dir=str(out_dir),
+        checkpoint_dir=str(job.checkpoint_dir / "checkpoints"),
+    )
+    return train(spec, on_progress=reporter.on_progress, on_event=reporter.on_event, should_stop=reporter.should_stop)
+
+
+def _succeed(job, token, result, reporter):
+    from .services import record_adapter_version
+
+    metrics = _jsonable({**reporter.latest, **(result.metrics or {})})
+    plan = _jsonable(result.plan or job.plan)
+    version = record_adapter_version(job, result.adapter_dir, metrics, _jsonable(result.generations), plan)
+    _finish(job, token, JobStatus.SUCCEEDED, metrics=metrics, progress=1.0, plan=plan)
+    JobEvent.objects.create(job=job, kind="succeeded", message=f"Saved as {version.label}.")
+
+
+def _fail(job, token, message):
+    _finish(job, token, JobStatus.FAILED, error=message)
+    JobEvent.objects.create(job=job, kind="failed", message=message)
+
+
+def _finish(job, token, status, **fields):
+    FineTuneJob.objects.filter(pk=job.pk, lease_token=token).update(
+        status=status, finished_at=timezone.now(), heartbeat_at=timezone.now(), **fields
+    )

@@ -1,0 +1,622 @@
+"""Business logic behind the pages, the API and the Celery tasks. Plain functions; nothing here imports torch
+(the worker-only parts import the training libraries inside the functions that need them)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from finetune.errors import DatasetError, ModelFolderError, TunedeckError
+
+from .models import (
+    METHODS,
+    AdapterLine,
+    AdapterVersion,
+    BaseModel,
+    Dataset,
+    FineTuneJob,
+    JobEvent,
+    JobStatus,
+    Worker,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMAS = ["messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference"]
+COPY_CHUNK = 1024 * 1024
+
+
+class InputError(TunedeckError):
+    """Bad input from a user: shown to them, with the field it concerns."""
+
+    def __init__(self, message, field=None, code="invalid"):
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
+# ---------------------------------------------------------------- base models
+
+
+def register_base_model(user, name: str, path: str, *, shared=False, trust_remote_code=False) -> BaseModel:
+    """Validates a local Hugging Face folder and records it. Nothing is stored if the folder is not usable."""
+    from finetune.modelstore import inspect_model_folder
+
+    name = (name or "").strip()
+    if not name:
+        raise InputError("Give the model a name.", field="name")
+    if not path or not str(path).strip():
+        raise InputError("Give the path of a Hugging Face model folder on the server.", field="path")
+    try:
+        info = inspect_model_folder(str(path).strip(), allow_remote_code=trust_remote_code)
+    except ModelFolderError as exc:
+        raise InputError(str(exc), field="path") from exc
+    return BaseModel.objects.create(
+        owner=None if shared else user,
+        name=name,
+        path=str(Path(path).resolve()),
+        architecture=info.get("architecture", ""),
+        model_type=info.get("model_type", ""),
+        parameters=info.get("parameters", 0),
+        config=info.get("config", {}),
+        sha256=info.get("sha256", ""),
+        has_chat_template=bool(info.get("has_chat_template")),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def default_base_model() -> BaseModel | None:
+    return BaseModel.objects.filter(is_default=True).first()
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _store_upload(uploaded, dest_dir: Path) -> tuple[str, int, Path]:
+    """Copies an upload chunk by chunk into a temp file under dest_dir, hashing as it goes.
+    The user's file name is never used as a path."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".upload-")
+    with os.fdopen(fd, "wb") as out:
+        for chunk in uploaded.chunks(COPY_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    return digest.hexdigest(), size, Path(tmp)
+
+
+def _clean_column_map(column_map) -> dict:
+    if column_map in (None, "", {}):
+        return {}
+    if isinstance(column_map, str):
+        try:
+            column_map = json.loads(column_map)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"column_map is not valid JSON: {exc.msg}.", field="column_map") from exc
+    if not isinstance(column_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()
+    ):
+        raise InputError(
+            'column_map must map field names to your column names, e.g. {"prompt": "question"}.', field="column_map"
+        )
+    return column_map
+
+
+def _clean_fraction(value) -> float:
+    if value in (None, ""):
+        return 0.1
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError("validation_fraction must be a number between 0 and 0.5.", field="validation_fraction") from exc
+    if not 0 <= fraction <= 0.5:
+        raise InputError("validation_fraction must be between 0 and 0.5.", field="validation_fraction")
+    return fraction
+
+
+def create_dataset(
+    user,
+    uploaded,
+    *,
+    name="",
+    base_model: BaseModel | None = None,
+    validation_file=None,
+    validation_fraction=None,
+    schema="",
+    column_map=None,
+    drop_invalid=False,
+) -> tuple[Dataset, bool]:
+    """Stores an uploaded file as an immutable dataset version keyed by its content hash, and queues its
+    validation. Re-uploading the same file with the same settings returns the existing version."""
+    if uploaded is None:
+        raise InputError("Choose a file to upload.", field="file")
+    if uploaded.size == 0:
+        raise InputError("The file is empty.", field="file")
+    schema = (schema or "").strip()
+    if schema and schema not in SCHEMAS:
+        raise InputError(f"Unknown schema {schema!r}; choose one of {', '.join(SCHEMAS)}.", field="schema")
+    column_map = _clean_column_map(column_map)
+    fraction = _clean_fraction(validation_fraction)
+    base_model = base_model or default_base_model()
+
+    user_dir = settings.DATASET_DIR / f"user-{user.pk}"
+    content_hash, size, tmp = _store_upload(uploaded, user_dir)
+    val_hash, val_tmp = "", None
+    try:
+        if validation_file is not None:
+            if validation_file.size == 0:
+                raise InputError("The validation file is empty.", field="validation_file")
+            val_hash, _, val_tmp = _store_upload(validation_file, user_dir)
+        options = json.dumps(
+            [val_hash, fraction, schema, column_map, bool(drop_invalid), base_model.pk if base_model else None],
+            sort_keys=True,
+        )
+        options_hash = hashlib.sha256(options.encode()).hexdigest()
+        existing = Dataset.objects.filter(owner=user, content_hash=content_hash, options_hash=options_hash).first()
+        if existing:
+            return existing, False
+        version_dir = user_dir / f"{content_hash[:16]}-{options_hash[:8]}"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        source = version_dir / "source"
+        os.replace(tmp, source)
+        tmp = None
+        val_source = ""
+        if val_tmp is not None:
+            val_source = str(version_dir / "validation-source")
+            os.replace(val_tmp, val_source)
+            val_tmp = None
+        display = name.strip() or Path(uploaded.name or "dataset").name[:200]
+        with transaction.atomic():
+            dataset = Dataset.objects.create(
+                owner=user,
+                name=display,
+                original_filename=Path(uploaded.name or "").name[:300],
+                content_hash=content_hash,
+                options_hash=options_hash,
+                file_path=str(source),
+                size_bytes=size,
+                validation_file_path=val_source,
+                validation_fraction=fraction,
+                base_model=base_model,
+                schema_override=schema,
+                column_map=column_map,
+                drop_invalid=bool(drop_invalid),
+            )
+            transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk))
+        return dataset, True
+    finally:
+        for leftover in (tmp, val_tmp):
+            if leftover is not None and Path(leftover).exists():
+                Path(leftover).unlink()
+
+
+def enqueue_dataset_processing(dataset_id: int):
+    from .tasks import process_dataset_task
+
+    process_dataset_task.delay(dataset_id)
+
+
+def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
+    """The user's consent to drop the rows that failed: a new version of the same file with drop_invalid on."""
+    if dataset.status != Dataset.Status.INVALID:
+        raise InputError("Only an invalid dataset can be re-checked with its bad rows dropped.")
+    options = json.dumps([dataset.options_hash, "drop_invalid"], sort_keys=True)
+    options_hash = hashlib.sha256(options.encode()).hexdigest()
+    existing = Dataset.objects.filter(owner=user, content_hash=dataset.content_hash, options_hash=options_hash).first()
+    if existing:
+        return existing
+    with transaction.atomic():
+        new = Dataset.objects.create(
+            owner=user,
+            name=dataset.name,
+            original_filename=dataset.original_filename,
+            content_hash=dataset.content_hash,
+            options_hash=options_hash,
+            file_path=dataset.file_path,
+            size_bytes=dataset.size_bytes,
+            validation_file_path=dataset.validation_file_path,
+            validation_fraction=dataset.validation_fraction,
+            base_model=dataset.base_model,
+            schema_override=dataset.schema_override,
+            column_map=dataset.column_map,
+            drop_invalid=True,
+        )
+        transaction.on_commit(lambda: enqueue_dataset_processing(new.pk))
+    return new
+
+
+def _dataset_progress_writer(dataset_id):
+    last = [0.0]
+
+    def write(fraction):
+        fraction = max(0.0, min(1.0, float(fraction)))
+        if fraction - last[0] >= 0.02 or fraction >= 1.0:
+            last[0] = fraction
+            Dataset.objects.filter(pk=dataset_id).update(progress=fraction)
+
+    return write
+
+
+def process_dataset(dataset_id: int):
+    """Worker side: validate, normalise, split, count tokens and render a preview."""
+    from finetune import data
+
+    dataset = Dataset.objects.get(pk=dataset_id)
+    out_dir = Path(dataset.file_path).parent / f"processed-{dataset.pk}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = _dataset_progress_writer(dataset.pk)
+    try:
+        report = data.process_dataset(
+            dataset.file_path,
+            out_dir / "normalised.jsonl",
+            schema=dataset.schema_override or None,
+            column_map=dataset.column_map or None,
+            drop_invalid=dataset.drop_invalid,
+            progress=lambda f: progress(f * 0.7),
+        ).to_dict()
+    except DatasetError as exc:
+        return _mark_dataset_invalid(dataset, str(exc), {})
+    dataset.format = report.get("format", "")
+    dataset.schema = report.get("schema", "")
+    dataset.rows = report.get("valid_rows", 0)
+    dataset.report = report
+    if report.get("status") != "ready":
+        return _mark_dataset_invalid(dataset, _summarise_problems(report), report)
+
+    train_path, val_path = out_dir / "train.jsonl", out_dir / "validation.jsonl"
+    try:
+        if dataset.validation_file_path:
+            val_report = data.process_dataset(
+                dataset.validation_file_path,
+                val_path,
+                schema=dataset.schema,
+                column_map=dataset.column_map or None,
+                drop_invalid=dataset.drop_invalid,
+            ).to_dict()
+            report["validation_report"] = val_report
+            if val_report.get("status") != "ready":
+                return _mark_dataset_invalid(
+                    dataset, "The validation file: " + _summarise_problems(val_report), report
+                )
+            shutil.copyfile(out_dir / "normalised.jsonl", train_path)
+            n_train, n_val = dataset.rows, val_report.get("valid_rows", 0)
+        else:
+            n_train, n_val = data.split_dataset(
+                out_dir / "normalised.jsonl",
+                train_path,
+                val_path,
+                fraction=dataset.validation_fraction,
+                seed=dataset.split_seed,
+            )
+    except DatasetError as exc:
+        return _mark_dataset_invalid(dataset, str(exc), report)
+    if n_val:
+        report["overlap"] = data.overlap_report(train_path, val_path)
+    progress(0.8)
+    dataset.train_rows, dataset.validation_rows = n_train, n_val
+    dataset.train_path, dataset.validation_path = str(train_path), str(val_path) if n_val else ""
+    dataset.token_stats, dataset.preview = _token_stats_and_preview(dataset, train_path)
+    dataset.report = report
+    dataset.status = Dataset.Status.READY
+    dataset.progress = 1.0
+    dataset.error = ""
+    dataset.save()
+    return dataset
+
+
+def _mark_dataset_invalid(dataset: Dataset, message: str, report: dict):
+    dataset.status = Dataset.Status.INVALID
+    dataset.error = message
+    dataset.report = report or dataset.report
+    dataset.progress = 1.0
+    dataset.save()
+    return dataset
+
+
+def _summarise_problems(report: dict) -> str:
+    counts = report.get("problem_counts") or {}
+    bad = {k: v for k, v in counts.items() if k != "duplicate" and v}
+    if bad:
+        parts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(bad.items()))
+        return f"{sum(bad.values())} rows have problems ({parts}). Fix them, or drop those rows and use the rest."
+    if not report.get("valid_rows"):
+        return report.get("reason") or "The file has no usable rows."
+    return report.get("reason") or "The dataset is not usable."
+
+
+def _token_stats_and_preview(dataset: Dataset, train_path: Path):
+    """Counts tokens under the dataset's base model tokenizer; a missing tokenizer is not fatal."""
+    from finetune import data
+
+    base = dataset.base_model or default_base_model()
+    if base is None:
+        return {}, []
+    try:
+        from transformers import AutoTokenizer
+
+        from finetune.tokenize import preview_segments
+
+        tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=base.trust_remote_code)
+        stats = data.token_stats(list(data.token_lengths(data.iter_examples(train_path), tokenizer)))
+        preview = []
+        for i, example in enumerate(data.iter_examples(train_path)):
+            if i >= 3:
+                break
+            preview.append(preview_segments(example, tokenizer, max_seq_len=2048))
+        stats["tokenizer"] = base.name
+        return stats, preview
+    except Exception as exc:  # noqa: BLE001 - statistics are a convenience; training re-tokenises anyway
+        log.warning("token statistics failed for dataset %s: %s", dataset.pk, exc)
+        return {"error": f"Token statistics failed: {exc}"}, []
+
+
+# ---------------------------------------------------------------- plans and jobs
+
+OVERRIDE_TYPES = {
+    "rank": int,
+    "alpha": float,
+    "dropout": float,
+    "micro_batch": int,
+    "grad_accum": int,
+    "max_seq_len": int,
+    "gradient_checkpointing": bool,
+    "learning_rate": float,
+    "epochs": float,
+    "max_steps": int,
+    "target_modules": list,
+    "num_virtual_tokens": int,
+    "adapter_bottleneck": int,
+    "dpo_beta": float,
+    "seed": int,
+    "eval_every_steps": int,
+    "checkpoint_every_steps": int,
+    "checkpoint_every_minutes": float,
+    "warmup_ratio": float,
+    "weight_decay": float,
+    "packing": bool,
+    "completion_only": bool,
+    "device": str,
+    "dtype": str,
+    "max_eval_generations": int,
+    "max_new_tokens": int,
+}
+POSITIVE = {"rank", "micro_batch", "grad_accum", "max_seq_len", "epochs", "max_steps", "num_virtual_tokens",
+            "adapter_bottleneck", "learning_rate", "eval_every_steps", "checkpoint_every_steps", "max_new_tokens"}
+
+
+def clean_overrides(overrides) -> dict:
+    if overrides in (None, ""):
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"overrides is not valid JSON: {exc.msg}.", field="overrides") from exc
+    if not isinstance(overrides, dict):
+        raise InputError("overrides must be an object of plan fields.", field="overrides")
+    clean = {}
+    for key, value in overrides.items():
+        if value in (None, ""):
+            continue
+        kind = OVERRIDE_TYPES.get(key)
+        if kind is None:
+            raise InputError(
+                f"Unknown override {key!r}; known: {', '.join(sorted(OVERRIDE_TYPES))}.", field="overrides"
+            )
+        clean[key] = _coerce(key, value, kind)
+    return clean
+
+
+def _coerce(key, value, kind):
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError
+            return value
+        if isinstance(value, bool):
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        result = kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"Override {key!r} must be {kind.__name__}, not {value!r}.", field="overrides") from None
+    if kind in (int, float):
+        if result != result or result in (float("inf"), float("-inf")):
+            raise InputError(f"Override {key!r} must be a finite number.", field="overrides")
+        if key in POSITIVE and result <= 0:
+            raise InputError(f"Override {key!r} must be greater than 0.", field="overrides")
+        if result < 0:
+            raise InputError(f"Override {key!r} must not be negative.", field="overrides")
+    return result
+
+
+def clean_method(method) -> str:
+    method = (method or "auto").strip().lower()
+    if method not in ["auto", *METHODS]:
+        raise InputError(f"Unknown method {method!r}; choose auto or one of {', '.join(METHODS)}.", field="method")
+    return method
+
+
+def current_inventory() -> dict:
+    """The GPU inventory of the freshest live worker; without one, this machine's CPU."""
+    now = timezone.now()
+    for worker in Worker.objects.order_by("-last_heartbeat")[:10]:
+        if worker.is_alive(now) and worker.inventory:
+            return worker.inventory
+    from autotune import probe
+
+    inventory = probe()
+    inventory["gpus"] = []  # the web process is not where training runs
+    return inventory
+
+
+def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", overrides=None, gpu=None) -> dict:
+    from autotune import select
+
+    method = clean_method(method)
+    overrides = clean_overrides(overrides)
+    if dataset is not None and dataset.status != Dataset.Status.READY:
+        raise InputError(f"Dataset {dataset.name!r} is {dataset.status}, not ready.", field="dataset")
+    if dataset is not None:
+        _check_method_fits_schema(method, dataset)
+    if gpu is not None and not isinstance(gpu, dict):
+        raise InputError("gpu must be an inventory object like {\"gpus\": [...]}.", field="gpu")
+    inventory = gpu or current_inventory()
+    stats = {"rows": dataset.train_rows if dataset else 0, "token_stats": dataset.token_stats if dataset else {}}
+    if dataset is not None and dataset.schema == "preference" and method == "auto":
+        method = "dpo"
+    try:
+        plan = select(inventory, base_model.config, stats, {"method": method, "overrides": overrides})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"Could not plan for this model: {exc}", field="base_model") from exc
+    return plan
+
+
+def _check_method_fits_schema(method, dataset):
+    if method == "dpo" and dataset.schema != "preference":
+        raise InputError(
+            "DPO needs a preference dataset (prompt/chosen/rejected); this one is " f"{dataset.schema}.",
+            field="method",
+        )
+    if method not in ("dpo", "auto") and dataset.schema == "preference":
+        raise InputError("A preference dataset trains with method dpo (or auto).", field="method")
+
+
+def _clean_adapter_name(name, dataset) -> str:
+    name = (name or "").strip() or f"{Path(dataset.name).stem[:60] or 'adapter'}"
+    if len(name) > 200:
+        raise InputError("adapter_name is longer than 200 characters.", field="adapter_name")
+    return name
+
+
+def create_job(user, base_model: BaseModel, dataset: Dataset, method="auto", overrides=None, adapter_name="") -> FineTuneJob:
+    plan = make_plan(base_model, dataset, method, overrides)
+    with transaction.atomic():
+        job = FineTuneJob.objects.create(
+            owner=user,
+            base_model=base_model,
+            dataset=dataset,
+            method=clean_method(method),
+            overrides=clean_overrides(overrides),
+            plan=plan,
+            adapter_name=_clean_adapter_name(adapter_name, dataset),
+        )
+        JobEvent.objects.create(job=job, kind="queued", message="Queued for a worker.")
+        transaction.on_commit(lambda: enqueue_training(job.pk))
+    return job
+
+
+def enqueue_training(job_id: int):
+    from .tasks import train_job
+
+    train_job.delay(job_id)
+
+
+def request_cancel(job: FineTuneJob) -> FineTuneJob:
+    """Queued jobs are cancelled at once; running ones stop at the worker's next check (within seconds)."""
+    with transaction.atomic():
+        job = FineTuneJob.objects.select_for_update().get(pk=job.pk)
+        if job.status == JobStatus.QUEUED:
+            job.status = JobStatus.CANCELLED
+            job.finished_at = timezone.now()
+            job.cancel_requested = True
+            job.save(update_fields=["status", "finished_at", "cancel_requested"])
+            JobEvent.objects.create(job=job, kind="cancelled", message="Cancelled before it started.")
+        elif job.status == JobStatus.RUNNING and not job.cancel_requested:
+            job.cancel_requested = True
+            job.save(update_fields=["cancel_requested"])
+            JobEvent.objects.create(job=job, kind="cancel_requested", message="Cancel requested; stopping.")
+    return job
+
+
+def retry_job(job: FineTuneJob) -> FineTuneJob:
+    """A failed or cancelled job goes back to the queue and resumes from its last checkpoint."""
+    with transaction.atomic():
+        job = FineTuneJob.objects.select_for_update().get(pk=job.pk)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise InputError(f"Only failed or cancelled jobs can be retried; this one is {job.status}.")
+        job.status = JobStatus.QUEUED
+        job.cancel_requested = False
+        job.error = ""
+        job.finished_at = None
+        job.lease_token = ""
+        job.save()
+        JobEvent.objects.create(job=job, kind="queued", message="Retried: resumes from the last checkpoint.")
+        transaction.on_commit(lambda: enqueue_training(job.pk))
+    return job
+
+
+# ---------------------------------------------------------------- adapter versions
+
+
+def record_adapter_version(job: FineTuneJob, adapter_dir: Path, result_metrics: dict, generations, plan) -> AdapterVersion:
+    """Moves the trained adapter into the store and records it as the next version of its line."""
+    with transaction.atomic():
+        line, _ = AdapterLine.objects.get_or_create(owner=job.owner, name=job.adapter_name)
+        line = AdapterLine.objects.select_for_update().get(pk=line.pk)
+        number = (line.versions.order_by("-version").values_list("version", flat=True).first() or 0) + 1
+        dest = settings.ADAPTER_DIR / f"user-{job.owner_id}" / f"line-{line.pk}" / f"v{number}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(adapter_dir), dest)
+        version = AdapterVersion.objects.create(
+            owner=job.owner,
+            line=line,
+            version=number,
+            job=job,
+            base_model=job.base_model,
+            dataset=job.dataset,
+            method=plan.get("method", job.method),
+            path=str(dest),
+            plan=plan,
+            metrics=result_metrics,
+            generations=generations or [],
+            lineage=_lineage(job, dest, plan),
+        )
+    return version
+
+
+def _lineage(job: FineTuneJob, adapter_dir: Path, plan: dict) -> dict:
+    meta = {}
+    meta_path = adapter_dir / "tunedeck.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+    return {
+        "base_model": {"id": job.base_model_id, "name": job.base_model.name, "sha256": job.base_model.sha256},
+        "dataset": {
+            "id": job.dataset_id,
+            "name": job.dataset.name,
+            "content_hash": job.dataset.content_hash,
+            "schema": job.dataset.schema,
+            "train_rows": job.dataset.train_rows,
+            "validation_rows": job.dataset.validation_rows,
+        },
+        "plan": plan,
+        "libraries": meta.get("libraries", {}),
+        "created_by": job.owner.get_username(),
+        "job": job.pk,
+    }

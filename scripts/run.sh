@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets up and runs Tunedeck: installs into .venv, migrates, imports the default base model, creates the demo
+# user, starts a training worker and a dataset worker, and serves the web app. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export TUNEDECK_DATA_DIR=${TUNEDECK_DATA_DIR:-$PWD/var}
+PORT=${PORT:-8000}
+HOST=${HOST:-127.0.0.1}
+DEMO_USER=${DEMO_USER:-demo}
+DEMO_PASSWORD=${DEMO_PASSWORD:-demo}
+mkdir -p "$TUNEDECK_DATA_DIR/logs"
+py=.venv/bin/python
+
+echo "== database: ${DATABASE_URL:-embedded SQLite in $TUNEDECK_DATA_DIR}"
+echo "== broker:   ${CELERY_BROKER_URL:-embedded SQLite broker in $TUNEDECK_DATA_DIR}"
+$py manage.py migrate --noinput -v0
+echo "== importing the default base model (converted from GGUF once; later runs skip this)"
+$py manage.py import_default_model
+$py manage.py createuser "$DEMO_USER" --password "$DEMO_PASSWORD" --admin >/dev/null
+$py manage.py collectstatic --noinput -v0
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+# One training job per worker process (concurrency 1, prefetch 1); datasets are processed by a second worker.
+.venv/bin/celery -A tunedeck worker -Q gpu -c 1 -n "gpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-gpu.log" 2>&1 &
+pids+=($!)
+.venv/bin/celery -A tunedeck worker -Q default -c 1 -n "cpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu.log" 2>&1 &
+pids+=($!)
+.venv/bin/gunicorn tunedeck.wsgi -b "$HOST:$PORT" --workers 2 --threads 8 --timeout 300 \
+  --access-logfile "$TUNEDECK_DATA_DIR/logs/access.log" >"$TUNEDECK_DATA_DIR/logs/web.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 60); do curl -fs "http://$HOST:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.5; done
+cat <<MSG
+
+  Tunedeck is running at http://$HOST:$PORT/
+  Log in as: $DEMO_USER / $DEMO_PASSWORD
+  Logs: $TUNEDECK_DATA_DIR/logs/   (Ctrl-C stops the web server and the workers)
+
+MSG
+wait -n "${pids[@]}"

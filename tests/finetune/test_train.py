@@ -1,0 +1,220 @@
+"""The training engine on a tiny random model: every method trains, loss falls, adapters reload, resume works."""
+import json
+import os
+
+import pytest
+
+from finetune import checkpoint as ckpt
+from finetune.errors import OutOfMemory, TrainingError
+from finetune.tokenize import IGNORE, encode_example, preview_segments
+from finetune.train import TrainSpec, _shrink_after_oom, train
+from tinymodel import learnable_chat_rows, write_jsonl
+
+
+@pytest.fixture
+def chat_files(tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", learnable_chat_rows(64))
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", learnable_chat_rows(8))
+    return train_file, eval_file
+
+
+def _spec(tiny_model_dir, files, tmp_path, **plan):
+    base = {"method": "lora", "rank": 8, "alpha": 16, "micro_batch": 8, "grad_accum": 1, "max_seq_len": 64,
+            "learning_rate": 1e-2, "max_steps": 40, "warmup_ratio": 0.0, "max_new_tokens": 4,
+            "max_eval_generations": 2}
+    base.update(plan)
+    return TrainSpec.from_plan(
+        base,
+        base_model_path=str(tiny_model_dir),
+        train_file=str(files[0]),
+        eval_file=str(files[1]),
+        output_dir=str(tmp_path / "adapter"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+    )
+
+
+def test_assistant_only_labels_include_end_of_turn(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    example = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ping"},
+                            {"role": "assistant", "content": "pong"}, {"role": "user", "content": "cat"},
+                            {"role": "assistant", "content": "chat"}]}
+    enc = encode_example(example, tok, 256)
+    learned = tok.decode([i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE])
+    assert learned == "pong<|im_end|>chat<|im_end|>"
+    segments = preview_segments(example, tok)
+    assert [s["text"] for s in segments if s["trained"]] == ["pong<|im_end|>", "chat<|im_end|>"]
+    assert "ping" in "".join(s["text"] for s in segments if not s["trained"])
+
+
+def test_truncation_is_reported(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = encode_example({"text": "word " * 200}, tok, 16)
+    assert enc.truncated and len(enc.input_ids) == 16
+
+
+def test_lora_learns_and_reports_every_step(tiny_model_dir, chat_files, tmp_path):
+    progress, events = [], []
+    spec = _spec(tiny_model_dir, chat_files, tmp_path)
+    result = train(spec, on_progress=progress.append, on_event=lambda k, m, d: events.append(k))
+    assert result.status == "succeeded"
+    assert [p["step"] for p in progress] == list(range(0, 41))  # step 0: the base model's eval loss
+    assert progress[-1]["train_loss"] < progress[1]["train_loss"] * 0.5
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"] * 0.1
+    assert result.metrics["eval_loss"] < 1.0
+    assert "started" in events and "evaluated" in events
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    meta = json.loads((adapter / "tunedeck.json").read_text())
+    assert meta["method"] == "lora"
+    assert len(result.generations) == 2 and {"prompt", "output", "reference"} <= set(result.generations[0])
+    # The model learned the answers and to stop: greedy outputs equal the references.
+    assert all(g["output"] == g["reference"] for g in result.generations), result.generations
+
+
+def test_model_is_in_train_mode_with_checkpointing(tiny_model_dir, chat_files, tmp_path):
+    from finetune.train import load_for_training
+
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, gradient_checkpointing=True)
+    model, _ = load_for_training(spec)
+    assert model.training
+    base = model.get_base_model()
+    assert base.is_gradient_checkpointing and base.model.layers[0].training
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "prefix", "prompt", "adapter", "qlora"])
+def test_every_method_trains_and_saves(tiny_model_dir, chat_files, tmp_path, method):
+    lr = {"ia3": 5e-2, "prompt": 5e-2, "prefix": 1e-2}.get(method, 1e-2)
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, method=method, max_steps=12, learning_rate=lr,
+                 num_virtual_tokens=4, adapter_bottleneck=16)
+    result = train(spec)
+    assert result.status == "succeeded"
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert result.metrics["trainable_parameters"] > 0
+
+
+def test_dpo_prefers_chosen(tiny_model_dir, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": r}
+            for q, a, r in [("ping", "pong", "no"), ("cat", "chat", "dog"), ("hello", "bonjour", "bye")] * 8]
+    files = (write_jsonl(tmp_path / "p.jsonl", rows), write_jsonl(tmp_path / "pe.jsonl", rows[:6]))
+    spec = _spec(tiny_model_dir, files, tmp_path, method="dpo", max_steps=15, dpo_beta=0.5)
+    progress = []
+    result = train(spec, on_progress=progress.append)
+    assert result.status == "succeeded"
+    assert result.metrics["reward_accuracy"] == 1.0
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+
+
+def test_dpo_refuses_chat_data(tiny_model_dir, chat_files, tmp_path):
+    with pytest.raises(TrainingError, match="preference"):
+        train(_spec(tiny_model_dir, chat_files, tmp_path, method="dpo", max_steps=2))
+
+
+def test_cancel_checkpoints_and_resume_continues(tiny_model_dir, chat_files, tmp_path):
+    steps = []
+
+    def stop_after_8():
+        return len(steps) >= 8
+
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, max_steps=20, checkpoint_every_steps=5)
+    result = train(spec, on_progress=lambda p: p["step"] and steps.append(p["step"]), should_stop=stop_after_8)
+    assert result.status == "cancelled"
+    saved = ckpt.latest(tmp_path / "checkpoints")
+    assert saved is not None and saved.name == "step-8"
+    events, more = [], []
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, max_steps=20, checkpoint_every_steps=5)
+    result = train(spec, on_progress=lambda p: more.append(p["step"]), on_event=lambda k, m, d: events.append(k))
+    assert result.status == "succeeded"
+    assert "resumed" in events
+    assert more == list(range(9, 21))  # no step-0 evaluation on resume
+    assert not (tmp_path / "checkpoints").exists()  # cleared once the adapter is saved
+
+
+def test_resume_matches_uninterrupted_run(tiny_model_dir, chat_files, tmp_path):
+    straight = train(_spec(tiny_model_dir, chat_files, tmp_path / "a", max_steps=10, dropout=0.0))
+    calls = []
+    spec = _spec(tiny_model_dir, chat_files, tmp_path / "b", max_steps=10, dropout=0.0)
+    train(spec, on_progress=lambda p: p["step"] and calls.append(p), should_stop=lambda: len(calls) >= 4)
+    resumed = train(_spec(tiny_model_dir, chat_files, tmp_path / "b", max_steps=10, dropout=0.0))
+    assert resumed.metrics["final_step_loss"] == pytest.approx(straight.metrics["final_step_loss"], rel=1e-3)
+
+
+def test_oom_shrinks_micro_batch_keeping_effective_batch(tiny_model_dir, chat_files, tmp_path):
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, micro_batch=8, grad_accum=2)
+    assert "micro-batch 4 x 4" in _shrink_after_oom(spec)
+    assert spec.micro_batch * spec.grad_accum == 16
+    spec.micro_batch, spec.grad_accum = 1, 16
+    assert _shrink_after_oom(spec) == "gradient checkpointing on"
+    assert _shrink_after_oom(spec) is None
+
+
+def test_oom_during_training_is_recovered(tiny_model_dir, chat_files, tmp_path, monkeypatch):
+    import finetune.train as t
+
+    real = t.token_loss_sum
+    state = {"raised": False}
+
+    def flaky(model, ids, labels, mask):
+        if ids.shape[0] > 4 and not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, ids, labels, mask)
+
+    monkeypatch.setattr(t, "token_loss_sum", flaky)
+    events = []
+    result = train(_spec(tiny_model_dir, chat_files, tmp_path, max_steps=3),
+                   on_event=lambda k, m, d: events.append((k, d)))
+    assert result.status == "succeeded"
+    assert result.plan["micro_batch"] == 4 and result.plan["grad_accum"] == 2
+    assert result.metrics["oom_recoveries"] == 1
+    assert [k for k, _ in events].count("oom_recovered") == 1
+
+
+def test_oom_at_the_floor_is_a_clear_error(tiny_model_dir, chat_files, tmp_path, monkeypatch):
+    import finetune.train as t
+
+    def always(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(t, "token_loss_sum", always)
+    with pytest.raises(OutOfMemory, match="micro-batch 1"):
+        train(_spec(tiny_model_dir, chat_files, tmp_path, micro_batch=1, max_steps=2))
+
+
+def test_examples_with_nothing_to_learn_are_a_clear_error(tiny_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "x"}]}] * 4
+    files = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows))
+    with pytest.raises(TrainingError, match="max_seq_len"):
+        train(_spec(tiny_model_dir, files, tmp_path, max_seq_len=16, max_steps=2))
+
+
+def test_packing_trains(tiny_model_dir, chat_files, tmp_path):
+    result = train(_spec(tiny_model_dir, chat_files, tmp_path, packing=True, max_steps=5))
+    assert result.status == "succeeded"
+    assert result.metrics["train_examples"] < 64
+
+
+def test_unknown_method_is_rejected(tiny_model_dir, chat_files, tmp_path):
+    with pytest.raises(TrainingError, match="Unknown method"):
+        _spec(tiny_model_dir, chat_files, tmp_path, method="magic")
+
+
+@pytest.mark.slow
+def test_smollm2_lora_few_steps(tmp_path):
+    path = os.environ.get("TUNEDECK_SMOLLM_DIR")
+    if not path or not os.path.isdir(path):
+        pytest.skip("TUNEDECK_SMOLLM_DIR not prepared (scripts/test.sh prepares it)")
+    files = (write_jsonl(tmp_path / "t.jsonl", learnable_chat_rows(16)), write_jsonl(tmp_path / "e.jsonl",
+                                                                                      learnable_chat_rows(4)))
+    spec = TrainSpec.from_plan(
+        {"method": "lora", "rank": 8, "alpha": 16, "micro_batch": 4, "max_seq_len": 64, "learning_rate": 1e-3,
+         "max_steps": 6, "max_eval_generations": 1, "max_new_tokens": 8, "target_modules": ["q_proj", "v_proj"]},
+        base_model_path=path, train_file=str(files[0]), eval_file=str(files[1]),
+        output_dir=str(tmp_path / "adapter"), checkpoint_dir=str(tmp_path / "ck"))
+    result = train(spec)
+    assert result.status == "succeeded"
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
