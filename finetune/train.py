@@ -227,6 +227,10 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def _base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _device_of(model):
     return next(model.parameters()).device
 
@@ -361,6 +365,137 @@ def _memory_bytes(device) -> int:
         return 0
 
 
+# ------------------------------------------------------------------------------------------ fit check
+
+
+def worst_case_batch(train_rows: list[dict], micro_batch: int) -> list[dict]:
+    """The micro-batch with the most tokens the plan can produce: the longest examples together."""
+    def length(row):
+        return len(row["input_ids"]) if "input_ids" in row else len(row["chosen"]["input_ids"]) + len(
+            row["rejected"]["input_ids"])
+
+    return sorted(train_rows, key=length, reverse=True)[:micro_batch]
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not hasattr(t, "untyped_storage"):
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values() if hasattr(v, "dtype"))
+
+
+def measure_step_peak(model, spec: TrainSpec, batch: list[dict], optimizer, pad_id: int, device) -> int:
+    """Runs forward, backward and an optimizer step (learning rate 0, so no weight moves) on `batch` and returns
+    the peak memory it took. On a GPU: what the caching allocator reserved. On the CPU: weights, gradients,
+    optimizer state and every tensor autograd saved for the backward pass, counted by storage."""
+    import torch
+
+    saved: dict = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if spec.method == "dpo":
+            loss, _, _, _ = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+        else:
+            ids, labels, mask = collate(batch, pad_id, device)
+            loss, _ = token_loss_sum(model, ids, labels, mask)
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_reserved(device))
+    else:
+        weights = _tensor_bytes(list(model.parameters()) + list(model.buffers()))
+        grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        peak = weights + grads + _optimizer_state_bytes(optimizer) + sum(saved.values())
+    # Leave no trace: no gradients, no Adam moments from a batch that was only measured.
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    return peak
+
+
+def fit_check(model, spec: TrainSpec, train_rows, optimizer, pad_id, device) -> dict | None:
+    """Measures the plan's worst micro-batch before the first real step. None when the plan has no budget."""
+    memory = (spec.plan or {}).get("memory") or {}
+    capacity = memory.get("capacity_bytes")
+    batch = worst_case_batch(train_rows, spec.micro_batch)
+    measured = measure_step_peak(model, spec, batch, optimizer, pad_id, device)
+    if device.type == "cuda":
+        # The estimate counts the CUDA context, which the allocator's numbers do not include.
+        measured += int((memory.get("breakdown") or {}).get("cuda_context", 0))
+    tokens = sum(len(r["input_ids"]) if "input_ids" in r else len(r["chosen"]["input_ids"]) for r in batch)
+    return {
+        "estimated_bytes": memory.get("total_bytes"),
+        "measured_bytes": measured,
+        "capacity_bytes": capacity,
+        "fits": capacity is None or measured <= capacity,
+        "micro_batch": spec.micro_batch,
+        "max_seq_len": spec.max_seq_len,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "batch_tokens": tokens,
+        "device": device.type,
+        "device_name": _device_name(device),
+        "method": spec.method,
+    }
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _act_on_fit_check(check: dict, spec: TrainSpec, on_event) -> None:
+    estimated = check["estimated_bytes"]
+    said = f"estimated {_gib(estimated)}, " if estimated else ""
+    if check["fits"]:
+        on_event("fit_check", f"Fit check: the longest micro-batch ({check['batch_tokens']} tokens) took "
+                 f"{_gib(check['measured_bytes'])} ({said}budget {_gib(check['capacity_bytes'])}).", check)
+        spec.plan["fit_check"] = check
+        return
+    change = _shrink_after_oom(spec)
+    if change is None and spec.method in ("lora", "dora") and check["device"] == "cuda":
+        spec.method = "qlora"
+        change = "QLoRA (4-bit base weights)"
+    message = (f"Fit check: the longest micro-batch took {_gib(check['measured_bytes'])}, over the budget of "
+               f"{_gib(check['capacity_bytes'])} ({said.rstrip(', ')}).")
+    if change is None:
+        raise OutOfMemory(message + " Nothing smaller is left to try: use a shorter max_seq_len, QLoRA or a bigger GPU.")
+    on_event("fit_check", message + f" Replanned before training: {change}.", {**check, "replanned": change})
+    spec.plan.setdefault("fit_history", []).append(check)
+    spec.plan["method"] = spec.method
+    raise Replan(change)
+
+
+def _gib(n) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -392,6 +527,9 @@ def train(
             return _train_once(spec, on_progress, on_event, should_stop, oom_recoveries)
         except OutOfMemory:
             raise
+        except Replan:
+            _release_memory()
+            continue
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -404,6 +542,10 @@ def train(
                 ) from None
             oom_recoveries += 1
             on_event("oom_recovered", f"Ran out of GPU memory; retrying with {change}.", spec.as_plan())
+
+
+class Replan(Exception):
+    """The fit check found the plan too big: train again from the start with the smaller plan in spec."""
 
 
 def _release_memory():
@@ -458,6 +600,9 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
                                   fused=device.type == "cuda")
+
+    # Before any checkpoint is restored: the measurement clears the optimizer state it creates.
+    _act_on_fit_check(fit_check(model, spec, train_rows, optimizer, pad_id, device), spec, on_event)
 
     state = {"step": 0, "micro_index": 0, "epoch": 0, "tokens_seen": 0}
     resumed = ckpt.latest(spec.checkpoint_dir) if spec.checkpoint_dir else None
@@ -586,12 +731,19 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
         "device": str(device),
         **last_eval,
     }
+    if spec.plan.get("fit_check"):
+        metrics["fit_check"] = spec.plan["fit_check"]
     if initial_eval:
         metrics["initial_eval_loss"] = initial_eval["eval_loss"]
     meta = {"method": spec.method, "plan": spec.as_plan(), "base_model": spec.base_model_path,
             "quantize_4bit": spec.method == "qlora", "metrics": metrics, "max_seq_len": spec.max_seq_len}
     (staging / "tunedeck.json").write_text(json.dumps(meta, indent=2, default=str))
+    # The adapter folder carries what makes it behave like it did in training: the tokenizer with its chat
+    # template, and a generation config whose stop tokens include the end-of-turn token it learned to emit.
     tokenizer.save_pretrained(str(staging))
+    from .modelstore import save_generation_config
+
+    save_generation_config(staging, tokenizer, getattr(_base_of(model), "generation_config", None))
     os.replace(staging, out_dir)
     if spec.checkpoint_dir:
         ckpt.clear(spec.checkpoint_dir)

@@ -118,6 +118,10 @@ class JobReporter:
         JobEvent.objects.create(job_id=self.job_id, kind=kind, message=message, data=_jsonable(data or {}))
         if kind == "oom_recovered" and data:
             self.latest["oom_recoveries"] = self.latest.get("oom_recoveries", 0) + 1
+        if kind == "fit_check" and data:
+            # Shown on the job page at once (estimate vs measured) and read back by later plans as calibration.
+            self.latest["fit_check"] = _jsonable(data)
+            self.flush()
 
     def flush(self):
         """Writes buffered points and the job's latest numbers; also refreshes the lease and reads cancel."""

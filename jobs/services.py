@@ -485,11 +485,57 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
     stats = {"rows": dataset.train_rows if dataset else 0, "token_stats": dataset.token_stats if dataset else {}}
     if dataset is not None and dataset.schema == "preference" and method == "auto":
         method = "dpo"
+    calibration = measured_calibration(base_model, _device_name(inventory))
+    preferences = {"method": method, "overrides": overrides}
+    if calibration:
+        preferences["calibration"] = {"activation_scale": calibration["activation_scale"]}
     try:
-        plan = select(inventory, base_model.config, stats, {"method": method, "overrides": overrides})
+        plan = select(inventory, base_model.config, stats, preferences)
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"Could not plan for this model: {exc}", field="base_model") from exc
+    if calibration:
+        plan["calibration"] = calibration
+        plan.setdefault("reasons", []).append(
+            f"Activation memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
+            f"{calibration['jobs']} earlier job(s) of this architecture on {calibration['device_name']}."
+        )
     return plan
+
+
+CALIBRATION_JOBS = 5
+
+
+def _device_name(inventory: dict) -> str:
+    gpus = [g for g in (inventory or {}).get("gpus") or [] if isinstance(g, dict)]
+    if not gpus:
+        return "cpu"
+    return str(max(gpus, key=lambda g: g.get("free_bytes") or 0).get("name") or "")
+
+
+def measured_calibration(base_model: BaseModel, device_name: str) -> dict | None:
+    """How far the estimator's activation memory was off on this (architecture, GPU model) pair, from the fit
+    checks of recent jobs: the median of measured/estimated activations, clamped to a sane range."""
+    recent = (
+        FineTuneJob.objects.filter(
+            base_model__architecture=base_model.architecture, metrics__fit_check__device_name=device_name
+        )
+        .order_by("-created_at")
+        .values_list("metrics", "plan")[:CALIBRATION_JOBS]
+    )
+    scales = []
+    for metrics, plan in recent:
+        check = (metrics or {}).get("fit_check") or {}
+        breakdown = ((plan or {}).get("memory") or {}).get("breakdown") or {}
+        dynamic = (breakdown.get("activations") or 0) + (breakdown.get("logits") or 0)
+        fixed = sum(v for k, v in breakdown.items() if k not in ("activations", "logits", "allocator_headroom"))
+        replanned = bool((plan or {}).get("fit_history"))  # its memory breakdown describes the plan it replaced
+        if replanned or not dynamic or not check.get("measured_bytes"):
+            continue
+        scales.append(max(0.5, min(3.0, (check["measured_bytes"] - fixed) / dynamic)))
+    if not scales:
+        return None
+    scales.sort()
+    return {"activation_scale": round(scales[len(scales) // 2], 3), "jobs": len(scales), "device_name": device_name}
 
 
 def _check_method_fits_schema(method, dataset):

@@ -1,9 +1,17 @@
+"""Shared fixtures: the tiny models, users, and a real Celery worker process that talks to the same PostgreSQL
+test database and Redis broker as the tests (session-wide, for tests/web, tests/browser and tests/reliability)."""
+import json
+import os
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 sys.path.append(str(TESTS))  # after the project, so tests/finetune never shadows finetune/
 
 
@@ -20,3 +28,144 @@ def tiny_gpt2_dir(tmp_path_factory):
     from tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2")
+
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-pw")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-pw")
+
+
+def make_base_model(path, name="tiny-llama", default=True):
+    from jobs.models import BaseModel
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return BaseModel.objects.create(
+        owner=None, name=name, path=str(path), architecture=config["architectures"][0],
+        model_type=config["model_type"], parameters=100_000, config=config, is_default=default,
+        has_chat_template=True, sha256="tiny",
+    )
+
+
+@pytest.fixture
+def tiny_base_model(db, tiny_model_dir):
+    return make_base_model(tiny_model_dir)
+
+
+@pytest.fixture
+def token_for():
+    from jobs.models import ApiToken
+
+    def issue(user):
+        return ApiToken.issue(user)[1]
+
+    return issue
+
+
+def _database_url_for_test_db():
+    from django.db import connection
+
+    db = connection.settings_dict
+    if "postgresql" not in db["ENGINE"]:
+        pytest.fail(
+            "Worker tests need PostgreSQL: run them through scripts/test.sh, which sets DATABASE_URL "
+            "(a separate worker process cannot see an in-memory SQLite test database)."
+        )
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def start_worker(name, log_path, queues="gpu,default", extra_env=None):
+    from django.conf import settings
+
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=_database_url_for_test_db(),
+        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        TUNEDECK_DATA_DIR=str(settings.DATA_DIR),
+        PYTHONUNBUFFERED="1",
+        **(extra_env or {}),
+    )
+    celery = str(Path(sys.executable).with_name("celery"))
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [celery, "-A", "tunedeck", "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
+         "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    proc.log_path = log_path
+    return proc
+
+
+def wait_for_worker_row(name, proc, timeout=90):
+    from jobs.models import Worker
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early:\n{Path(proc.log_path).read_text()[-3000:]}")
+        if Worker.objects.filter(hostname__startswith=f"{name}@").exists():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"worker did not report in {timeout}s:\n{Path(proc.log_path).read_text()[-3000:]}")
+
+
+def stop_worker(proc, timeout=20):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def purge_broker():
+    from tunedeck.celery import app
+
+    with app.connection_for_write() as conn:
+        for queue in ("gpu", "default"):
+            try:
+                conn.default_channel.queue_purge(queue)
+            except Exception:  # noqa: BLE001 - a queue that does not exist yet has nothing to purge
+                pass
+
+
+@pytest.fixture(scope="session")
+def worker_log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup, django_db_blocker, worker_log_dir):
+    """One real Celery worker process for the session, consuming both queues."""
+    with django_db_blocker.unblock():
+        purge_broker()
+        name = f"test-{uuid.uuid4().hex[:6]}"
+        proc = start_worker(name, worker_log_dir / f"{name}.log")
+        try:
+            wait_for_worker_row(name, proc)
+        except AssertionError:
+            stop_worker(proc)
+            raise
+    yield proc
+    stop_worker(proc)
+
+
+def wait_for(predicate, timeout=240, interval=0.5, what="condition", log_proc=None):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    tail = ""
+    if log_proc is not None:
+        tail = "\nworker log:\n" + Path(log_proc.log_path).read_text()[-4000:]
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r}){tail}")

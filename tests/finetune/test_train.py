@@ -218,3 +218,44 @@ def test_smollm2_lora_few_steps(tmp_path):
     result = train(spec)
     assert result.status == "succeeded"
     assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+
+
+def test_fit_check_replans_a_batch_that_does_not_fit(tiny_model_dir, tmp_path):
+    """The estimate says it fits, the longest batch does not: corrected before the first real step."""
+    from finetune.train import load_for_training, load_encoded, measure_step_peak, worst_case_batch
+    import torch
+
+    rows = learnable_chat_rows(56) + [
+        {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "long " * 40}]}
+    ] * 8
+    files = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", learnable_chat_rows(4)))
+    probe = _spec(tiny_model_dir, files, tmp_path, max_seq_len=128)
+    model, tok = load_for_training(probe)
+    train_rows, _ = load_encoded(files[0], tok, probe)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    peak = {mb: measure_step_peak(model, probe, worst_case_batch(train_rows, mb), opt, tok.pad_token_id,
+                                  torch.device("cpu")) for mb in (8, 4, 2)}
+    assert peak[8] > peak[4] > peak[2]
+    # A budget between the 2- and the 4-example batch: the estimate claimed micro-batch 8 fits.
+    capacity = (peak[2] + peak[4]) // 2
+    memory = {"total_bytes": capacity // 2, "capacity_bytes": capacity, "breakdown": {}}
+    spec = _spec(tiny_model_dir, files, tmp_path, max_seq_len=128, micro_batch=8, grad_accum=2, max_steps=3,
+                 memory=memory)
+    spec.plan["memory"] = memory
+    events = []
+    result = train(spec, on_event=lambda k, m, d: events.append((k, m, d)))
+    assert result.status == "succeeded"
+    assert result.plan["micro_batch"] == 2 and result.plan["grad_accum"] == 8  # same effective batch
+    fits = [d for k, m, d in events if k == "fit_check"]
+    assert [f["fits"] for f in fits] == [False, False, True]
+    assert result.metrics["fit_check"]["measured_bytes"] <= capacity
+    started = [i for i, (k, _, _) in enumerate(events) if k == "started"]
+    assert started and started[0] > max(i for i, (k, _, _) in enumerate(events) if k == "fit_check")
+
+
+def test_fit_check_with_nothing_left_is_a_clear_error(tiny_model_dir, chat_files, tmp_path):
+    memory = {"total_bytes": 1, "capacity_bytes": 1, "breakdown": {}}
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, micro_batch=1, gradient_checkpointing=True, max_steps=2)
+    spec.plan["memory"] = memory
+    with pytest.raises(OutOfMemory, match="Fit check"):
+        train(spec)
