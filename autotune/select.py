@@ -267,7 +267,10 @@ def shorter_lengths(seq: int) -> list[int]:
 def base_plan(shape: ModelShape, method: str, dtype: str, target: Target, rank: int, overrides: dict) -> dict:
     plan = {"dtype": dtype, "device": target.device, "rank": rank, "target_modules": "all-linear",
             "dropout": DEFAULT_LORA_DROPOUT, "num_virtual_tokens": DEFAULT_NUM_VIRTUAL_TOKENS,
-            "adapter_bottleneck": DEFAULT_ADAPTER_BOTTLENECK}
+            "adapter_bottleneck": DEFAULT_ADAPTER_BOTTLENECK,
+            # Training computes the loss chunk by chunk on the labelled positions (finetune/fastloss.py) unless the
+            # logits are soft-capped or the method puts virtual tokens in front; DPO keeps full logits.
+            "fused_cross_entropy": method not in ("dpo", "prefix", "prompt") and not shape.final_logit_softcapping}
     plan.update({k: overrides[k] for k in ESTIMATE_FIELDS if k in overrides})
     shape.modules_for(plan["target_modules"])  # an unknown module name is an error now, not in training
     return plan
@@ -366,6 +369,7 @@ def assemble(shape, fit: Fit, base, rank, alpha, effective, rows, overrides, tar
         "memory": {**fit.memory, "capacity_bytes": target.capacity_bytes},
         "device": base["device"],
         "dtype": base["dtype"],
+        "fused_cross_entropy": bool(fit.plan.get("fused_cross_entropy")),
         "fits": fit.fits,
     }
     plan.update(method_settings(method, base))

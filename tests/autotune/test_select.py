@@ -74,7 +74,7 @@ def test_nothing_fits_returns_the_smallest_plan_with_the_shortfall():
 
 def test_sequence_is_shortened_before_giving_up():
     plan = plan_for(gpu_inventory(9 * GB), stats=dataset(p99=4000, longest=8000))
-    assert plan["fits"] and plan["method"] == "qlora" and plan["max_seq_len"] == 448
+    assert plan["fits"] and plan["method"] == "qlora" and plan["max_seq_len"] == 960
     assert any("shortened from 4032" in r for r in plan["reasons"])
 
 
@@ -159,8 +159,8 @@ def test_rank_override_recomputes_memory():
 
 
 def test_too_large_micro_batch_override_is_kept_with_a_warning():
-    plan = plan_for(overrides={"micro_batch": 64})
-    assert plan["micro_batch"] == 64 and plan["fits"] is False
+    plan = plan_for(overrides={"micro_batch": 512})
+    assert plan["micro_batch"] == 512 and plan["fits"] is False
     assert plan["memory"]["total_bytes"] > plan["memory"]["capacity_bytes"]
     assert plan["warnings"] and plan["method"] == "lora"
     assert plan["grad_accum"] == 1
@@ -201,3 +201,13 @@ def test_max_seq_len_override_beyond_the_context_warns():
     plan = plan_for(cpu_inventory(), model=config("GPT-2"), overrides={"max_seq_len": 2048})
     assert plan["max_seq_len"] == 2048
     assert any("1,024-token context" in w for w in plan["warnings"])
+
+
+@pytest.mark.parametrize("model,method,fused", [("Llama-3.1-8B", "lora", True), ("Qwen2.5-7B", "qlora", True),
+                                                ("Gemma-2-2B", "lora", False), ("Llama-3.1-8B", "dpo", False),
+                                                ("Llama-3.1-8B", "prompt", False)])
+def test_plan_predicts_the_fused_loss_that_training_uses(model, method, fused):
+    plan = plan_for(model=config(model), overrides={"method": method})
+    assert plan["fused_cross_entropy"] is fused
+    unfused = estimate(config(model), {**plan, "fused_cross_entropy": False})
+    assert (plan["memory"]["breakdown"]["logits"] < unfused["breakdown"]["logits"]) is fused

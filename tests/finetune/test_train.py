@@ -158,11 +158,11 @@ def test_oom_during_training_is_recovered(tiny_model_dir, chat_files, tmp_path, 
     real = t.token_loss_sum
     state = {"raised": False}
 
-    def flaky(model, ids, labels, mask):
+    def flaky(model, ids, labels, mask, position_ids=None):
         if ids.shape[0] > 4 and not state["raised"]:
             state["raised"] = True
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, labels, mask)
+        return real(model, ids, labels, mask, position_ids)
 
     monkeypatch.setattr(t, "token_loss_sum", flaky)
     events = []
@@ -193,9 +193,13 @@ def test_examples_with_nothing_to_learn_are_a_clear_error(tiny_model_dir, tmp_pa
 
 
 def test_packing_trains(tiny_model_dir, chat_files, tmp_path):
-    result = train(_spec(tiny_model_dir, chat_files, tmp_path, packing=True, max_steps=5))
+    events = []
+    result = train(_spec(tiny_model_dir, chat_files, tmp_path, packing=True, max_steps=5),
+                   on_event=lambda kind, message, data: events.append(kind))
     assert result.status == "succeeded"
     assert result.metrics["train_examples"] < 64
+    assert result.plan["packing"] is True and "packing_off" not in events
+    assert result.metrics["loss_path"] == "fused-linear-cross-entropy"
 
 
 def test_unknown_method_is_rejected(tiny_model_dir, chat_files, tmp_path):

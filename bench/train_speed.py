@@ -1,0 +1,363 @@
+"""Training speed: the platform's own training path against a plain transformers + peft loop, in one run.
+
+    .venv/bin/python bench/train_speed.py                              # CPU: SmolLM2-135M-Instruct, LoRA
+    .venv/bin/python bench/train_speed.py --shapes llama-1b,llama-8b,qwen2.5-1.5b --methods lora,qlora \
+        --seq 2048 --micro-batch 4                                      # on a GPU
+    .venv/bin/python bench/train_speed.py --lengths full               # every row exactly --seq tokens
+
+Both sides train the same model shape on the same tokenised rows, in the same micro-batches' sizes, for the same
+number of optimizer steps; each side runs in its own subprocess (so peak memory is its own) and the pair is
+repeated --rounds times, alternating, and the median is kept (other work on the machine hits both sides alike).
+
+  platform  finetune.train.train(): the path a Tunedeck job runs (loading, wrapping, fit check, the loop), timed
+            from its first to its last optimizer step by the progress callback. Its loss is computed only where
+            there are labels, chunk by chunk, so the vocabulary-wide logits are never materialised.
+  plain     AutoModelForCausalLM + peft.get_peft_model + torch AdamW, batches in random order padded to the
+            longest row, loss from model(..., labels=...). For QLoRA, peft's standard recipe:
+            prepare_model_for_kbit_training (fp32 upcast, gradient checkpointing).
+
+Printed per row: non-padding tokens per second, peak memory (CUDA: max allocated; CPU: peak RSS of the
+subprocess), MFU (6 x parameters + attention FLOPs per token, against --peak-tflops; GPU only by default) and the
+platform/plain ratios. Shapes other than SmolLM2 are random-initialised from their published configs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Published configurations (hidden, layers, heads, kv heads, intermediate, vocab), random-initialised here.
+SHAPES = {
+    "llama-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                     rope_theta=500000.0),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                         tie_word_embeddings=True),
+}
+H100_BF16_TFLOPS = 989.0
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="smollm2", help="comma-separated: smollm2, a model folder, " + ", ".join(SHAPES))
+    p.add_argument("--methods", default="lora", help="comma-separated: lora, qlora")
+    p.add_argument("--seq", type=int, default=None, help="max sequence length (default: 512 on CPU, 2048 on GPU)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    p.add_argument("--rounds", type=int, default=2, help="alternating platform/plain repeats; the median is kept")
+    p.add_argument("--lengths", choices=["mixed", "full"], default="mixed",
+                   help="mixed: chat rows of 10-100%% of --seq with a prompt of 30-70%% (realistic); full: all --seq")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="plain loop: gradient checkpointing (auto: on for QLoRA, as peft's recipe does)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: H100 bf16 dense on CUDA)")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side and print JSON
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def smollm2_folder() -> Path:
+    folder = Path(os.environ.get("TUNEDECK_SMOLLM_DIR", ROOT / "var" / "test-models" / "SmolLM2-135M-Instruct"))
+    if not (folder / "model.safetensors").exists():
+        from finetune.modelstore import import_default_model
+
+        import_default_model(folder)
+    return folder
+
+
+def random_model_folder(name: str, work: Path) -> Path:
+    """A random-initialised model of a published shape, saved with SmolLM2's tokenizer (ids fit any vocab)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = work / name
+    if (folder / "config.json").exists():
+        return folder
+    spec = dict(SHAPES[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=8192, **spec)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def synthetic_chat(path: Path, tokenizer, seq: int, rows: int, lengths: str, seed: int = 0):
+    """Chat rows whose rendered length is known in tokens: filler words are one token each in SmolLM2's BPE."""
+    rng = random.Random(seed)
+    words = [w for w in ("the cat sat on a mat and then it ran to see if all was well with its old red hat "
+                         "near one big tree by our home").split()]
+    overhead = len(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=True)) + 2
+    with open(path, "w") as out:
+        for _ in range(rows):
+            total = seq if lengths == "full" else rng.randint(seq // 10, seq)
+            body = max(4, total - overhead)
+            prompt_share = 0.5 if lengths == "full" else rng.uniform(0.3, 0.7)
+            n_prompt = max(1, int(body * prompt_share))
+            prompt = " ".join(rng.choice(words) for _ in range(n_prompt))
+            answer = " ".join(rng.choice(words) for _ in range(body - n_prompt))
+            out.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                               {"role": "assistant", "content": answer}]}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def peak_memory(device) -> int:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def flops_per_token(config, seq: int) -> float:
+    """PaLM's model FLOPs: 6 x non-embedding parameters (plus the output layer) + 12 x layers x hidden x seq."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = config.intermediate_size
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
+    mlp = 3 * h * inter
+    params = layers * (attn + mlp) + h * config.vocab_size
+    return 6 * params + 12 * layers * h * seq
+
+
+def run_platform(job: dict) -> dict:
+    import torch
+
+    from finetune.train import TrainSpec, train
+
+    times, tokens = [], []
+    spec = TrainSpec(
+        base_model_path=job["model"], train_file=job["data"], output_dir=job["out"],
+        method=job["method"], rank=16, alpha=32.0, dropout=0.05, target_modules="all-linear",
+        micro_batch=job["micro_batch"], grad_accum=1, max_seq_len=job["seq"],
+        max_steps=job["warmup"] + job["steps"], warmup_ratio=0.0, max_eval_generations=0,
+        gradient_checkpointing=job["platform_checkpointing"], checkpoint_every_minutes=1e9,
+    )
+    seen = [0]
+
+    def on_progress(info):
+        if "tokens_per_second" not in info:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        tokens.append(info["tokens_seen"] if "tokens_seen" in info else None)
+
+    def on_event(kind, message, data):
+        if kind in ("fit_check", "oom_recovered"):
+            seen.append(f"{kind}: {message}")
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = train(spec, on_progress=on_progress, on_event=on_event)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timed_tokens = sum(t for t in tokens[job["warmup"]:] if t) if tokens and tokens[0] is not None else None
+    return {
+        "times": times, "step_tokens": tokens, "total_seconds": time.perf_counter() - start,
+        "peak_bytes": peak_memory(device), "plan": result.plan, "notes": seen[1:],
+        "timed_tokens": timed_tokens,
+    }
+
+
+def run_plain(job: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from finetune.data import iter_examples
+    from finetune.tokenize import encode_example
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs = dict(dtype=dtype, device_map={"": device})
+    if job["method"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job["model"], **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.config.use_cache = False
+    if job["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job["plain_checkpointing"])
+    elif job["plain_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    rows = [encode_example(ex, tokenizer, job["seq"]) for ex in iter_examples(job["data"])]
+    rng = random.Random(0)
+    rng.shuffle(rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, step_tokens = [], []
+    mb = job["micro_batch"]
+    for step in range(job["warmup"] + job["steps"]):
+        batch = rows[(step * mb) % len(rows):][:mb] or rows[:mb]
+        width = max(len(r.input_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+            labels[i, : len(r.labels)] = torch.tensor(r.labels)
+            mask[i, : len(r.input_ids)] = 1
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        step_tokens.append(int(mask.sum()))
+    return {"times": times, "step_tokens": step_tokens, "peak_bytes": peak_memory(device)}
+
+
+def tokens_per_second(result: dict, warmup: int) -> float:
+    times, toks = result["times"], result["step_tokens"]
+    timed = toks[warmup:]
+    return sum(timed[1:]) / (times[-1] - times[warmup]) if len(timed) > 1 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def run_side(side: str, job: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    proc = subprocess.run([sys.executable, __file__, "--worker", side, "--job", f.name],
+                          capture_output=True, text=True)
+    os.unlink(f.name)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{side} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        job = json.loads(Path(args.job).read_text())
+        result = run_platform(job) if args.worker == "platform" else run_plain(job)
+        if args.worker == "platform":
+            # The platform reports tokens per step only as a window rate; count them from its own encoder instead.
+            result["step_tokens"] = platform_step_tokens(job, len(result["times"]))
+        print(json.dumps(result, default=str))
+        return
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    seq = args.seq or (2048 if cuda else 512)
+    peak = args.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
+    device_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} threads)"
+    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {__import__('peft').__version__}; seq {seq}, micro-batch {args.micro_batch}, "
+          f"{args.warmup}+{args.steps} steps, lengths {args.lengths}, {args.rounds} rounds")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for shape in args.shapes.split(","):
+            folder = smollm2_folder() if shape == "smollm2" else (
+                Path(shape) if Path(shape).is_dir() else random_model_folder(shape, work))
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            data = work / f"{Path(str(folder)).name}-{args.lengths}.jsonl"
+            n_rows = args.micro_batch * (args.warmup + args.steps) * 2
+            synthetic_chat(data, tokenizer, seq, n_rows, args.lengths)
+            config = AutoConfig.from_pretrained(folder)
+            for method in args.methods.split(","):
+                plain_ckpt = {"on": True, "off": False, "auto": method == "qlora"}[args.checkpointing]
+                job = dict(model=str(folder), data=str(data), out=str(work / "adapter"), method=method, seq=seq,
+                           micro_batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
+                           plain_checkpointing=plain_ckpt, platform_checkpointing=False)
+                results = {"platform": [], "plain": []}
+                for _ in range(args.rounds):
+                    for side in ("plain", "platform"):
+                        results[side].append(run_side(side, job))
+                row = {"shape": shape, "method": method, "seq": seq, "micro_batch": args.micro_batch}
+                for side in ("platform", "plain"):
+                    tps = statistics.median(tokens_per_second(r, args.warmup) for r in results[side])
+                    mem = max(r["peak_bytes"] for r in results[side])
+                    row[side] = {"tokens_per_second": tps, "peak_gib": mem / 2**30,
+                                 "mfu": (tps * flops_per_token(config, seq) / (peak * 1e12)) if peak else None}
+                row["speedup"] = row["platform"]["tokens_per_second"] / row["plain"]["tokens_per_second"]
+                row["memory_ratio"] = row["platform"]["peak_gib"] / row["plain"]["peak_gib"]
+                row["platform_notes"] = results["platform"][-1].get("notes", [])
+                rows.append(row)
+                print_row(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def platform_step_tokens(job: dict, steps: int) -> list[int]:
+    """Non-padding tokens per optimizer step in the platform's own batch order (same encoder, same seed)."""
+    from finetune.train import TrainSpec, batch_order, load_encoded
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    spec = TrainSpec(base_model_path=job["model"], train_file=job["data"], output_dir=job["out"],
+                     method=job["method"], micro_batch=job["micro_batch"], max_seq_len=job["seq"])
+    rows, _ = load_encoded(job["data"], tokenizer, spec)
+    lengths = [len(r["input_ids"]) for r in rows]
+    order, out, epoch = batch_order(len(rows), spec.micro_batch, spec.seed, 0, lengths), [], 0
+    index = 0
+    for _ in range(steps):
+        if index >= len(order):
+            epoch, index = epoch + 1, 0
+            order = batch_order(len(rows), spec.micro_batch, spec.seed, epoch, lengths)
+        out.append(sum(lengths[i] for i in order[index]))
+        index += 1
+    return out
+
+
+def print_row(row):
+    def fmt(side):
+        s = row[side]
+        mfu = f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else ""
+        return f"{s['tokens_per_second']:,.0f} tok/s, peak {s['peak_gib']:.2f} GiB{mfu}"
+
+    print(f"{row['shape']:>14} {row['method']:<6} seq {row['seq']} mb {row['micro_batch']}: "
+          f"platform {fmt('platform')} | plain {fmt('plain')} | speed x{row['speedup']:.2f}, "
+          f"memory x{row['memory_ratio']:.2f}", flush=True)
+    for note in row.get("platform_notes", []):
+        print(f"{'':>16}platform: {note}")
+
+
+if __name__ == "__main__":
+    main()
