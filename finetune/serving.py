@@ -8,6 +8,9 @@ A `ModelServer` holds loaded models and answers chat and completion requests for
   evicted beyond `max_adapters` per base. Adapters of different peft types (LoRA/DoRA vs IA3 vs prefix vs
   prompt tuning) cannot share a PeftModel, so each type gets its own copy of the base, and QLoRA adapters run
   on a 4-bit copy, the base they were trained on.
+- bottleneck adapter layers (method "adapter", peft_type BOTTLENECK_ADAPTER, see finetune.methods) are not a
+  peft type: they hook into the base's decoder layers and cannot be switched off, so each such adapter gets its
+  own copy of the base with its layers attached (not counted against `max_adapters`, never evicted).
 
 Adapter switching and generation mutate per-base state, so each loaded base has a lock held for the whole
 request; requests for different bases run in parallel.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from finetune.errors import TunedeckError
 from finetune.merge import AdapterFolderError, describe_adapter
+from finetune.methods import BOTTLENECK_TYPE
 from finetune.modelstore import load_model_and_tokenizer, stop_token_ids
 
 # peft types that attach to the model as prompt-learning wrappers rather than injected layers.
@@ -52,6 +56,7 @@ class _LoadedBase:
     path: Path
     peft_type: str | None
     quantize_4bit: bool
+    bottleneck_dir: Path | None = None  # adapter layers fixed onto this copy (BOTTLENECK_ADAPTER)
     lock: threading.Lock = field(default_factory=threading.Lock)
     model: object = None
     peft_model: object = None
@@ -105,12 +110,15 @@ class ModelServer:
         description = describe_adapter(adapter_dir)
         base = Path(base_path) if base_path else _recorded_base_path(adapter_dir)
         quantized = description["quantized_base"] if quantize_4bit is None else quantize_4bit
-        key = (str(base.resolve()), description["peft_type"] or "LORA", bool(quantized))
+        peft_type = description["peft_type"] or "LORA"
+        # Bottleneck adapter layers cannot be switched per request: one base copy per adapter folder.
+        fixed = str(adapter_dir.resolve()) if peft_type == BOTTLENECK_TYPE else None
+        key = (str(base.resolve()), peft_type, bool(quantized), fixed)
         self._register(_Deployment(name=name, kind="adapter", group_key=key, adapter_dir=adapter_dir))
 
     def add_merged(self, name: str, model_dir) -> None:
         """Registers a standalone model folder (a merged adapter, or a base model served as it is)."""
-        key = (str(Path(model_dir).resolve()), None, False)
+        key = (str(Path(model_dir).resolve()), None, False, None)
         self._register(_Deployment(name=name, kind="merged", group_key=key))
 
     def _register(self, deployment: _Deployment) -> None:
@@ -121,8 +129,10 @@ class ModelServer:
                 )
             self._deployments[deployment.name] = deployment
             if deployment.group_key not in self._bases:
-                path, peft_type, quantized = deployment.group_key
-                self._bases[deployment.group_key] = _LoadedBase(Path(path), peft_type, quantized)
+                path, peft_type, quantized, fixed = deployment.group_key
+                self._bases[deployment.group_key] = _LoadedBase(
+                    Path(path), peft_type, quantized, Path(fixed) if fixed else None
+                )
 
     def list_models(self) -> list[dict]:
         with self._registry_lock:
@@ -130,7 +140,7 @@ class ModelServer:
 
     def _describe(self, deployment: _Deployment) -> dict:
         group = self._bases[deployment.group_key]
-        if deployment.kind == "adapter":
+        if deployment.kind == "adapter" and group.bottleneck_dir is None:
             loaded = deployment.name in group.loaded_adapters.values()
         else:
             loaded = group.model is not None
@@ -154,7 +164,7 @@ class ModelServer:
                 still_used = any(d.group_key == deployment.group_key for d in self._deployments.values())
                 if not still_used:
                     del self._bases[deployment.group_key]
-            if still_used and deployment.kind == "adapter":
+            if still_used and deployment.kind == "adapter" and group.bottleneck_dir is None:
                 self._unload_adapter(group, name)
 
     def load(self, name: str) -> None:
@@ -185,6 +195,17 @@ class ModelServer:
         model, tokenizer = load_model_and_tokenizer(
             group.path, device=self.device, dtype=self.dtype, quantize_4bit=group.quantize_4bit
         )
+        if group.bottleneck_dir is not None:
+            from finetune.errors import TrainingError
+            from finetune.methods import load_bottleneck
+
+            try:
+                load_bottleneck(model, group.bottleneck_dir)
+            except (TrainingError, KeyError, RuntimeError) as exc:
+                raise AdapterFolderError(
+                    f"The adapter layers in {group.bottleneck_dir} do not fit the base model {group.path}: {exc}"
+                ) from None
+            model.eval()
         group.model, group.tokenizer = model, tokenizer
         group.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         group.context_length = getattr(model.config, "max_position_embeddings", None)
@@ -192,7 +213,7 @@ class ModelServer:
     def _activate(self, group: _LoadedBase, deployment: _Deployment):
         """Returns the model to run for `deployment`, with its adapter loaded and active."""
         self._ensure_base(group)
-        if deployment.kind == "merged":
+        if deployment.kind == "merged" or group.bottleneck_dir is not None:
             return group.model
         slot = self._slot_for(group, deployment.name)
         if slot is None:

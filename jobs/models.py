@@ -218,6 +218,32 @@ class AdapterVersion(models.Model):
     def label(self):
         return f"{self.line.name} v{self.version}"
 
+    # What a version is. Evaluations added later live under metrics["evaluation"]; every other metric is fixed.
+    IMMUTABLE_FIELDS = ("owner_id", "line_id", "version", "base_model_id", "dataset_id", "method", "path", "plan",
+                        "generations", "lineage", "created_at")
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not kwargs.get("force_insert"):
+            self._refuse_lineage_changes()
+        super().save(*args, **kwargs)
+
+    def _refuse_lineage_changes(self):
+        from django.core.exceptions import ValidationError
+
+        stored = type(self).objects.filter(pk=self.pk).values(*self.IMMUTABLE_FIELDS, "metrics").first()
+        if stored is None:
+            return
+
+        def training_metrics(metrics):
+            return {k: v for k, v in (metrics or {}).items() if k != "evaluation"}
+
+        changed = [f for f in self.IMMUTABLE_FIELDS if stored[f] != getattr(self, f)]
+        if training_metrics(stored["metrics"]) != training_metrics(self.metrics):
+            changed.append("metrics")
+        if changed:
+            raise ValidationError(f"{self.label} is immutable; refused to change {', '.join(changed)}. "
+                                  "Train a new version instead.")
+
 
 class Deployment(models.Model):
     class Status(models.TextChoices):
@@ -235,12 +261,19 @@ class Deployment(models.Model):
     path = models.CharField(max_length=1000, blank=True)
     error = models.TextField(blank=True)
     details = models.JSONField(default=dict, blank=True)
+    # Bumped by every deploy, rollback and stop: work started for an older revision (a merge task, a load in the
+    # inference server) must not overwrite the newer state.
+    revision = models.IntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
 
     objects = OwnedQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.name
 
 
 class ApiToken(models.Model):

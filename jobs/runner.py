@@ -14,7 +14,7 @@ import time
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -23,6 +23,11 @@ from finetune.errors import TunedeckError
 from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
 
 log = logging.getLogger(__name__)
+
+# What a database restart or a dropped connection raises; training rides them out instead of failing the job.
+DB_ERRORS = (OperationalError, InterfaceError)
+# How long a worker waits for the database to come back before it gives a finished job up.
+DB_WAIT_SECONDS = 600
 
 
 def claim_job(job_id: int, worker_name: str) -> str | None:
@@ -57,7 +62,7 @@ def requeue_orphans() -> list[int]:
     for pk, worker in orphans:
         with transaction.atomic():
             n = FineTuneJob.objects.filter(pk=pk, status=JobStatus.RUNNING, heartbeat_at__lt=stale).update(
-                status=JobStatus.QUEUED, lease_token="", worker=""
+                status=JobStatus.QUEUED, lease_token="", worker="", heartbeat_at=timezone.now()
             )
             if n:
                 JobEvent.objects.create(
@@ -68,6 +73,40 @@ def requeue_orphans() -> list[int]:
                 transaction.on_commit(lambda pk=pk: enqueue_training(pk))
                 requeued.append(pk)
     return requeued
+
+
+def resend_queued() -> list[int]:
+    """Sends the task message again for jobs queued longer than JOB_RESEND_SECONDS (by creation, or since the
+    last send, kept in heartbeat_at while queued): a broker restarted without persistence, or a publish that
+    failed after the job row was committed, would otherwise leave them queued forever. A duplicate message is a
+    no-op (claim_job takes a job once), so resending a job whose message is merely waiting costs nothing."""
+    from django.db.models.functions import Coalesce
+
+    from .services import enqueue_training
+
+    stale = timezone.now() - timedelta(seconds=settings.JOB_RESEND_SECONDS)
+    waiting = list(
+        FineTuneJob.objects.filter(status=JobStatus.QUEUED, cancel_requested=False)
+        .annotate(sent_at=Coalesce("heartbeat_at", "created_at"))
+        .filter(sent_at__lt=stale)
+        .order_by("created_at", "pk")
+        .values_list("pk", flat=True)
+    )
+    resent = []
+    for pk in waiting:
+        # Claims the resend for this period, so the other workers' heartbeats do not send it too.
+        n = (
+            FineTuneJob.objects.filter(pk=pk, status=JobStatus.QUEUED)
+            .annotate(sent_at=Coalesce("heartbeat_at", "created_at"))
+            .filter(sent_at__lt=stale)
+            .update(heartbeat_at=timezone.now())
+        )
+        if n:
+            enqueue_training(pk)
+            resent.append(pk)
+    if resent:
+        log.info("re-sent the task message of queued jobs %s", resent)
+    return resent
 
 
 class LeaseLost(Exception):
@@ -89,6 +128,7 @@ class JobReporter:
         self.last_flush = 0.0
         self.cancel = False
         self.lease_lost = False
+        self.pending_events: list[JobEvent] = []  # events the database did not take yet (it was restarting)
         self.lock = threading.Lock()
 
     def on_progress(self, info: dict):
@@ -115,7 +155,14 @@ class JobReporter:
             self.flush()
 
     def on_event(self, kind: str, message: str, data: dict | None = None):
-        JobEvent.objects.create(job_id=self.job_id, kind=kind, message=message, data=_jsonable(data or {}))
+        event = JobEvent(job_id=self.job_id, kind=kind, message=message, data=_jsonable(data or {}))
+        try:
+            event.save()
+        except DB_ERRORS as exc:
+            log.warning("job %s: event %r kept for the next flush (database unreachable: %s)", self.job_id, kind, exc)
+            with self.lock:
+                self.pending_events.append(event)
+            close_old_connections()
         if kind == "oom_recovered" and data:
             self.latest["oom_recoveries"] = self.latest.get("oom_recoveries", 0) + 1
         if kind == "fit_check" and data:
@@ -124,9 +171,13 @@ class JobReporter:
             self.flush()
 
     def flush(self):
-        """Writes buffered points and the job's latest numbers; also refreshes the lease and reads cancel."""
+        """Writes buffered points and the job's latest numbers; also refreshes the lease and reads cancel.
+
+        While the database is unreachable (a restart), the points and events stay buffered and training goes on;
+        they are written by the first flush that gets through, if this worker still holds the lease."""
         with self.lock:
             points, self.points = self.points, []
+            events, self.pending_events = self.pending_events, []
             progress = min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
             fields = dict(
                 step=self.step,
@@ -135,12 +186,23 @@ class JobReporter:
                 metrics=_jsonable(self.latest),
                 heartbeat_at=timezone.now(),
             )
-        if points:
-            MetricPoint.objects.bulk_create(points)
-        updated = FineTuneJob.objects.filter(pk=self.job_id, lease_token=self.token).update(**fields)
-        if not updated:
-            self.lease_lost = True
-        self.cancel = FineTuneJob.objects.filter(pk=self.job_id, cancel_requested=True).exists()
+        try:
+            with transaction.atomic():
+                updated = FineTuneJob.objects.filter(pk=self.job_id, lease_token=self.token).update(**fields)
+                if updated:  # points from a worker that lost the lease would duplicate the new owner's
+                    if events:
+                        JobEvent.objects.bulk_create(events)
+                    if points:
+                        MetricPoint.objects.bulk_create(points)
+            if not updated:
+                self.lease_lost = True
+            self.cancel = FineTuneJob.objects.filter(pk=self.job_id, cancel_requested=True).exists()
+        except DB_ERRORS as exc:
+            log.warning("job %s: progress kept for the next flush (database unreachable: %s)", self.job_id, exc)
+            with self.lock:
+                self.points[:0] = points
+                self.pending_events[:0] = events
+            close_old_connections()
         self.last_flush = time.monotonic()
 
     def should_stop(self) -> bool:
@@ -182,9 +244,34 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
+def _db_retry(fn, *args, timeout=DB_WAIT_SECONDS, **kwargs):
+    """Calls fn, retrying while the database is unreachable (a restart), for up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except DB_ERRORS as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("database unreachable (%s); retrying in %.1fs", exc, delay)
+            close_old_connections()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _ping_database():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def wait_for_database(timeout=DB_WAIT_SECONDS):
+    _db_retry(_ping_database, timeout=timeout)
+
+
 def run_training(job_id: int, worker_name: str):
     """Trains one job if its lease can be taken. Safe to call twice for the same job."""
-    token = claim_job(job_id, worker_name)
+    token = _db_retry(claim_job, job_id, worker_name)
     if token is None:
         log.info("job %s is not claimable by %s (done, cancelled or running elsewhere)", job_id, worker_name)
         return None
@@ -198,6 +285,7 @@ def run_training(job_id: int, worker_name: str):
     heartbeat.start()
     try:
         result = _train(job, reporter)
+        wait_for_database()  # what is left to write must not be lost to a database restart
         reporter.flush()
         if reporter.lease_lost:
             log.warning("job %s lost its lease; another worker owns it now", job.pk)
@@ -208,14 +296,30 @@ def run_training(job_id: int, worker_name: str):
             return None
         _succeed(job, token, result, reporter)
     except TunedeckError as exc:
+        wait_for_database()
         reporter.flush()
         _fail(job, token, str(exc))
+    except DB_ERRORS:
+        # The database went away for longer than the retries: not the job's fault. Its lease runs out, and a
+        # worker's heartbeat requeues it to resume from the last checkpoint.
+        log.exception("job %s: database unreachable; left for requeue when its lease expires", job.pk)
+        return None
     except Exception as exc:  # noqa: BLE001 - any crash must end with a failed job, not a stuck one
+        from finetune.checkpoint import disk_full_message, is_disk_full
+
         log.exception("job %s crashed", job.pk)
-        _fail(job, token, f"{type(exc).__name__}: {exc}")
+        if is_disk_full(exc):
+            message = disk_full_message("the trained adapter", job.checkpoint_dir, exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+        wait_for_database()
+        _fail(job, token, message)
     finally:
         heartbeat.stop()
-        Worker.objects.filter(hostname=worker_name, current_job_id=job_id).update(current_job=None)
+        try:
+            Worker.objects.filter(hostname=worker_name, current_job_id=job_id).update(current_job=None)
+        except DB_ERRORS as exc:
+            log.warning("could not clear the current job of %s: %s", worker_name, exc)
     return job.pk
 
 
@@ -232,6 +336,8 @@ def _train(job: FineTuneJob, reporter: JobReporter):
         eval_file=job.dataset.validation_path or None,
         output_dir=str(out_dir),
         checkpoint_dir=str(job.checkpoint_dir / "checkpoints"),
+        # Only the model row decides (an admin sets it per model); never a plan or an override.
+        trust_remote_code=job.base_model.trust_remote_code,
     )
     return train(spec, on_progress=reporter.on_progress, on_event=reporter.on_event, should_stop=reporter.should_stop)
 

@@ -643,7 +643,14 @@ def record_adapter_version(job: FineTuneJob, adapter_dir: Path, result_metrics: 
     return version
 
 
+LINEAGE_CURVE_POINTS = 300
+
+
 def _lineage(job: FineTuneJob, adapter_dir: Path, plan: dict) -> dict:
+    from finetune.evaluate import library_versions
+
+    from .metrics import as_series, downsampled_points
+
     meta = {}
     meta_path = adapter_dir / "tunedeck.json"
     if meta_path.exists():
@@ -657,12 +664,17 @@ def _lineage(job: FineTuneJob, adapter_dir: Path, plan: dict) -> dict:
             "id": job.dataset_id,
             "name": job.dataset.name,
             "content_hash": job.dataset.content_hash,
+            "options_hash": job.dataset.options_hash,
             "schema": job.dataset.schema,
             "train_rows": job.dataset.train_rows,
             "validation_rows": job.dataset.validation_rows,
         },
         "plan": plan,
-        "libraries": meta.get("libraries", {}),
+        # Runs on the worker that trained: these are the versions that made the adapter (metadata only, no import).
+        "libraries": meta.get("libraries") or library_versions(),
         "created_by": job.owner.get_username(),
+        "created_at": timezone.now().isoformat(),
         "job": job.pk,
+        # A copy of the curves, so the version keeps them whatever happens to the job's metric rows.
+        "curves": as_series(downsampled_points(job, LINEAGE_CURVE_POINTS)),
     }

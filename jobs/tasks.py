@@ -63,13 +63,14 @@ class WorkerHeartbeat(threading.Thread):
         from autotune import probe
 
         from .models import Worker
-        from .runner import requeue_orphans
+        from .runner import requeue_orphans, resend_queued
 
         Worker.objects.update_or_create(
             hostname=self.hostname,
             defaults={"inventory": probe(), "queues": self.queues, "last_heartbeat": timezone.now()},
         )
         requeue_orphans()
+        resend_queued()
 
 
 _heartbeat = None
@@ -96,3 +97,8 @@ def fresh_connections(**kwargs):
 
     for conn in connections.all(initialized_only=True):
         conn.connection = None
+
+
+# Tasks that live beside their logic; imported here so the worker, which loads jobs.tasks, registers them.
+from .deploy_tasks import deploy_version  # noqa: E402,F401
+from .eval_tasks import evaluate_versions_task  # noqa: E402,F401

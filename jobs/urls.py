@@ -20,3 +20,28 @@ urlpatterns = [
     path("workers/", views.worker_list, name="workers"),
     path("tokens/", views.token_list, name="tokens"),
 ]
+
+# Monitoring, versions and comparison (issues 6 and 7).
+urlpatterns += [
+    path("jobs/<int:pk>/metrics.json", views.job_metrics_json, name="job-metrics-json"),
+    path("versions/compare/", views.compare_page, name="versions-compare"),
+    path("versions/compare/evaluate", views.compare_evaluate, name="versions-compare-evaluate"),
+    path("versions/compare/prompt", views.compare_prompt, name="versions-compare-prompt"),
+    path("versions/<int:pk>/champion", views.version_champion, name="version-champion"),
+    path("versions/<int:pk>/delete", views.version_delete, name="version-delete"),
+    path("versions/<int:pk>/evaluate", views.version_evaluate, name="version-evaluate"),
+]
+
+# Deployments (jobs/deploy_views.py).
+from . import deploy_views  # noqa: E402
+
+urlpatterns += [
+    path("versions/<int:pk>/deploy", deploy_views.version_deploy, name="version-deploy"),
+    path("deployments/", deploy_views.deployment_list, name="deployments"),
+    path("deployments/<int:pk>/", deploy_views.deployment_detail, name="deployment-detail"),
+    path("deployments/<int:pk>/stop", deploy_views.deployment_stop, name="deployment-stop"),
+    path("deployments/<int:pk>/rollback", deploy_views.deployment_rollback, name="deployment-rollback"),
+    path("deployments/<int:pk>/export", deploy_views.deployment_export, name="deployment-export"),
+    path("deployments/<int:pk>/chat/", deploy_views.playground, name="deployment-chat"),
+    path("deployments/<int:pk>/chat/stream", deploy_views.playground_stream, name="deployment-chat-stream"),
+]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs Tunedeck: installs into .venv, migrates, imports the default base model, creates the demo
-# user, starts a training worker and a dataset worker, and serves the web app. Ctrl-C stops everything.
+# user, starts a training worker, a dataset worker and the inference server, and serves the web app. Ctrl-C stops
+# everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -28,15 +29,30 @@ trap cleanup EXIT INT TERM
 pids+=($!)
 .venv/bin/celery -A tunedeck worker -Q default -c 1 -n "cpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu.log" 2>&1 &
 pids+=($!)
+# The inference server keeps deployed models loaded; the web server's /v1 endpoints proxy to it.
+INFERENCE_PORT=${INFERENCE_PORT:-8100}
+export TUNEDECK_INFERENCE_URL=${TUNEDECK_INFERENCE_URL:-http://127.0.0.1:$INFERENCE_PORT}
+$py manage.py serve_inference --port "$INFERENCE_PORT" >"$TUNEDECK_DATA_DIR/logs/inference.log" 2>&1 &
+pids+=($!)
 .venv/bin/gunicorn tunedeck.wsgi -b "$HOST:$PORT" --workers 2 --threads 8 --timeout 300 \
   --access-logfile "$TUNEDECK_DATA_DIR/logs/access.log" >"$TUNEDECK_DATA_DIR/logs/web.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 60); do curl -fs "http://$HOST:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.5; done
+up=""
+for _ in $(seq 1 120); do
+  if curl -fs "http://$HOST:$PORT/healthz" >/dev/null 2>&1; then up=1; break; fi
+  sleep 0.5
+done
+if [ -z "$up" ]; then
+  echo "!! the web server did not start; the end of $TUNEDECK_DATA_DIR/logs/web.log:" >&2
+  tail -20 "$TUNEDECK_DATA_DIR/logs/web.log" >&2
+  exit 1
+fi
 cat <<MSG
 
   Tunedeck is running at http://$HOST:$PORT/
   Log in as: $DEMO_USER / $DEMO_PASSWORD
-  Logs: $TUNEDECK_DATA_DIR/logs/   (Ctrl-C stops the web server and the workers)
+  OpenAI-compatible API of your deployments: http://$HOST:$PORT/v1 (Bearer token from the API tokens page)
+  Logs: $TUNEDECK_DATA_DIR/logs/   (Ctrl-C stops the web server, the workers and the inference server)
 
 MSG
 wait -n "${pids[@]}"

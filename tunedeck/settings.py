@@ -10,10 +10,15 @@ DATA_DIR = Path(os.environ.get("TUNEDECK_DATA_DIR", BASE_DIR / "var")).resolve()
 ENVIRONMENT = os.environ.get("TUNEDECK_ENV", "development")
 DEVELOPMENT = ENVIRONMENT != "production"
 
+_DEVELOPMENT_SECRET_KEY = "tunedeck-development-key-not-for-production"
 if DEVELOPMENT:
-    SECRET_KEY = os.environ.get("SECRET_KEY", "tunedeck-development-key-not-for-production")
+    SECRET_KEY = os.environ.get("SECRET_KEY", _DEVELOPMENT_SECRET_KEY)
 else:
     SECRET_KEY = os.environ["SECRET_KEY"]  # production refuses to start without one
+    if SECRET_KEY == _DEVELOPMENT_SECRET_KEY or len(SECRET_KEY) < 32:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured("In production SECRET_KEY must be a random string of at least 32 characters.")
 
 DEBUG = DEVELOPMENT and os.environ.get("TUNEDECK_DEBUG", "1") == "1"
 ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
@@ -28,8 +33,24 @@ if not DEVELOPMENT:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = os.environ.get("SECURE_SSL_REDIRECT", "1") == "1"
     SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "3600"))
+    # Opt-in: they bind every subdomain (and, preloaded, every browser) to HTTPS for a long time.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = os.environ.get("SECURE_HSTS_INCLUDE_SUBDOMAINS", "0") == "1"
+    SECURE_HSTS_PRELOAD = os.environ.get("SECURE_HSTS_PRELOAD", "0") == "1"
 SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_HTTPONLY = True  # pages send the token from the template (hx-headers), never from the cookie
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+
+# Rate limits (jobs/ratelimit.py): POSTs to the login forms per address and per username, inference per token.
+TUNEDECK_LOGIN_RATE = os.environ.get("TUNEDECK_LOGIN_RATE", "10/min")
+TUNEDECK_INFERENCE_RATE = os.environ.get("TUNEDECK_INFERENCE_RATE", "120/min")
+# The counters live in the cache: per process unless TUNEDECK_CACHE_URL names a shared Redis.
+if os.environ.get("TUNEDECK_CACHE_URL"):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": os.environ["TUNEDECK_CACHE_URL"]}}
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -49,6 +70,7 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    "jobs.ratelimit.RateLimitMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -99,6 +121,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# Browser libraries come from npm (package.json; scripts/setup.sh runs npm install), never committed: chart.js is
+# served from node_modules as static/vendor/chartjs/chart.umd.js.
+if (BASE_DIR / "node_modules" / "chart.js" / "dist").is_dir():
+    STATICFILES_DIRS.append(("vendor/chartjs", BASE_DIR / "node_modules" / "chart.js" / "dist"))
 STATIC_ROOT = DATA_DIR / "staticfiles"
 
 # Where the platform keeps what users give it and what training makes.
@@ -108,6 +134,8 @@ MODEL_DIR = DATA_DIR / "models"
 ADAPTER_DIR = DATA_DIR / "adapters"
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 DEPLOYMENT_DIR = DATA_DIR / "deployments"
+# The inference server (`manage.py serve_inference`) that the OpenAI-compatible /v1 endpoints proxy to.
+TUNEDECK_INFERENCE_URL = os.environ.get("TUNEDECK_INFERENCE_URL", "http://127.0.0.1:8100")
 
 # Uploads stream to disk in chunks and are refused as soon as they pass the limit.
 MAX_UPLOAD_BYTES = int(os.environ.get("TUNEDECK_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024)))
@@ -125,6 +153,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {"jobs.tasks.train_job": {"queue": "gpu"}, "jobs.tasks.deploy_version": {"queue": "gpu"}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # Training can outlast Redis' default one-hour visibility timeout; the job row's lease stops double runs anyway.
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {"visibility_timeout": int(os.environ.get("TUNEDECK_VISIBILITY_TIMEOUT", "43200"))}
@@ -136,6 +166,9 @@ CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER") == "1"
 # A worker that has not beaten its heart for this long is gone; its job is requeued.
 WORKER_HEARTBEAT_SECONDS = float(os.environ.get("TUNEDECK_HEARTBEAT_SECONDS", "10"))
 JOB_LEASE_SECONDS = float(os.environ.get("TUNEDECK_LEASE_SECONDS", "60"))
+# A job queued this long (or this long since its message was last sent) gets its message sent again: a broker
+# restarted without persistence loses queued messages. Duplicates are no-ops (the lease), so this is only cost.
+JOB_RESEND_SECONDS = float(os.environ.get("TUNEDECK_RESEND_SECONDS", "900"))
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -146,7 +179,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "jobs.api.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "jobs.api.schema.AutoSchema",  # adds the error responses
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -154,6 +187,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Parameter-efficient fine-tuning of open LLMs.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "jobs.models.JobStatus",
+        "DatasetStatusEnum": "jobs.models.Dataset.Status",
+        "DeploymentStatusEnum": "jobs.models.Deployment.Status",
+    },
 }
 
 LOGGING = {

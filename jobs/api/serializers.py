@@ -1,15 +1,69 @@
 from rest_framework import serializers
 
-from ..models import AdapterVersion, BaseModel, Dataset, Deployment, FineTuneJob, JobEvent, MetricPoint, Worker
+from ..models import (
+    AdapterVersion,
+    ApiToken,
+    BaseModel,
+    Dataset,
+    Deployment,
+    FineTuneJob,
+    JobEvent,
+    MetricPoint,
+    Worker,
+)
+
+
+class StrictCharField(serializers.CharField):
+    """For JSON bodies: a number or a boolean where text is expected is an error, not silently str()-ed."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """For JSON bodies: only true or false (not 0, 1 or "yes")."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
 
 
 class TokenRequestSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150)
-    password = serializers.CharField(max_length=256, trim_whitespace=False)
+    username = StrictCharField(max_length=150)
+    password = StrictCharField(max_length=256, trim_whitespace=False)
+    name = StrictCharField(required=False, allow_blank=True, max_length=100,
+                                 help_text="a label for the token in the token list (default: api)")
 
 
 class TokenSerializer(serializers.Serializer):
     token = serializers.CharField()
+
+
+class ApiTokenSerializer(serializers.ModelSerializer):
+    """A token as listed: only its first characters, never the token or its hash."""
+
+    active = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "created_at", "last_used_at", "revoked_at", "active"]
+
+    def get_active(self, obj) -> bool:
+        return obj.revoked_at is None
+
+
+class ApiTokenCreateSerializer(serializers.Serializer):
+    name = StrictCharField(required=False, allow_blank=True, max_length=100)
+
+
+class ApiTokenCreatedSerializer(ApiTokenSerializer):
+    token = serializers.CharField(read_only=True, help_text="shown once; only its hash is stored")
+
+    class Meta(ApiTokenSerializer.Meta):
+        fields = ApiTokenSerializer.Meta.fields + ["token"]
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
@@ -25,14 +79,14 @@ class BaseModelSerializer(serializers.ModelSerializer):
 
 
 class BaseModelCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200)
-    path = serializers.CharField(max_length=1000)
+    name = StrictCharField(max_length=200)
+    path = StrictCharField(max_length=1000)
 
 
 class DatasetSerializer(serializers.ModelSerializer):
     errors = serializers.SerializerMethodField()
     problem_counts = serializers.SerializerMethodField()
-    base_model = serializers.PrimaryKeyRelatedField(read_only=True)
+    base_model = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
 
     class Meta:
         model = Dataset
@@ -55,6 +109,14 @@ class DatasetDetailSerializer(DatasetSerializer):
         fields = DatasetSerializer.Meta.fields + ["report", "preview"]
 
 
+class DatasetCreatedSerializer(DatasetSerializer):
+    reused = serializers.BooleanField(read_only=True, help_text="true when the same file and settings were "
+                                      "uploaded before; that version is returned (status 200)")
+
+    class Meta(DatasetSerializer.Meta):
+        fields = DatasetSerializer.Meta.fields + ["reused"]
+
+
 class DatasetUploadSerializer(serializers.Serializer):
     file = serializers.FileField()
     name = serializers.CharField(required=False, allow_blank=True, max_length=200)
@@ -66,20 +128,84 @@ class DatasetUploadSerializer(serializers.Serializer):
     drop_invalid = serializers.BooleanField(required=False, default=False)
 
 
+BYTES = {"min_value": 0, "max_value": 2**53}
+
+
+class GpuSerializer(serializers.Serializer):
+    index = serializers.IntegerField(required=False, min_value=0, max_value=1024)
+    name = StrictCharField(required=False, allow_blank=True, max_length=200)
+    total_bytes = serializers.IntegerField(required=False, **BYTES)
+    free_bytes = serializers.IntegerField(**BYTES)
+    compute_capability = StrictCharField(required=False, allow_blank=True, max_length=20)
+    bf16 = StrictBooleanField(required=False, default=False)
+
+
+class CpuSerializer(serializers.Serializer):
+    cores = serializers.IntegerField(required=False, min_value=0, max_value=100_000)
+    ram_total_bytes = serializers.IntegerField(required=False, **BYTES)
+    ram_available_bytes = serializers.IntegerField(required=False, **BYTES)
+
+
+class InventorySerializer(serializers.Serializer):
+    """What autotune.probe() reports; plan for this hardware instead of the live workers'."""
+
+    gpus = GpuSerializer(many=True, required=False)
+    cpu = CpuSerializer(required=False)
+
+
 class PlanRequestSerializer(serializers.Serializer):
     base_model = serializers.IntegerField(required=False, allow_null=True)
     dataset = serializers.IntegerField(required=False, allow_null=True)
-    method = serializers.CharField(required=False, default="auto", max_length=20)
-    overrides = serializers.JSONField(required=False)
-    gpu = serializers.JSONField(required=False)
+    method = StrictCharField(required=False, default="auto", max_length=20)
+    overrides = serializers.JSONField(required=False, allow_null=True,
+                                      help_text="plan fields to fix, e.g. {\"rank\": 16}")
+    gpu = InventorySerializer(required=False, allow_null=True)
 
 
 class JobCreateSerializer(serializers.Serializer):
     base_model = serializers.IntegerField(required=False, allow_null=True)
     dataset = serializers.IntegerField()
-    method = serializers.CharField(required=False, default="auto", max_length=20)
-    overrides = serializers.JSONField(required=False)
-    adapter_name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    method = StrictCharField(required=False, default="auto", max_length=20)
+    overrides = serializers.JSONField(required=False, allow_null=True)
+    adapter_name = StrictCharField(required=False, allow_blank=True, max_length=200)
+
+
+class JobCloneSerializer(serializers.Serializer):
+    """Every field optional: the new job takes the source job's settings, changed by what is given here.
+    overrides are merged into the source's (a null value removes that override)."""
+
+    base_model = serializers.IntegerField(required=False, allow_null=True)
+    dataset = serializers.IntegerField(required=False)
+    method = StrictCharField(required=False, max_length=20)
+    overrides = serializers.JSONField(required=False, allow_null=True)
+    adapter_name = StrictCharField(required=False, allow_blank=True, max_length=200)
+
+
+class PlanMemorySerializer(serializers.Serializer):
+    total_bytes = serializers.IntegerField()
+    breakdown = serializers.DictField(child=serializers.FloatField(), help_text="bytes per part")
+    capacity_bytes = serializers.IntegerField(allow_null=True)
+
+
+class PlanSerializer(serializers.Serializer):
+    """The plan; extra keys (dropout, max_steps, warmup_ratio, ...) appear when set. See docs/internals.md."""
+
+    method = serializers.CharField()
+    rank = serializers.IntegerField(allow_null=True)
+    alpha = serializers.FloatField(allow_null=True)
+    target_modules = serializers.JSONField(help_text='a list of module names, or "all-linear"')
+    micro_batch = serializers.IntegerField()
+    grad_accum = serializers.IntegerField()
+    max_seq_len = serializers.IntegerField()
+    gradient_checkpointing = serializers.BooleanField()
+    learning_rate = serializers.FloatField()
+    epochs = serializers.FloatField()
+    memory = PlanMemorySerializer()
+    reasons = serializers.ListField(child=serializers.CharField())
+    warnings = serializers.ListField(child=serializers.CharField(), required=False)
+    fits = serializers.BooleanField(required=False)
+    device = serializers.CharField(required=False)
+    dtype = serializers.CharField(required=False)
 
 
 class JobSerializer(serializers.ModelSerializer):
@@ -116,6 +242,22 @@ class MetricPointSerializer(serializers.ModelSerializer):
                   "memory_bytes"]
 
 
+class JobMetricPointSerializer(serializers.Serializer):
+    step = serializers.IntegerField()
+    train_loss = serializers.FloatField(allow_null=True)
+    eval_loss = serializers.FloatField(allow_null=True)
+    learning_rate = serializers.FloatField(allow_null=True)
+    grad_norm = serializers.FloatField(allow_null=True)
+    tokens_per_second = serializers.FloatField(allow_null=True)
+    memory_bytes = serializers.FloatField(allow_null=True)
+
+
+class JobMetricsSerializer(serializers.Serializer):
+    job = serializers.IntegerField()
+    points = JobMetricPointSerializer(many=True)
+    events = JobEventSerializer(many=True)
+
+
 class AdapterVersionSerializer(serializers.ModelSerializer):
     adapter_name = serializers.CharField(source="line.name", read_only=True)
     is_champion = serializers.SerializerMethodField()
@@ -127,6 +269,43 @@ class AdapterVersionSerializer(serializers.ModelSerializer):
 
     def get_is_champion(self, obj) -> bool:
         return obj.line.champion_id == obj.pk
+
+
+class CompareVersionSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    label = serializers.CharField()
+    adapter_name = serializers.CharField()
+    version = serializers.IntegerField()
+    method = serializers.CharField()
+    plan = serializers.JSONField()
+    metrics = serializers.JSONField()
+    generations = serializers.JSONField()
+    curve = JobMetricPointSerializer(many=True)
+
+
+class CompareSettingSerializer(serializers.Serializer):
+    field = serializers.CharField()
+    values = serializers.ListField(child=serializers.JSONField(allow_null=True))
+    differs = serializers.BooleanField()
+
+
+class CompareMetricSerializer(serializers.Serializer):
+    metric = serializers.CharField()
+    values = serializers.ListField(child=serializers.FloatField(allow_null=True))
+    best = serializers.IntegerField(allow_null=True, help_text="index of the best version, where one is better")
+
+
+class CompareGenerationSerializer(serializers.Serializer):
+    prompt = serializers.JSONField(allow_null=True)
+    reference = serializers.JSONField(allow_null=True)
+    outputs = serializers.ListField(child=serializers.CharField(allow_null=True))
+
+
+class CompareSerializer(serializers.Serializer):
+    versions = CompareVersionSerializer(many=True)
+    settings = CompareSettingSerializer(many=True)
+    metrics = CompareMetricSerializer(many=True)
+    generations = CompareGenerationSerializer(many=True)
 
 
 class DeploymentSerializer(serializers.ModelSerializer):

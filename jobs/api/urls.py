@@ -14,6 +14,7 @@ urlpatterns = [
     path("jobs/<int:pk>", views.JobDetail.as_view(), name="api-job"),
     path("jobs/<int:pk>/cancel", views.JobCancel.as_view(), name="api-job-cancel"),
     path("jobs/<int:pk>/retry", views.JobRetry.as_view(), name="api-job-retry"),
+    path("jobs/<int:pk>/clone", views.JobClone.as_view(), name="api-job-clone"),
     path("jobs/<int:pk>/metrics", views.JobMetrics.as_view(), name="api-job-metrics"),
     path("adapter-versions", views.AdapterVersionList.as_view(), name="api-versions"),
     path("adapter-versions/compare", views.AdapterVersionCompare.as_view(), name="api-versions-compare"),
@@ -21,4 +22,28 @@ urlpatterns = [
     path("adapter-versions/<int:pk>/download", views.AdapterVersionDownload.as_view(), name="api-version-download"),
     path("deployments/<int:pk>", views.DeploymentDetail.as_view(), name="api-deployment"),
     path("workers", views.WorkerList.as_view(), name="api-workers"),
+    path("tokens", views.TokenList.as_view(), name="api-tokens"),
+    path("tokens/<int:pk>", views.TokenDetail.as_view(), name="api-token-detail"),
 ]
+
+# Deployments (jobs/api/deploy_views.py); GET deployments/<pk> is views.DeploymentDetail above.
+from . import deploy_views  # noqa: E402
+
+urlpatterns += [
+    path("adapter-versions/<int:pk>/deploy", deploy_views.VersionDeploy.as_view(), name="api-version-deploy"),
+    path("deployments", deploy_views.DeploymentList.as_view(), name="api-deployments"),
+    path("deployments/<int:pk>/stop", deploy_views.DeploymentStop.as_view(), name="api-deployment-stop"),
+    path("deployments/<int:pk>/rollback", deploy_views.DeploymentRollback.as_view(), name="api-deployment-rollback"),
+    path("deployments/<int:pk>/export", deploy_views.DeploymentExport.as_view(), name="api-deployment-export"),
+]
+
+# Adapter version actions (issue 7). Put first: DELETE on adapter-versions/<pk> must reach the view that allows it
+# (it answers GET exactly as AdapterVersionDetail does).
+from . import version_views  # noqa: E402
+
+urlpatterns = [
+    path("adapter-versions/evaluate", version_views.AdapterVersionEvaluate.as_view(), name="api-versions-evaluate"),
+    path("adapter-versions/<int:pk>/champion", version_views.AdapterVersionChampion.as_view(),
+         name="api-version-champion"),
+    path("adapter-versions/<int:pk>", version_views.AdapterVersionDetailDelete.as_view(), name="api-version"),
+] + urlpatterns

@@ -1,14 +1,27 @@
 """REST API v1. Every query starts from the requesting user's own objects, so another user's ids are 404."""
 import io
+import logging
+import shutil
 import zipfile
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import authenticate
+from django.db import transaction
+from django.db.models import ProtectedError
 from django.http import FileResponse
-from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
-from rest_framework.decorators import api_view, authentication_classes, permission_classes, throttle_classes
+from rest_framework.exceptions import NotFound
+from rest_framework.decorators import (
+    api_view,
+    authentication_classes,
+    parser_classes,
+    permission_classes,
+    throttle_classes,
+)
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -16,9 +29,32 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from .. import services
-from ..models import AdapterVersion, ApiToken, BaseModel, Dataset, Deployment, FineTuneJob, Worker
+from ..models import AdapterVersion, ApiToken, BaseModel, Dataset, Deployment, FineTuneJob, JobStatus, Worker
 from . import serializers as s
-from .errors import error_response
+from .errors import ErrorSerializer, error_response
+
+log = logging.getLogger(__name__)
+
+# Ids are PostgreSQL bigints; a larger number names no object (and must not reach the database as one).
+MAX_ID = 2**63 - 1
+
+
+def _owned_or_404(queryset, pk, label):
+    obj = queryset.filter(pk=pk).first() if 0 < int(pk) <= MAX_ID else None
+    if obj is None:
+        raise NotFound(f"No {label} {pk}.")
+    return obj
+
+
+class SafeLookup:
+    """Detail views: an id too large for the database is a 404 like any other unknown id."""
+
+    def get_object(self):
+        obj = _owned_or_404(self.get_queryset(), self.kwargs["pk"], self.object_label)
+        self.check_object_permissions(self.request, obj)
+        return obj
+
+    object_label = "object"
 
 
 class LoginThrottle(AnonRateThrottle):
@@ -26,8 +62,13 @@ class LoginThrottle(AnonRateThrottle):
     scope = "login"
 
 
-@extend_schema(request=s.TokenRequestSerializer, responses={200: s.TokenSerializer})
+@extend_schema(
+    request=s.TokenRequestSerializer,
+    responses={200: s.TokenSerializer, 401: OpenApiResponse(ErrorSerializer, "Wrong username or password")},
+    summary="Exchange a username and password for an API token",
+)
 @api_view(["POST"])
+@parser_classes([JSONParser])
 @authentication_classes([])
 @permission_classes([AllowAny])
 @throttle_classes([LoginThrottle])
@@ -37,7 +78,7 @@ def issue_token(request):
     user = authenticate(request, username=body.validated_data["username"], password=body.validated_data["password"])
     if user is None:
         return error_response("invalid_credentials", "Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
-    _, raw = ApiToken.issue(user, name="api")
+    _, raw = ApiToken.issue(user, name=body.validated_data.get("name", "").strip() or "api")
     return Response({"token": raw})
 
 
@@ -47,10 +88,54 @@ def _visible_base_model(user, pk):
         if model is None:
             raise services.InputError("No base model is registered; give base_model.", field="base_model")
         return model
-    return get_object_or_404(BaseModel.visible_to(user), pk=pk)
+    return _owned_or_404(BaseModel.visible_to(user), pk, "base model")
+
+
+def _owned_dataset(user, pk):
+    return _owned_or_404(Dataset.objects.owned_by(user), pk, "dataset")
+
+
+# ---------------------------------------------------------------- tokens
+
+
+class TokenList(generics.ListCreateAPIView):
+    """The user's API tokens. Listing shows each token's prefix only; the token itself is shown once, when made."""
+
+    parser_classes = [JSONParser]
+
+    serializer_class = s.ApiTokenSerializer
+
+    def get_queryset(self):
+        return ApiToken.objects.filter(user=self.request.user).order_by("-created_at", "-id")
+
+    @extend_schema(request=s.ApiTokenCreateSerializer, responses={201: s.ApiTokenCreatedSerializer},
+                   summary="Create an API token (the response is the only time it is shown)")
+    def post(self, request):
+        body = s.ApiTokenCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        token, raw = ApiToken.issue(request.user, name=body.validated_data.get("name", "").strip() or "token")
+        token.token = raw
+        return Response(s.ApiTokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)
+
+
+class TokenDetail(SafeLookup, generics.RetrieveDestroyAPIView):
+    object_label = 'API token'
+    serializer_class = s.ApiTokenSerializer
+
+    def get_queryset(self):
+        return ApiToken.objects.filter(user=self.request.user)
+
+    @extend_schema(responses={204: None}, summary="Revoke an API token (it stops working at once)")
+    def delete(self, request, pk):
+        token = _owned_or_404(self.get_queryset(), pk, "API token")
+        if token.revoked_at is None:
+            token.revoked_at = timezone.now()
+            token.save(update_fields=["revoked_at"])
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class BaseModelList(generics.ListCreateAPIView):
+    parser_classes = [JSONParser]
     serializer_class = s.BaseModelSerializer
 
     def get_queryset(self):
@@ -64,27 +149,42 @@ class BaseModelList(generics.ListCreateAPIView):
         return Response(s.BaseModelSerializer(model).data, status=status.HTTP_201_CREATED)
 
 
-class BaseModelDetail(generics.RetrieveAPIView):
+class BaseModelDetail(SafeLookup, generics.RetrieveAPIView):
+    object_label = 'base model'
     serializer_class = s.BaseModelSerializer
 
     def get_queryset(self):
         return BaseModel.visible_to(self.request.user)
 
 
+# ---------------------------------------------------------------- datasets
+
+
 class DatasetList(generics.ListCreateAPIView):
     serializer_class = s.DatasetSerializer
     parser_classes = [MultiPartParser, FormParser]
+    error_statuses = ("413",)
 
     def get_queryset(self):
         return Dataset.objects.owned_by(self.request.user)
 
-    @extend_schema(request={"multipart/form-data": s.DatasetUploadSerializer}, responses={201: s.DatasetSerializer})
+    @extend_schema(
+        request={"multipart/form-data": s.DatasetUploadSerializer},
+        responses={
+            201: s.DatasetCreatedSerializer,
+            200: OpenApiResponse(s.DatasetCreatedSerializer, "The same file with the same settings was uploaded "
+                                 "before: that dataset version, with reused=true"),
+        },
+        summary="Upload a dataset file (validated in the background; poll the dataset until it is not validating)",
+    )
     def post(self, request):
+        files = request.FILES  # parses the body: the upload handler refuses an oversized one while streaming
         refused = getattr(request._request, "upload_refused", None)
         if refused:
             return error_response("too_large", refused, status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
-        if "file" not in request.FILES:
-            return error_response("invalid", "Send the dataset as the multipart field 'file'.", 400)
+        if "file" not in files:
+            return error_response("invalid", "Send the dataset as the multipart field 'file'.", 400,
+                                  {"field": "file"})
         body = s.DatasetUploadSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
@@ -100,28 +200,64 @@ class DatasetList(generics.ListCreateAPIView):
             column_map=data.get("column_map"),
             drop_invalid=data.get("drop_invalid", False),
         )
-        payload = s.DatasetSerializer(dataset).data
+        payload = s.DatasetCreatedSerializer(dataset).data
         payload["reused"] = not created
         return Response(payload, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
-class DatasetDetail(generics.RetrieveAPIView):
+class DatasetDetail(SafeLookup, generics.RetrieveDestroyAPIView):
+    object_label = 'dataset'
     serializer_class = s.DatasetDetailSerializer
+    error_statuses = ("409",)
 
     def get_queryset(self):
         return Dataset.objects.owned_by(self.request.user)
 
+    @extend_schema(responses={204: None},
+                   summary="Delete a dataset version and its files (refused while it is validating or in use)")
+    def delete(self, request, pk):
+        dataset = _owned_or_404(self.get_queryset(), pk, "dataset")
+        if dataset.status == Dataset.Status.VALIDATING:
+            return error_response("conflict", "The dataset is still being validated; delete it when it is done.",
+                                  status.HTTP_409_CONFLICT)
+        used = FineTuneJob.objects.filter(dataset=dataset).count()
+        if used:
+            return error_response(
+                "conflict", f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; "
+                "it is kept for their lineage.", status.HTTP_409_CONFLICT, {"jobs": used},
+            )
+        source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
+        try:
+            with transaction.atomic():
+                dataset.delete()
+                shared = Dataset.objects.filter(file_path=dataset.file_path).exists()
+        except ProtectedError:
+            return error_response("conflict", "The dataset is in use; it is kept for their lineage.",
+                                  status.HTTP_409_CONFLICT)
+        root = Path(settings.DATASET_DIR).resolve()
+        for folder in [processed] if shared else [processed, source.parent]:
+            folder = folder.resolve()
+            if root in folder.parents and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
 
 class DatasetDropInvalid(APIView):
-    @extend_schema(request=None, responses={202: s.DatasetSerializer})
+    @extend_schema(request=None, responses={202: s.DatasetSerializer},
+                   summary="Re-check an invalid dataset with its bad rows dropped (a new dataset version)")
     def post(self, request, pk):
-        dataset = get_object_or_404(Dataset.objects.owned_by(request.user), pk=pk)
+        dataset = _owned_dataset(request.user, pk)
         new = services.reprocess_dataset_dropping_invalid(request.user, dataset)
         return Response(s.DatasetSerializer(new).data, status=status.HTTP_202_ACCEPTED)
 
 
+# ---------------------------------------------------------------- plans and jobs
+
+
 class PlanView(APIView):
-    @extend_schema(request=s.PlanRequestSerializer, responses={200: dict})
+    parser_classes = [JSONParser]
+    @extend_schema(request=s.PlanRequestSerializer, responses={200: s.PlanSerializer},
+                   summary="The training plan for a dataset (pre-flight; creates nothing)")
     def post(self, request):
         body = s.PlanRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -129,26 +265,36 @@ class PlanView(APIView):
         base_model = _visible_base_model(request.user, data.get("base_model"))
         dataset = None
         if data.get("dataset") is not None:
-            dataset = get_object_or_404(Dataset.objects.owned_by(request.user), pk=data["dataset"])
+            dataset = _owned_dataset(request.user, data["dataset"])
         plan = services.make_plan(base_model, dataset, data.get("method", "auto"), data.get("overrides"), data.get("gpu"))
         return Response(plan)
 
 
 class JobList(generics.ListCreateAPIView):
+    parser_classes = [JSONParser]
     serializer_class = s.JobSerializer
 
     def get_queryset(self):
         queryset = FineTuneJob.objects.owned_by(self.request.user).select_related("adapter_version")
         wanted = self.request.query_params.get("status")
+        if wanted and wanted not in JobStatus.values:
+            raise services.InputError(f"Unknown status {wanted!r}; choose one of {', '.join(JobStatus.values)}.",
+                                      field="status")
         return queryset.filter(status=wanted) if wanted else queryset
 
-    @extend_schema(request=s.JobCreateSerializer, responses={201: s.JobSerializer})
+    @extend_schema(parameters=[OpenApiParameter("status", str, enum=JobStatus.values,
+                                                description="only jobs with this status")])
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(request=s.JobCreateSerializer, responses={201: s.JobSerializer},
+                   summary="Queue a fine-tuning job (auto plan, or with method and overrides)")
     def post(self, request):
         body = s.JobCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
         base_model = _visible_base_model(request.user, data.get("base_model"))
-        dataset = get_object_or_404(Dataset.objects.owned_by(request.user), pk=data["dataset"])
+        dataset = _owned_dataset(request.user, data["dataset"])
         job = services.create_job(
             request.user, base_model, dataset, data.get("method", "auto"), data.get("overrides"),
             data.get("adapter_name", ""),
@@ -156,44 +302,78 @@ class JobList(generics.ListCreateAPIView):
         return Response(s.JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
-class JobDetail(generics.RetrieveAPIView):
+class JobDetail(SafeLookup, generics.RetrieveAPIView):
+    object_label = 'job'
     serializer_class = s.JobSerializer
 
     def get_queryset(self):
         return FineTuneJob.objects.owned_by(self.request.user).select_related("adapter_version")
 
 
-class JobCancel(APIView):
-    @extend_schema(request=None, responses={202: s.JobSerializer})
+def _owned_job(user, pk):
+    return _owned_or_404(FineTuneJob.objects.owned_by(user).select_related("adapter_version"), pk, "job")
+
+
+class JobClone(APIView):
+    parser_classes = [JSONParser]
+    @extend_schema(request=s.JobCloneSerializer, responses={201: s.JobSerializer},
+                   summary="A new job with this job's settings, changed by the fields given")
     def post(self, request, pk):
-        job = get_object_or_404(FineTuneJob.objects.owned_by(request.user), pk=pk)
-        job = services.request_cancel(job)
-        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        source = _owned_job(request.user, pk)
+        body = s.JobCloneSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        overrides = dict(source.overrides or {})
+        extra = data.get("overrides")
+        if extra not in (None, ""):
+            if not isinstance(extra, dict):
+                raise services.InputError("overrides must be an object of plan fields.", field="overrides")
+            overrides.update(extra)
+        base_model = _visible_base_model(request.user, data["base_model"]) if data.get("base_model") else None
+        if base_model is None:
+            base_model = _owned_or_404(BaseModel.visible_to(request.user), source.base_model_id, "base model")
+        dataset = _owned_dataset(request.user, data.get("dataset", source.dataset_id))
+        adapter_name = data.get("adapter_name") or source.adapter_name
+        job = services.create_job(request.user, base_model, dataset, data.get("method", source.method), overrides,
+                                  adapter_name)
+        return Response(s.JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+class JobCancel(APIView):
+    @extend_schema(request=None, responses={202: s.JobSerializer},
+                   summary="Cancel a job (queued: at once; running: at the worker's next check)")
+    def post(self, request, pk):
+        job = services.request_cancel(_owned_job(request.user, pk))
+        return Response(s.JobSerializer(_owned_job(request.user, job.pk)).data, status=status.HTTP_202_ACCEPTED)
 
 
 class JobRetry(APIView):
-    @extend_schema(request=None, responses={202: s.JobSerializer})
+    @extend_schema(request=None, responses={202: s.JobSerializer},
+                   summary="Requeue a failed or cancelled job; it resumes from its last checkpoint")
     def post(self, request, pk):
-        job = get_object_or_404(FineTuneJob.objects.owned_by(request.user), pk=pk)
-        job = services.retry_job(job)
-        return Response(s.JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        job = services.retry_job(_owned_job(request.user, pk))
+        return Response(s.JobSerializer(_owned_job(request.user, job.pk)).data, status=status.HTTP_202_ACCEPTED)
 
 
 class JobMetrics(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("max_points", int, description="downsample to at most this many points")],
-        responses={200: dict},
+        parameters=[OpenApiParameter("max_points", int, description="downsample to at most this many points "
+                                     "(10 to 5000, default 500)")],
+        responses={200: s.JobMetricsSerializer},
     )
     def get(self, request, pk):
         from ..metrics import downsampled_points
 
-        job = get_object_or_404(FineTuneJob.objects.owned_by(request.user), pk=pk)
+        job = _owned_job(request.user, pk)
         try:
             max_points = max(10, min(5000, int(request.query_params.get("max_points", 500))))
         except ValueError:
             raise services.InputError("max_points must be a whole number.", field="max_points") from None
         events = s.JobEventSerializer(job.events.all()[:500], many=True).data
         return Response({"job": job.pk, "points": downsampled_points(job, max_points), "events": events})
+
+
+# ---------------------------------------------------------------- adapter versions
 
 
 class AdapterVersionList(generics.ListAPIView):
@@ -203,7 +383,8 @@ class AdapterVersionList(generics.ListAPIView):
         return AdapterVersion.objects.owned_by(self.request.user).select_related("line")
 
 
-class AdapterVersionDetail(generics.RetrieveAPIView):
+class AdapterVersionDetail(SafeLookup, generics.RetrieveAPIView):
+    object_label = 'adapter version'
     serializer_class = s.AdapterVersionSerializer
 
     def get_queryset(self):
@@ -221,9 +402,13 @@ def zip_folder(folder: Path) -> io.BytesIO:
 
 
 class AdapterVersionDownload(APIView):
-    @extend_schema(responses={(200, "application/zip"): bytes})
+    error_statuses = ("410",)
+
+    @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY},
+                   summary="The peft adapter folder as a zip")
     def get(self, request, pk):
-        version = get_object_or_404(AdapterVersion.objects.owned_by(request.user).select_related("line"), pk=pk)
+        version = _owned_or_404(AdapterVersion.objects.owned_by(request.user).select_related("line"), pk,
+                                "adapter version")
         folder = Path(version.path)
         if not folder.is_dir():
             return error_response("gone", "The adapter files are missing on the server.", status.HTTP_410_GONE)
@@ -233,8 +418,10 @@ class AdapterVersionDownload(APIView):
 
 
 class AdapterVersionCompare(APIView):
-    @extend_schema(parameters=[OpenApiParameter("ids", str, description="comma-separated version ids")],
-                   responses={200: dict})
+    @extend_schema(parameters=[OpenApiParameter("ids", str, required=True, pattern=r"^[1-9][0-9]{0,17}(,[1-9][0-9]{0,17}){0,3}$",
+                                                description="1 to 4 comma-separated version ids, e.g. 3,5")],
+                   responses={200: s.CompareSerializer},
+                   summary="Versions side by side: settings, metrics (best marked) and generations per prompt")
     def get(self, request):
         raw = request.query_params.get("ids", "")
         try:
@@ -243,7 +430,10 @@ class AdapterVersionCompare(APIView):
             raise services.InputError("ids must be comma-separated version ids, e.g. ids=1,2.", field="ids") from None
         if not 1 <= len(ids) <= 4:
             raise services.InputError("Compare 1 to 4 versions at a time.", field="ids")
-        versions = {v.pk: v for v in AdapterVersion.objects.owned_by(request.user).select_related("line").filter(pk__in=ids)}
+        if not all(0 < i <= MAX_ID for i in ids):
+            raise services.InputError("ids must be positive version ids.", field="ids")
+        versions = {v.pk: v for v in AdapterVersion.objects.owned_by(request.user).select_related("line", "job")
+                    .filter(pk__in=ids)}
         missing = [i for i in ids if i not in versions]
         if missing:
             return error_response("not_found", f"No adapter version {missing[0]}.", status.HTTP_404_NOT_FOUND)
@@ -253,7 +443,8 @@ class AdapterVersionCompare(APIView):
         return Response(compare_versions(ordered))
 
 
-class DeploymentDetail(generics.RetrieveAPIView):
+class DeploymentDetail(SafeLookup, generics.RetrieveAPIView):
+    object_label = 'deployment'
     serializer_class = s.DeploymentSerializer
 
     def get_queryset(self):

@@ -1,0 +1,394 @@
+"""Deployments: a version becomes a live model behind the OpenAI-compatible API. Plain functions.
+
+The lifecycle (the Deployment row is the source of truth, as for jobs):
+
+    deploy / rollback ──> merging ──(Celery task on the gpu queue: merge + logit check)──> loading
+                     └──> loading (unmerged: asked for, or the method cannot be merged)
+    loading ──(the inference server loads it)──> live          any step ──> failed (with the reason)
+    stop ──> stopped
+
+A deployment is a stable name (the OpenAI `model`), by default its adapter line's name; deploying another
+version of the same line, or rolling back, repoints that name to the other version. Every change bumps
+`revision`, and work started for an older revision (a merge, a load) never writes over a newer state.
+
+Nothing here imports torch: the worker-side merge imports finetune.merge's heavy parts inside run_deploy.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from finetune.errors import TunedeckError
+
+from .models import AdapterVersion, Deployment
+from .services import InputError
+
+log = logging.getLogger(__name__)
+
+Status = Deployment.Status
+ACTIVE = (Status.MERGING, Status.LOADING, Status.LIVE)
+SERVED = (Status.LOADING, Status.LIVE)  # what the inference server holds
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+HISTORY_LIMIT = 20
+LOADING_PATIENCE_SECONDS = 120
+
+
+# ---------------------------------------------------------------- requests from the pages and the API
+
+
+def deploy_version(user, version: AdapterVersion, *, merge: bool = True, name: str = "") -> Deployment:
+    """Starts deploying `version` and returns its deployment (202-style: the work goes on in the background).
+
+    With no name, the user's existing deployment of the same adapter line is repointed to this version (so
+    its clients keep their model name); else a new deployment named after the line is made.
+    """
+    if version.owner_id != user.pk:
+        raise InputError("No such adapter version.", code="not_found")
+    if not Path(version.path).is_dir():
+        raise InputError("The adapter files of this version are missing on the server.", code="gone")
+    name = (name or "").strip()
+    if name and not NAME_RE.match(name):
+        raise InputError(
+            "A deployment name is 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            field="name",
+        )
+    with transaction.atomic():
+        if name:
+            existing = Deployment.objects.select_for_update().filter(name=name).first()
+            if existing is not None and existing.owner_id != user.pk:
+                raise InputError(f"The name {name!r} is taken; choose another.", field="name", code="name_taken")
+        else:
+            existing = (
+                Deployment.objects.select_for_update()
+                .filter(owner=user, version__line_id=version.line_id)
+                .order_by("-updated_at", "-pk")
+                .first()
+            )
+        if existing is not None:
+            return _repoint(existing, version, merge, reason="deployed")
+    return _create(user, version, merge, name)
+
+
+def _create(user, version: AdapterVersion, merge: bool, name: str) -> Deployment:
+    candidates = [name] if name else _default_names(user, version)
+    for candidate in candidates:
+        try:
+            with transaction.atomic():
+                deployment = Deployment.objects.create(
+                    owner=user,
+                    version=version,
+                    name=candidate,
+                    merge=merge,
+                    status=_first_status(version, merge),
+                    details=_fresh_details(version, merge, [], "deployed"),
+                    revision=1,
+                )
+                _enqueue_on_commit(deployment)
+                return deployment
+        except IntegrityError:
+            if name:
+                raise InputError(f"The name {name!r} is taken; choose another.", field="name", code="name_taken")
+    raise InputError("Could not find a free deployment name; give one.", field="name")
+
+
+def _default_names(user, version: AdapterVersion):
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", version.line.name).strip("-.")[:80] or "model"
+    if not base[0].isalnum():
+        base = "m" + base
+    yield base
+    yield f"{base}-{re.sub(r'[^A-Za-z0-9]+', '', user.get_username())[:16] or user.pk}"
+    for i in range(2, 50):
+        yield f"{base}-{i}"
+
+
+def _repoint(deployment: Deployment, version: AdapterVersion, merge: bool, reason: str) -> Deployment:
+    history = list(deployment.details.get("history") or [])
+    if deployment.status != Status.STOPPED or deployment.version_id != version.pk:
+        history.append({
+            "version": deployment.version_id,
+            "label": deployment.details.get("version_label") or "",
+            "status": deployment.status,
+            "until": timezone.now().isoformat(),
+        })
+    deployment.version = version
+    deployment.merge = merge
+    deployment.status = _first_status(version, merge)
+    deployment.error = ""
+    deployment.path = ""
+    deployment.details = _fresh_details(version, merge, history[-HISTORY_LIMIT:], reason)
+    deployment.revision = F("revision") + 1
+    deployment.updated_at = timezone.now()
+    deployment.save()
+    deployment.refresh_from_db()
+    _enqueue_on_commit(deployment)
+    return deployment
+
+
+def _first_status(version: AdapterVersion, merge: bool) -> str:
+    from finetune.merge import can_merge
+
+    return Status.MERGING if merge and can_merge(version.method) else Status.LOADING
+
+
+def _fresh_details(version: AdapterVersion, merge: bool, history: list, reason: str) -> dict:
+    from finetune.merge import UNMERGEABLE_REASONS, can_merge
+
+    details = {
+        "version_label": version.label,
+        "adapter_name": version.line.name,
+        "version_number": version.version,
+        "method": version.method,
+        "base_model": version.base_model.name,
+        "merge_requested": merge,
+        "history": history,
+        "action": reason,
+    }
+    if not merge:
+        details["serving"] = "unmerged: base model + adapter, as asked"
+    elif not can_merge(version.method):
+        why = UNMERGEABLE_REASONS.get(version.method, f"{version.method} adapters cannot be merged")
+        details["unmerged_reason"] = why
+        details["serving"] = f"unmerged: base model + adapter, because {why}"
+    return details
+
+
+def _enqueue_on_commit(deployment: Deployment) -> None:
+    pk, revision = deployment.pk, deployment.revision
+    transaction.on_commit(lambda: enqueue_deploy(pk, revision))
+
+
+def enqueue_deploy(deployment_id: int, revision: int) -> None:
+    from .deploy_tasks import deploy_version as task
+
+    task.delay(deployment_id, revision)
+
+
+def stop(deployment: Deployment) -> Deployment:
+    """Undeploys: the inference server drops the model within a second. Merged files stay for export."""
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        if deployment.status != Status.STOPPED:
+            deployment.status = Status.STOPPED
+            deployment.revision = F("revision") + 1
+            deployment.updated_at = timezone.now()
+            deployment.details = {**deployment.details, "stopped_at": timezone.now().isoformat()}
+            deployment.save()
+            deployment.refresh_from_db()
+    return deployment
+
+
+def previous_version(deployment: Deployment) -> AdapterVersion | None:
+    """The version just before the deployed one in the same adapter line."""
+    current = deployment.version
+    return (
+        AdapterVersion.objects.filter(line_id=current.line_id, version__lt=current.version)
+        .select_related("line", "base_model")
+        .order_by("-version")
+        .first()
+    )
+
+
+def rollback(deployment: Deployment) -> Deployment:
+    """Repoints the deployment to the previous version of its adapter line, keeping its name and merge choice."""
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().select_related("version__line").get(pk=deployment.pk)
+        target = previous_version(deployment)
+        if target is None:
+            raise InputError(
+                f"{deployment.version.label} is the first version of {deployment.version.line.name}; there is "
+                "no earlier version to roll back to.",
+                code="no_previous_version",
+            )
+        if not Path(target.path).is_dir():
+            raise InputError(f"The adapter files of {target.label} are missing on the server.", code="gone")
+        rolled_from = deployment.version.label
+        deployment = _repoint(deployment, target, deployment.merge, reason="rolled back")
+        deployment.details = {**deployment.details, "rolled_back_from": rolled_from}
+        deployment.save(update_fields=["details"])
+    return deployment
+
+
+# ---------------------------------------------------------------- the worker side (Celery task deploy_version)
+
+
+def merged_dir_for(version: AdapterVersion) -> Path:
+    """Merged models are kept per version, so a rollback to a version merged before needs no new merge."""
+    return settings.DEPLOYMENT_DIR / f"user-{version.owner_id}" / f"version-{version.pk}-merged"
+
+
+def run_deploy(deployment_id: int, revision: int) -> str | None:
+    """Merges (when asked and possible), checks, and hands the deployment to the inference server (loading)."""
+    deployment = (
+        Deployment.objects.select_related("version__base_model", "version__line").filter(pk=deployment_id).first()
+    )
+    if deployment is None or deployment.revision != revision or deployment.status not in (
+        Status.MERGING,
+        Status.LOADING,
+    ):
+        log.info("deployment %s revision %s is no longer wanted; skipped", deployment_id, revision)
+        return None
+    version = deployment.version
+    details = dict(deployment.details)
+    try:
+        from finetune.merge import AdapterNotMergeable, describe_adapter
+
+        adapter_dir = Path(version.path)
+        description = describe_adapter(adapter_dir)  # a clear error for a missing or broken adapter folder
+        base_path = Path(version.base_model.path)
+        if not base_path.is_dir():
+            raise TunedeckError(f"The base model folder {base_path} is missing on the server.")
+        details["peft_type"] = description["peft_type"]
+        path = ""
+        if deployment.merge:
+            try:
+                path, report = _merge(deployment, version, description)
+                details.update(merged=True, merge=report, serving="merged model")
+            except AdapterNotMergeable as exc:
+                # Prefix and prompt tuning and adapter layers have no weights to fold into the base.
+                details["merged"] = False
+                details.setdefault("unmerged_reason", str(exc))
+                details.setdefault("serving", f"unmerged: base model + adapter. {exc}")
+        else:
+            details.update(merged=False)
+        if not _update(deployment.pk, revision, status=Status.LOADING, path=path, details=details, error=""):
+            return None
+        return Status.LOADING
+    except TunedeckError as exc:
+        mark_failed(deployment.pk, revision, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a crash must end in a failed deployment, not a stuck one
+        log.exception("deployment %s crashed", deployment.pk)
+        mark_failed(deployment.pk, revision, f"{type(exc).__name__}: {exc}")
+    return Status.FAILED
+
+
+def _merge(deployment: Deployment, version: AdapterVersion, description: dict) -> tuple[str, dict]:
+    from finetune.merge import MERGE_MARKER, merge_adapter
+
+    out_dir = merged_dir_for(version)
+    marker = _read_json(out_dir / MERGE_MARKER)
+    if marker and marker.get("adapter_dir") == str(Path(version.path)) and marker.get("merged"):
+        return str(out_dir), {**_report(marker), "reused": True}
+    report = merge_adapter(
+        version.base_model.path,
+        version.path,
+        out_dir,
+        method=description["method"] or version.method,
+        device=getattr(settings, "TUNEDECK_MERGE_DEVICE", "auto"),
+    )
+    return str(out_dir), _report(report)
+
+
+def _report(report: dict) -> dict:
+    keys = ("max_abs_diff", "tolerance", "dtype", "method", "base_weights")
+    return {k: report[k] for k in keys if k in report}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _update(deployment_id: int, revision: int, **fields) -> bool:
+    """Writes only if the deployment is still at `revision`; False when a newer request replaced this work."""
+    fields["updated_at"] = timezone.now()
+    return bool(Deployment.objects.filter(pk=deployment_id, revision=revision).update(**fields))
+
+
+def mark_failed(deployment_id: int, revision: int, reason: str) -> bool:
+    return _update(deployment_id, revision, status=Status.FAILED, error=reason[:4000])
+
+
+def mark_live(deployment_id: int, revision: int) -> bool:
+    fields = {"status": Status.LIVE, "updated_at": timezone.now()}
+    return bool(
+        Deployment.objects.filter(pk=deployment_id, revision=revision, status=Status.LOADING).update(**fields)
+    )
+
+
+# ---------------------------------------------------------------- the inference server side
+
+
+def serving_specs() -> list[dict]:
+    """What the inference server should hold: every deployment that is loading or live."""
+    specs = []
+    queryset = Deployment.objects.filter(status__in=SERVED).select_related("version__base_model")
+    for d in queryset:
+        merged = bool(d.path)
+        spec = {
+            "id": d.pk,
+            "name": d.name,
+            "revision": d.revision,
+            "status": d.status,
+            "kind": "merged" if merged else "adapter",
+            "model_dir": d.path if merged else None,
+            "adapter_dir": None if merged else d.version.path,
+            "base_path": d.version.base_model.path,
+        }
+        spec["key"] = (d.pk, d.revision, spec["kind"], d.path or d.version.path)
+        specs.append(spec)
+    return specs
+
+
+def loading_stalled(deployment: Deployment) -> bool:
+    """Loading for longer than any small model takes: most likely no inference server is running."""
+    waited = (timezone.now() - deployment.updated_at).total_seconds()
+    return deployment.status == Status.LOADING and waited > LOADING_PATIENCE_SECONDS
+
+
+def internal_token() -> str:
+    """The shared secret between the web process and the inference server (both know SECRET_KEY)."""
+    return hmac.new(settings.SECRET_KEY.encode(), b"tunedeck-inference", hashlib.sha256).hexdigest()
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_commands(deployment: Deployment) -> dict:
+    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base."""
+    version = deployment.version
+    name = deployment.name
+    archive = f"{name}-merged.zip"
+    base_path = version.base_model.path
+    adapter_path = version.path
+    rank = int((version.plan or {}).get("rank") or 16)
+    max_lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
+    lora_like = version.method in ("lora", "qlora", "dpo") and deployment.details.get("peft_type", "LORA") in (
+        "LORA",
+        "",
+    )
+    merged = {
+        "unpack": f"unzip {archive} -d {name}",
+        "vllm": f"vllm serve ./{name} --served-model-name {name} --port 8000",
+        "tgi": (
+            f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/{name}:/data/{name} "
+            f"ghcr.io/huggingface/text-generation-inference:latest --model-id /data/{name}"
+        ),
+    }
+    adapter = {
+        "supported": lora_like,
+        "note": "" if lora_like else (
+            f"vLLM and TGI serve LoRA adapters only; a {version.method} adapter is served by Tunedeck's own "
+            "inference server (or merge it, where the method allows)."
+        ),
+        "vllm": (
+            f"vllm serve {base_path} --enable-lora --max-lora-rank {max_lora_rank} "
+            f"--lora-modules {name}={adapter_path} --port 8000"
+        ),
+        "tgi": (
+            f"docker run --gpus all --shm-size 1g -p 8080:80 -v {base_path}:/data/base -v {adapter_path}:/data/"
+            f"{name} -e LORA_ADAPTERS={name}=/data/{name} "
+            "ghcr.io/huggingface/text-generation-inference:latest --model-id /data/base"
+        ),
+    }
+    return {"merged": merged, "adapter": adapter, "archive": archive}

@@ -1,0 +1,145 @@
+"""Deployment pages: deploy from a version, the live list with stop and rollback, a deployment's page with its
+export commands, the chat playground and its streaming endpoint (session-authenticated, proxied to the
+inference server). Every lookup goes through the user's own objects, so another user's ids give 404."""
+import json
+from pathlib import Path
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from . import deploy
+from .api.deploy_views import export_problem, zip_response
+from .models import AdapterVersion, Deployment
+from .openai_views import OpenAIError, clean_messages, error_response, proxy
+from .services import InputError
+
+BIGINT = 2**63 - 1
+
+
+def _owned(model, user, pk, *related):
+    if pk > BIGINT:
+        raise Http404
+    return get_object_or_404(model.objects.owned_by(user).select_related(*related), pk=pk)
+
+
+def _deployment(user, pk):
+    return _owned(Deployment, user, pk, "version__line", "version__base_model")
+
+
+def _back(request, default):
+    target = request.POST.get("next") or ""
+    return redirect(target if target.startswith("/") and not target.startswith("//") else default)
+
+
+@login_required
+@require_POST
+def version_deploy(request, pk):
+    version = _owned(AdapterVersion, request.user, pk, "line", "base_model")
+    try:
+        deployment = deploy.deploy_version(
+            request.user, version, merge=request.POST.get("merge") == "on", name=request.POST.get("name", "")
+        )
+    except InputError as exc:
+        messages.error(request, str(exc))
+        return redirect("version-detail", pk=version.pk)
+    messages.info(request, f"Deploying {version.label} as {deployment.name}.")
+    return redirect("deployment-detail", pk=deployment.pk)
+
+
+@login_required
+def deployment_list(request):
+    deployments = Deployment.objects.owned_by(request.user).select_related("version__line", "version__base_model")
+    template = "jobs/_deployment_rows.html" if request.htmx else "jobs/deployments.html"
+    return render(request, template, {"deployments": deployments})
+
+
+@login_required
+def deployment_detail(request, pk):
+    deployment = _deployment(request.user, pk)
+    context = {
+        "deployment": deployment,
+        "previous": deploy.previous_version(deployment),
+        "endpoint": request.build_absolute_uri("/v1"),
+        "stalled": deploy.loading_stalled(deployment),
+    }
+    if request.htmx:
+        response = render(request, "jobs/_deployment_status.html", context)
+        if deployment.status not in (Deployment.Status.MERGING, Deployment.Status.LOADING):
+            # The status poll saw the work end: reload the whole page, whose export section depends on it.
+            response["HX-Refresh"] = "true"
+        return response
+    context.update(
+        commands=deploy.export_commands(deployment),
+        export_problem=export_problem(deployment),
+        details_json=json.dumps(deployment.details, indent=2, sort_keys=True),
+    )
+    return render(request, "jobs/deployment_detail.html", context)
+
+
+@login_required
+@require_POST
+def deployment_stop(request, pk):
+    deployment = deploy.stop(_deployment(request.user, pk))
+    messages.info(request, f"Stopped {deployment.name}.")
+    return _back(request, "deployments")
+
+
+@login_required
+@require_POST
+def deployment_rollback(request, pk):
+    deployment = _deployment(request.user, pk)
+    try:
+        deployment = deploy.rollback(deployment)
+        messages.info(request, f"Rolling {deployment.name} back to {deployment.version.label}.")
+    except InputError as exc:
+        messages.error(request, str(exc))
+    return _back(request, "deployments")
+
+
+@login_required
+def deployment_export(request, pk):
+    deployment = _deployment(request.user, pk)
+    problem = export_problem(deployment)
+    if problem:
+        raise Http404(problem[1])
+    return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")
+
+
+@login_required
+def playground(request, pk):
+    deployment = _deployment(request.user, pk)
+    live = (
+        Deployment.objects.owned_by(request.user)
+        .filter(status=Deployment.Status.LIVE)
+        .exclude(pk=deployment.pk)
+        .order_by("name")
+    )
+    return render(request, "jobs/playground.html", {"deployment": deployment, "live": live})
+
+
+@login_required
+@require_POST
+def playground_stream(request, pk):
+    """The playground's chat endpoint: the session user's live deployment, streamed as OpenAI chunks."""
+    deployment = _deployment(request.user, pk)
+    if deployment.status != Deployment.Status.LIVE:
+        return error_response(409, f"{deployment.name} is {deployment.status}, not live.", "not_live")
+    try:
+        body = json.loads(request.body or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError
+    except ValueError:
+        return error_response(400, "Send a JSON object.", "invalid_json")
+    try:
+        payload = {"model": deployment.name, "messages": clean_messages(body.get("messages")), "stream": True}
+    except OpenAIError as exc:
+        return exc.response()
+    for key, low, high in (("max_tokens", 1, 2048), ("temperature", 0, 2)):
+        value = body.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            payload[key] = int(value) if key == "max_tokens" else float(value)
+    return proxy("/v1/chat/completions", deployment.name, payload)
+

@@ -1,0 +1,346 @@
+"""Evaluation of adapter versions on a fixed prompt set, with the bare base model as a baseline.
+
+Web side (no torch): build a prompt set, record it as queued on each version, queue the Celery task.
+Worker side: `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
+
+Results live in AdapterVersion.metrics["evaluation"] (the training metrics next to it are never touched):
+
+    {"latest": set_id,                       # the newest non-ad-hoc set, shown by default
+     "sets": {set_id: {"name", "kind": "validation|custom|prompt", "status": "queued|running|done|failed",
+                       "prompts": [{"prompt", "messages"?, "reference"}], "max_new_tokens",
+                       "queued_at", "started_at", "finished_at", "error",
+                       "results": [{"output", "exact_match", "token_f1", "rouge_l"}],   # aligned with prompts
+                       "summary": {"exact_match", "token_f1", "rouge_l", "scored"},
+                       "baseline": {"base_model": {...}, "results": [...], "summary": {...}},
+                       "environment": {library versions of the worker}}}}
+
+A set's id is a hash of its prompts and generation length, so the same prompts give the same id on every
+version: that is what lines versions (and the baseline) up side by side.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timedelta
+
+from celery import shared_task
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_versions_task"]
+
+QUEUE = "gpu"
+VALIDATION_PROMPTS = 8
+MAX_PROMPTS = 50
+MAX_PROMPT_CHARS = 4000
+DEFAULT_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 512
+KEEP_SETS = 8  # per version, besides ad-hoc prompts
+KEEP_PROMPT_SETS = 12
+STALE_AFTER = timedelta(minutes=30)
+ACTIVE = ("queued", "running")
+
+
+class EvaluationInputError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ prompt sets
+
+
+def _clean_text(value, what) -> str:
+    if not isinstance(value, str):
+        raise EvaluationInputError(f"{what} must be text.")
+    value = value.strip()
+    if len(value) > MAX_PROMPT_CHARS:
+        raise EvaluationInputError(f"{what} is longer than {MAX_PROMPT_CHARS} characters.")
+    return value
+
+
+def clean_prompts(items) -> list[dict]:
+    """User prompts: strings, or {"prompt", "reference"?} objects. Raises EvaluationInputError."""
+    if not isinstance(items, list) or not items:
+        raise EvaluationInputError("prompts must be a non-empty list of strings or {prompt, reference} objects.")
+    if len(items) > MAX_PROMPTS:
+        raise EvaluationInputError(f"At most {MAX_PROMPTS} prompts at a time.")
+    prompts = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or "prompt" not in item:
+            raise EvaluationInputError(f"prompts[{i}] must be a string or an object with a 'prompt'.")
+        prompt = _clean_text(item["prompt"], f"prompts[{i}].prompt")
+        if not prompt:
+            raise EvaluationInputError(f"prompts[{i}] is empty.")
+        reference = item.get("reference")
+        reference = _clean_text(reference, f"prompts[{i}].reference") if reference not in (None, "") else None
+        prompts.append({"prompt": prompt, "reference": reference or None})
+    return prompts
+
+
+def parse_prompt_lines(text: str) -> list[dict]:
+    """The page's textarea: one prompt per line, optionally 'prompt ||| reference answer'."""
+    items = []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        prompt, _, reference = line.partition("|||")
+        items.append({"prompt": prompt.strip(), "reference": reference.strip() or None})
+    return clean_prompts(items)
+
+
+def validation_prompts(version, limit: int = VALIDATION_PROMPTS) -> list[dict]:
+    """The first prompts of the version's validation split, with the held-out answers as references; without a
+    split, the prompts the training run generated for."""
+    from finetune.data import iter_examples
+
+    prompts = []
+    path = version.dataset.validation_path if version.dataset_id else ""
+    if path:
+        try:
+            for example in iter_examples(path):
+                if len(prompts) >= limit:
+                    break
+                if "messages" in example:
+                    messages = example["messages"]
+                    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+                    if not answers:
+                        continue
+                    last = answers[-1]
+                    context, reference = messages[:last], messages[last].get("content")
+                elif "chosen" in example:
+                    context, reference = list(example.get("prompt") or []), example.get("chosen")
+                else:
+                    continue
+                users = [m for m in context if m.get("role") == "user"]
+                if not users:
+                    continue
+                item = {"prompt": users[-1]["content"], "reference": reference}
+                if len(context) > 1:
+                    item["messages"] = [{"role": m["role"], "content": m["content"]} for m in context]
+                prompts.append(item)
+        except (OSError, ValueError) as exc:
+            log.warning("could not read the validation split of version %s: %s", version.pk, exc)
+    if not prompts:
+        for gen in version.generations or []:
+            if isinstance(gen.get("prompt"), str) and gen["prompt"].strip():
+                prompts.append({"prompt": gen["prompt"], "reference": gen.get("reference")})
+            if len(prompts) >= limit:
+                break
+    if not prompts:
+        raise EvaluationInputError(
+            f"{version.label} has no validation prompts (its dataset has no validation split); give your own prompts."
+        )
+    return prompts
+
+
+def set_id_for(prompts: list[dict], max_new_tokens: int) -> str:
+    key = json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def clean_new_tokens(value, default=DEFAULT_NEW_TOKENS) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise EvaluationInputError("max_new_tokens must be a whole number.") from None
+    if not 1 <= value <= MAX_NEW_TOKENS:
+        raise EvaluationInputError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}.")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def evaluation_of(version) -> dict:
+    ev = (version.metrics or {}).get("evaluation")
+    if not isinstance(ev, dict):
+        return {"latest": None, "sets": {}}
+    ev.setdefault("sets", {})
+    ev.setdefault("latest", None)
+    return ev
+
+
+def entry_of(version, set_id) -> dict | None:
+    if not set_id:
+        return None
+    return evaluation_of(version)["sets"].get(set_id)
+
+
+def is_active(entry) -> bool:
+    return bool(entry) and entry.get("status") in ACTIVE
+
+
+def _now() -> str:
+    return timezone.now().isoformat()
+
+
+def _is_stale(entry) -> bool:
+    try:
+        queued = datetime.fromisoformat(entry.get("started_at") or entry.get("queued_at"))
+    except (TypeError, ValueError):
+        return True
+    return timezone.now() - queued > STALE_AFTER
+
+
+# ------------------------------------------------------------------------------------------------ queueing
+
+
+def _prune(sets: dict, keep_id: str):
+    def when(item):
+        return item[1].get("queued_at") or ""
+
+    for kind, keep in (("prompt", KEEP_PROMPT_SETS), (None, KEEP_SETS)):
+        group = [(k, v) for k, v in sets.items() if (v.get("kind") == "prompt") == (kind == "prompt")]
+        for key, _ in sorted(group, key=when)[: max(0, len(group) - keep)]:
+            if key != keep_id:
+                sets.pop(key, None)
+
+
+def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "custom",
+                     max_new_tokens: int = DEFAULT_NEW_TOKENS, force: bool = False) -> str:
+    """Records the set as queued on every version that lacks fresh results for it and queues one task for
+    them. Returns the set id. Versions already done (or on their way) are left alone unless force."""
+    from .models import AdapterVersion
+
+    set_id = set_id_for(prompts, max_new_tokens)
+    ids = sorted({v.pk for v in versions})
+    to_run = []
+    with transaction.atomic():
+        locked = list(AdapterVersion.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
+        baselines = {}
+        for version in locked:
+            entry = entry_of(version, set_id)
+            baseline = (entry or {}).get("baseline")
+            if baseline and "error" not in baseline and entry.get("status") == "done":
+                baselines.setdefault(version.base_model_id, baseline)
+        for version in locked:
+            metrics = dict(version.metrics or {})
+            ev = evaluation_of(version)
+            entry = ev["sets"].get(set_id)
+            fresh = entry and (entry.get("status") == "done" or (is_active(entry) and not _is_stale(entry)))
+            if fresh and not force:
+                if kind != "prompt" and ev.get("latest") != set_id:
+                    ev["latest"] = set_id
+                    version.metrics = {**metrics, "evaluation": ev}
+                    version.save(update_fields=["metrics"])
+                continue
+            new_entry = {
+                "name": name,
+                "kind": kind,
+                "status": "queued",
+                "prompts": prompts,
+                "max_new_tokens": max_new_tokens,
+                "queued_at": _now(),
+            }
+            if not force and version.base_model_id in baselines:
+                new_entry["baseline"] = baselines[version.base_model_id]
+            ev["sets"][set_id] = new_entry
+            if kind != "prompt":
+                ev["latest"] = set_id
+            _prune(ev["sets"], set_id)
+            version.metrics = {**metrics, "evaluation": ev}
+            version.save(update_fields=["metrics"])
+            to_run.append(version.pk)
+        if to_run:
+            transaction.on_commit(lambda: enqueue_evaluation(to_run, set_id))
+    return set_id
+
+
+def enqueue_evaluation(version_ids: list[int], set_id: str):
+    evaluate_versions_task.apply_async(args=(list(version_ids), set_id), queue=QUEUE)
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+
+def _update_entry(version_id: int, set_id: str, mutate):
+    """Read-modify-write of one set entry under a row lock; other keys of metrics are preserved."""
+    from .models import AdapterVersion
+
+    with transaction.atomic():
+        version = AdapterVersion.objects.select_for_update().filter(pk=version_id).first()
+        if version is None:
+            return None
+        metrics = dict(version.metrics or {})
+        ev = evaluation_of(version)
+        entry = ev["sets"].get(set_id)
+        if entry is None:
+            return None
+        mutate(entry)
+        version.metrics = {**metrics, "evaluation": ev}
+        version.save(update_fields=["metrics"])
+        return entry
+
+
+def run_evaluation(version_ids: list[int], set_id: str) -> dict:
+    """Evaluates the given versions on the set recorded on them, plus the base model once per base where no
+    baseline is stored yet. Returns {version_id: status}."""
+    from finetune.evaluate import evaluate_adapters, library_versions
+
+    from .models import AdapterVersion
+
+    versions = [v for v in AdapterVersion.objects.select_related("base_model", "line").filter(pk__in=version_ids)
+                if entry_of(v, set_id) is not None]
+    environment = library_versions()
+    started = _now()
+    for v in versions:
+        _update_entry(v.pk, set_id, lambda e: e.update(status="running", started_at=started, error="",
+                                                      environment=environment))
+    statuses = {}
+    by_base: dict[int, list] = {}
+    for v in sorted(versions, key=lambda v: v.pk):
+        by_base.setdefault(v.base_model_id, []).append(v)
+    for group in by_base.values():
+        base = group[0].base_model
+        first = entry_of(group[0], set_id)
+        prompts, new_tokens = first["prompts"], int(first.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
+        stored_baseline = next((entry_of(v, set_id).get("baseline") for v in group
+                                if entry_of(v, set_id).get("baseline")), None)
+        targets = ([] if stored_baseline else [None]) + [v.path for v in group]
+        owners = ([] if stored_baseline else [None]) + group
+        base_info = {"id": base.pk, "name": base.name, "sha256": base.sha256}
+
+        def write(index, outcome, owners=owners, group=group, base_info=base_info):
+            owner = owners[index]
+            finished = _now()
+            if owner is None:
+                baseline = {"base_model": base_info, **outcome}
+                for v in group:
+                    _update_entry(v.pk, set_id, lambda e: e.update(baseline=baseline))
+                return
+            if "error" in outcome:
+                fields = {"status": "failed", "error": outcome["error"], "finished_at": finished,
+                          "seconds": outcome.get("seconds")}
+            else:
+                fields = {"status": "done", "results": outcome["results"], "summary": outcome["summary"],
+                          "finished_at": finished, "seconds": outcome.get("seconds"), "error": ""}
+            _update_entry(owner.pk, set_id, lambda e: e.update(**fields))
+            statuses[owner.pk] = fields["status"]
+
+        if stored_baseline:
+            for v in group:
+                _update_entry(v.pk, set_id, lambda e: e.setdefault("baseline", stored_baseline))
+        try:
+            evaluate_adapters(base.path, targets, prompts, max_new_tokens=new_tokens,
+                              trust_remote_code=base.trust_remote_code, on_result=write)
+        except Exception as exc:  # noqa: BLE001 - a crash must leave failed entries, never stuck "running" ones
+            log.exception("evaluation %s crashed", set_id)
+            message = f"{type(exc).__name__}: {exc}"
+            for v in group:
+                if v.pk not in statuses:
+                    _update_entry(v.pk, set_id, lambda e: e.update(status="failed", error=message,
+                                                                  finished_at=_now()))
+                    statuses[v.pk] = "failed"
+    return statuses
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def evaluate_versions_task(version_ids: list[int], set_id: str):
+    close_old_connections()
+    run_evaluation(version_ids, set_id)
