@@ -273,7 +273,8 @@ def _spill_to_disk(stream, head: bytes, stack: ExitStack) -> Path:
 # ------------------------------------------------------------------------------------------------ record readers
 
 
-def _binary_lines(stream) -> Iterator[bytes]:
+def _lines(stream) -> Iterator:
+    """Lines of a binary or text stream, each bounded, so a file without line breaks cannot exhaust memory."""
     number = 0
     while True:
         line = stream.readline(MAX_ROW_BYTES + 1)
@@ -287,7 +288,7 @@ def _binary_lines(stream) -> Iterator[bytes]:
 
 
 def _jsonl_records(stream) -> Iterator[tuple[int, object]]:
-    for number, line in enumerate(_binary_lines(stream), start=1):
+    for number, line in enumerate(_lines(stream), start=1):
         if number == 1 and line.startswith(BOM):
             line = line[len(BOM):]
         if not line.strip():
@@ -408,25 +409,12 @@ def _json_array_records(stream) -> Iterator[tuple[int, object]]:
         raise DatasetError("The file has more content after the JSON array's closing ']'.")
 
 
-def _text_lines(text_stream) -> Iterator[str]:
-    number = 0
-    while True:
-        line = text_stream.readline(MAX_ROW_BYTES + 1)
-        if not line:
-            return
-        number += 1
-        if len(line) > MAX_ROW_BYTES:
-            raise DatasetError(f"Line {number} is longer than {_human_bytes(MAX_ROW_BYTES)}; rows that long are "
-                               "not supported (is the file missing its line breaks?).")
-        yield line
-
-
 def _delimited_records(stream, delimiter: str, name: str):
     """Returns (header, records). Row numbers are the physical line where each record starts."""
     if csv.field_size_limit() < MAX_ROW_BYTES:
         csv.field_size_limit(MAX_ROW_BYTES)  # the default (128 KiB) refuses long but legitimate answers
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.reader(_text_lines(text), delimiter=delimiter)
+    reader = csv.reader(_lines(text), delimiter=delimiter)
     try:
         header = next(reader, None)
     except csv.Error as exc:

@@ -14,6 +14,24 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 sys.path.append(str(TESTS))  # after the project, so tests/finetune never shadows finetune/
 
+from helpers import wait_for  # noqa: E402  (re-exported: tests import it from conftest)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: skipped here (CI has none), run through the device tool on an H100."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -157,15 +175,3 @@ def celery_worker(django_db_setup, django_db_blocker, worker_log_dir):
     stop_worker(proc)
 
 
-def wait_for(predicate, timeout=240, interval=0.5, what="condition", log_proc=None):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    tail = ""
-    if log_proc is not None:
-        tail = "\nworker log:\n" + Path(log_proc.log_path).read_text()[-4000:]
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r}){tail}")

@@ -263,43 +263,35 @@ def run_python(code: str, env, timeout=300):
 
 def start_web_server(port, env, log_path):
     """`manage.py runserver` (threaded, no autoreload) as a separate web process."""
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_path = log_path
-    import requests
-
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"web server exited:\n{Path(log_path).read_text()[-3000:]}")
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(up, timeout=60, interval=0.3, what="web server")
-    return proc
+    return _start_http([sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
+                       port, env, log_path, "web server")
 
 
 def start_gunicorn(port, env, log_path, workers=2, threads=8):
     """The production WSGI server: a bounded pool of threads, hence of database connections."""
-    log = open(log_path, "ab")
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    proc = subprocess.Popen([gunicorn, "tunedeck.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(workers),
-                             "--threads", str(threads), "--timeout", "120"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_path = log_path
+    return _start_http([gunicorn, "tunedeck.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(workers),
+                        "--threads", str(threads), "--timeout", "120"], port, env, log_path, "gunicorn")
+
+
+def _start_http(command, port, env, log_path, what):
+    """Starts an HTTP server process and waits until its /healthz answers."""
     import requests
+
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.log_path = log_path
 
     def up():
         if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited:\n{Path(log_path).read_text()[-3000:]}")
+            raise AssertionError(f"{what} exited:\n{Path(log_path).read_text()[-3000:]}")
         try:
             return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
-    wait_for(up, timeout=60, interval=0.3, what="gunicorn")
+    wait_for(up, timeout=60, interval=0.3, what=what)
     return proc
 
 

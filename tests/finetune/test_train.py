@@ -208,14 +208,15 @@ def test_unknown_method_is_rejected(tiny_model_dir, chat_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_lora_few_steps(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_smollm2_lora_few_steps(tmp_path, method):
     path = os.environ.get("TUNEDECK_SMOLLM_DIR")
     if not path or not os.path.isdir(path):
         pytest.skip("TUNEDECK_SMOLLM_DIR not prepared (scripts/test.sh prepares it)")
     files = (write_jsonl(tmp_path / "t.jsonl", learnable_chat_rows(16)), write_jsonl(tmp_path / "e.jsonl",
                                                                                       learnable_chat_rows(4)))
     spec = TrainSpec.from_plan(
-        {"method": "lora", "rank": 8, "alpha": 16, "micro_batch": 4, "max_seq_len": 64, "learning_rate": 1e-3,
+        {"method": method, "rank": 8, "alpha": 16, "micro_batch": 4, "max_seq_len": 64, "learning_rate": 1e-3,
          "max_steps": 6, "max_eval_generations": 1, "max_new_tokens": 8, "target_modules": ["q_proj", "v_proj"]},
         base_model_path=path, train_file=str(files[0]), eval_file=str(files[1]),
         output_dir=str(tmp_path / "adapter"), checkpoint_dir=str(tmp_path / "ck"))
