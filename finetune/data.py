@@ -860,34 +860,29 @@ class _HashIndex:
         self._mask = capacity - 1
         self._size = 0
 
-    def add(self, key: int, row: int) -> int | None:
-        """Stores key -> row; returns the row stored earlier under the same key, if any."""
+    def _slot(self, key: int) -> int:
+        """The slot holding key, or the empty slot where it would go (0 marks an empty slot)."""
         keys, mask = self._keys, self._mask
         i = key & mask
-        while True:
-            found = keys[i]
-            if found == key:
-                return self._rows[i]
-            if found == 0:
-                break
+        while keys[i] != key and keys[i] != 0:
             i = (i + 1) & mask
-        keys[i] = key
+        return i
+
+    def add(self, key: int, row: int) -> int | None:
+        """Stores key -> row; returns the row stored earlier under the same key, if any."""
+        i = self._slot(key)
+        if self._keys[i] == key:
+            return self._rows[i]
+        self._keys[i] = key
         self._rows[i] = row
         self._size += 1
-        if self._size * 2 > mask:
+        if self._size * 2 > self._mask:
             self._grow()
         return None
 
     def get(self, key: int) -> int | None:
-        keys, mask = self._keys, self._mask
-        i = key & mask
-        while True:
-            found = keys[i]
-            if found == key:
-                return self._rows[i]
-            if found == 0:
-                return None
-            i = (i + 1) & mask
+        i = self._slot(key)
+        return self._rows[i] if self._keys[i] == key else None
 
     def _grow(self):
         old_keys, old_rows = self._keys, self._rows

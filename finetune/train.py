@@ -757,10 +757,14 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
             progress.update(last_eval)
             if last_eval:
                 on_event("evaluated", f"Step {state['step']}: eval loss {last_eval['eval_loss']:.4f}.", last_eval)
-        on_progress(progress)
         due_by_steps = ckpt_every and state["step"] % ckpt_every == 0
         due_by_time = time.monotonic() - last_ckpt_time >= spec.checkpoint_every_minutes * 60
-        if spec.checkpoint_dir and state["step"] < total_steps and (due_by_steps or due_by_time):
+        checkpoint_due = bool(spec.checkpoint_dir and state["step"] < total_steps and (due_by_steps or due_by_time))
+        # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
+        # right after the save must not leave a checkpoint ahead of the recorded metrics.
+        progress["checkpoint_due"] = checkpoint_due
+        on_progress(progress)
+        if checkpoint_due:
             path = ckpt.save(spec.checkpoint_dir, model, optimizer, state, spec.as_plan())
             last_ckpt_time = time.monotonic()
             on_event("checkpoint", f"Checkpoint saved at step {state['step']}.", {"path": str(path), **state})

@@ -151,7 +151,7 @@ class JobReporter:
                     memory_bytes=info.get("memory_bytes"),
                 )
             )
-        if time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
+        if info.get("checkpoint_due") or time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
             self.flush()
 
     def on_event(self, kind: str, message: str, data: dict | None = None):

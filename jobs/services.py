@@ -63,13 +63,20 @@ def register_base_model(user, name: str, path: str, *, shared=False, trust_remot
         owner=None if shared else user,
         name=name,
         path=str(Path(path).resolve()),
+        trust_remote_code=trust_remote_code,
+        **base_model_fields(info),
+    )
+
+
+def base_model_fields(info: dict) -> dict:
+    """The BaseModel fields read off a model folder by finetune.modelstore (inspect or import)."""
+    return dict(
         architecture=info.get("architecture", ""),
         model_type=info.get("model_type", ""),
         parameters=info.get("parameters", 0),
         config=info.get("config", {}),
         sha256=info.get("sha256", ""),
         has_chat_template=bool(info.get("has_chat_template")),
-        trust_remote_code=trust_remote_code,
     )
 
 

@@ -1,7 +1,6 @@
 """Shared fixtures: the tiny models, users, and a real Celery worker process that talks to the same PostgreSQL
 test database and Redis broker as the tests (session-wide, for tests/web, tests/browser and tests/reliability)."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 sys.path.append(str(TESTS))  # after the project, so tests/finetune never shadows finetune/
 
+import helpers  # noqa: E402
 from helpers import wait_for  # noqa: E402  (re-exported: tests import it from conftest)
 
 
@@ -85,39 +85,9 @@ def token_for():
     return issue
 
 
-def _database_url_for_test_db():
-    from django.db import connection
-
-    db = connection.settings_dict
-    if "postgresql" not in db["ENGINE"]:
-        pytest.fail(
-            "Worker tests need PostgreSQL: run them through scripts/test.sh, which sets DATABASE_URL "
-            "(a separate worker process cannot see an in-memory SQLite test database)."
-        )
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 def start_worker(name, log_path, queues="gpu,default", extra_env=None):
-    from django.conf import settings
-
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=_database_url_for_test_db(),
-        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
-        TUNEDECK_DATA_DIR=str(settings.DATA_DIR),
-        PYTHONUNBUFFERED="1",
-        **(extra_env or {}),
-    )
-    celery = str(Path(sys.executable).with_name("celery"))
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [celery, "-A", "tunedeck", "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
-         "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    proc.log_path = log_path
-    return proc
+    """The session's worker: both queues and the normal lease (the reliability tests use a fast one)."""
+    return helpers.start_worker(name, log_path, queues, lease={}, extra_env=extra_env)
 
 
 def wait_for_worker_row(name, proc, timeout=90):

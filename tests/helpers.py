@@ -43,11 +43,13 @@ def wait_for(predicate, timeout=240, interval=0.5, what="condition", log_proc=No
     raise AssertionError(f"timed out waiting for {what} (last: {last!r}){tail}")
 
 
-def test_database_url() -> str:
+def worker_database_url() -> str:
     from django.db import connection
 
     db = connection.settings_dict
-    assert "postgresql" in db["ENGINE"], "worker tests need PostgreSQL: run them through scripts/test.sh"
+    assert "postgresql" in db["ENGINE"], (
+        "worker tests need PostgreSQL: run them through scripts/test.sh, which sets DATABASE_URL "
+        "(a separate worker process cannot see an in-memory SQLite test database)")
     auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
@@ -57,17 +59,18 @@ def test_database_url() -> str:
 FAST_LEASE = {"TUNEDECK_HEARTBEAT_SECONDS": "1", "TUNEDECK_LEASE_SECONDS": "5"}
 
 
-def start_worker(name, log_path, queues="gpu", *, database_url=None, broker_url=None, extra_env=None):
+def start_worker(name, log_path, queues="gpu", *, database_url=None, broker_url=None, lease=FAST_LEASE,
+                 extra_env=None):
     """A real `celery worker` process (concurrency 1) in its own process group, so a test can SIGKILL all of it."""
     from django.conf import settings
 
     env = dict(os.environ)
     env.update(
-        DATABASE_URL=database_url or test_database_url(),
+        DATABASE_URL=database_url or worker_database_url(),
         CELERY_BROKER_URL=broker_url or settings.CELERY_BROKER_URL,
         TUNEDECK_DATA_DIR=str(settings.DATA_DIR),
         PYTHONUNBUFFERED="1",
-        **FAST_LEASE,
+        **lease,
     )
     env.update(extra_env or {})
     celery = str(Path(sys.executable).with_name("celery"))

@@ -14,7 +14,7 @@ from helpers import (
     start_gunicorn,
     start_worker,
     stop_worker,
-    test_database_url,
+    worker_database_url,
     django_env,
     wait_for,
     wait_for_worker_ready,
@@ -34,7 +34,7 @@ def test_fifty_users_browse_while_twenty_queued_jobs_run_in_order_once(tmp_path,
     worker = start_worker("load", tmp_path / "worker.log", broker_url=private_redis.url)
     workers.append(worker)
     port = free_port()
-    web = start_gunicorn(port, django_env(test_database_url(), private_redis.url), tmp_path / "web.log")
+    web = start_gunicorn(port, django_env(worker_database_url(), private_redis.url), tmp_path / "web.log")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_worker_ready(worker)

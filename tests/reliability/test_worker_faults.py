@@ -53,7 +53,7 @@ def test_sigkilled_worker_job_resumes_from_checkpoint_on_another_worker(
     assert len(runs(job.pk)) == 1
     checkpoint_step = events(job.pk, "checkpoint")[-1].data["step"]
     kill_worker(victim)
-    killed_at = job_state(job.pk).step
+    killed_at = job_state(job.pk).step  # progress is written before each checkpoint: no checkpoint is past this
     assert job_state(job.pk).status == JobStatus.RUNNING  # nobody noticed yet: the lease still looks fresh
 
     final = wait_for(lambda: (j := job_state(job.pk)).status not in ("queued", "running") and j, timeout=900,

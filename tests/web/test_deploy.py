@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, _database_url_for_test_db, wait_for
+from helpers import worker_database_url
+from tests.conftest import ROOT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -110,7 +111,7 @@ def inference_server(django_db_setup, django_db_blocker, tmp_path_factory):
     from django.conf import settings
 
     with django_db_blocker.unblock():
-        database_url = _database_url_for_test_db()
+        database_url = worker_database_url()
     port = _free_port()
     log_path = tmp_path_factory.mktemp("inference-logs") / "inference.log"
     env = dict(os.environ, DATABASE_URL=database_url, CELERY_BROKER_URL=settings.CELERY_BROKER_URL,

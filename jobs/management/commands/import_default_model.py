@@ -4,6 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 from finetune.errors import TunedeckError
 
 from ...models import BaseModel
+from ...services import base_model_fields
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
@@ -22,15 +23,6 @@ class Command(BaseCommand):
         model, created = BaseModel.objects.update_or_create(
             is_default=True,
             owner=None,
-            defaults=dict(
-                name=DEFAULT_NAME,
-                path=str(dest),
-                architecture=info.get("architecture", ""),
-                model_type=info.get("model_type", ""),
-                parameters=info.get("parameters", 0),
-                config=info.get("config", {}),
-                sha256=info.get("sha256", ""),
-                has_chat_template=bool(info.get("has_chat_template")),
-            ),
+            defaults=dict(name=DEFAULT_NAME, path=str(dest), **base_model_fields(info)),
         )
         self.stdout.write(f"{'Registered' if created else 'Up to date:'} {model.name} at {dest}")
