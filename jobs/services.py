@@ -102,14 +102,20 @@ def _store_upload(uploaded, dest_dir: Path) -> tuple[str, int, Path]:
     return digest.hexdigest(), size, Path(tmp)
 
 
+def _json_value(value, field: str):
+    """Forms send JSON text; the API sends the object itself."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{field} is not valid JSON: {exc.msg}.", field=field) from exc
+
+
 def _clean_column_map(column_map) -> dict:
     if column_map in (None, "", {}):
         return {}
-    if isinstance(column_map, str):
-        try:
-            column_map = json.loads(column_map)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"column_map is not valid JSON: {exc.msg}.", field="column_map") from exc
+    column_map = _json_value(column_map, "column_map")
     if not isinstance(column_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()
     ):
@@ -404,11 +410,7 @@ POSITIVE = {"rank", "micro_batch", "grad_accum", "max_seq_len", "epochs", "max_s
 def clean_overrides(overrides) -> dict:
     if overrides in (None, ""):
         return {}
-    if isinstance(overrides, str):
-        try:
-            overrides = json.loads(overrides)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"overrides is not valid JSON: {exc.msg}.", field="overrides") from exc
+    overrides = _json_value(overrides, "overrides")
     if not isinstance(overrides, dict):
         raise InputError("overrides must be an object of plan fields.", field="overrides")
     clean = {}
