@@ -70,9 +70,9 @@ def token_loss_sum(model, ids, labels, mask, position_ids=None):
     body, weight = parts
     hidden = body(**_inputs(ids, mask, position_ids)).last_hidden_state
     targets = labels[:, 1:]
-    keep = targets != IGNORE
+    keep = (targets != IGNORE).nonzero(as_tuple=True)  # one device sync for the index, the count and the gather
     picked = hidden[:, :-1][keep]
-    count = int(keep.sum())
+    count = picked.shape[0]
     if count == 0:
         return picked.sum() * 0.0, 0
     return linear_cross_entropy(picked, weight, targets[keep]), count

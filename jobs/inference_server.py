@@ -27,11 +27,12 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from django.db import close_old_connections, connections
+from django.db import connections
 
 from finetune.errors import TunedeckError
 
 from . import deploy
+from .periodic import run_every
 
 log = logging.getLogger("tunedeck.inference")
 
@@ -61,14 +62,7 @@ class InferenceService:
         self._stopped.set()
 
     def _poll(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                self.sync()
-            except Exception as exc:  # noqa: BLE001 - the database may be restarting; try again next second
-                log.warning("syncing deployments failed: %s", exc)
-            finally:
-                close_old_connections()
-            self._stopped.wait(self.poll_seconds)
+        run_every(self.poll_seconds, self.sync, self._stopped, "syncing deployments", log=log)
 
     def sync(self) -> None:
         with self._sync_lock:

@@ -12,6 +12,7 @@ import logging
 
 import requests
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
@@ -138,7 +139,13 @@ def completions(request):
 
 def _body(request) -> dict:
     try:
-        body = json.loads(request.body or b"")
+        raw = request.body
+    except RequestDataTooBig:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 2**20
+        raise OpenAIError(413, f"The request body is larger than the {limit} MiB this server accepts.",
+                          "request_too_large") from None
+    try:
+        body = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError):
         raise OpenAIError(400, "We could not parse the JSON body of your request.", "invalid_json") from None
     if not isinstance(body, dict):

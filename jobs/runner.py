@@ -21,6 +21,7 @@ from django.utils import timezone
 from finetune.errors import TunedeckError
 
 from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
+from .periodic import run_every
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +233,11 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self):
-        while not self.stopped.wait(settings.WORKER_HEARTBEAT_SECONDS / 2):
-            try:
-                FineTuneJob.objects.filter(pk=self.job_id, lease_token=self.token).update(heartbeat_at=timezone.now())
-            except Exception as exc:  # noqa: BLE001 - a database restart must not kill training
-                log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
-            finally:
-                close_old_connections()
+        run_every(settings.WORKER_HEARTBEAT_SECONDS / 2, self._touch, self.stopped,
+                  f"heartbeat for job {self.job_id}", wait_first=True, log=log)
+
+    def _touch(self):
+        FineTuneJob.objects.filter(pk=self.job_id, lease_token=self.token).update(heartbeat_at=timezone.now())
 
     def stop(self):
         self.stopped.set()

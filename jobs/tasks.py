@@ -9,6 +9,8 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from .periodic import run_every
+
 log = logging.getLogger(__name__)
 
 
@@ -49,15 +51,7 @@ class WorkerHeartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self):
-        while True:
-            try:
-                self.beat()
-            except Exception as exc:  # noqa: BLE001 - the database may be restarting; try again next beat
-                log.warning("worker heartbeat failed: %s", exc)
-            finally:
-                close_old_connections()
-            if self.stopped.wait(settings.WORKER_HEARTBEAT_SECONDS):
-                return
+        run_every(settings.WORKER_HEARTBEAT_SECONDS, self.beat, self.stopped, "worker heartbeat", log=log)
 
     def beat(self):
         from autotune import probe

@@ -638,9 +638,10 @@ def compare_page(request):
     versions.sort(key=lambda v: (v.line.name, v.version))  # v1 left of v2, whatever order they were ticked in
     if not request.GET.get("set"):
         _start_validation_evaluation(versions)
-    data = compare_versions(versions, request.GET.get("set") or None)
+    polling_evaluation = bool(request.htmx and request.GET.get("part") == "evaluation")
+    data = compare_versions(versions, request.GET.get("set") or None, curves=not polling_evaluation)
     ids = ",".join(str(v.pk) for v in versions)
-    if request.htmx and request.GET.get("part") == "evaluation":
+    if polling_evaluation:
         return render(request, "jobs/_compare_evaluation.html", {"data": data, "ids": ids, "versions": versions})
     curves = [_curve_json(v["label"], v["curve"]) for v in data["versions"]]
     return render(request, "jobs/compare.html", {

@@ -77,6 +77,19 @@ def test_inference_rate_limit(user, token_for, settings):
     assert all(c != 429 for c in codes[:3]) and codes[3:] == [429, 429], codes
 
 
+def test_bad_inference_bodies_get_openai_style_errors(user, token_for, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2**20
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        for body, status, code in [("{not json", 400, "invalid_json"), ("[1, 2]", 400, "invalid_json"),
+                                   ('{"prompt": "' + "x" * (2**20 + 10) + '"}', 413, "request_too_large")]:
+            response = api.post(path, body, content_type="application/json")
+            assert response.status_code == status, (path, body[:20], response.content[:200])
+            error = response.json()["error"]
+            assert error["code"] == code and error["message"], error
+    assert "1 MiB" in error["message"]
+
+
 def test_upload_size_limit_while_streaming(user, token_for, settings):
     settings.MAX_UPLOAD_BYTES = 100_000
     api = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")

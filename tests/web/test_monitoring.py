@@ -173,7 +173,7 @@ def test_workers_page_marks_silent_workers(client, user, other_user, base_model,
     assert "silent" in gone and "another user" in gone and "line-1" not in gone
 
 
-def test_metrics_downsampled_fast_with_100k_points(client, user, base_model):
+def test_metrics_downsampled_with_100k_points_in_few_queries(client, user, base_model):
     job = make_jobs(user, base_model, make_dataset(user), 2)[1]
     MetricPoint.objects.filter(job=job).delete()
     n = 100_000
@@ -182,15 +182,12 @@ def test_metrics_downsampled_fast_with_100k_points(client, user, base_model):
             "INSERT INTO jobs_metricpoint (job_id, step, train_loss, eval_loss, learning_rate, memory_bytes, created_at)"
             " SELECT %s, s, 1.0 + 1.0 / s, CASE WHEN s %% 1000 = 0 THEN 2.0 ELSE NULL END, 1e-3, 1000, now()"
             " FROM generate_series(1, %s) AS s", [job.pk, n])
-    started = time.perf_counter()
     points = downsampled_points(job, 500)
-    seconds = time.perf_counter() - started
     assert 250 <= len(points) <= 500 and points[-1]["step"] == n
     assert [p["step"] for p in points] == sorted(p["step"] for p in points)
     first_bucket = -(-n // 500)  # 200 steps per bucket: the mean of 1 + 1/s over s = 1..200
     assert points[0]["train_loss"] == pytest.approx(1 + sum(1 / s for s in range(1, first_bucket + 1)) / first_bucket)
     assert sum(1 for p in points if p["eval_loss"] is not None) == n // 1000, "sparse series stay sparse"
-    assert seconds < 2.0, f"downsampling 100k points took {seconds:.2f}s"
     client.force_login(user)
     with CaptureQueriesContext(connection) as ctx:
         data = client.get(f"/jobs/{job.pk}/metrics.json?max_points=200").json()
@@ -198,9 +195,7 @@ def test_metrics_downsampled_fast_with_100k_points(client, user, base_model):
     assert data["count"] <= 200 and len(data["series"]["step"]) == data["count"]
     assert data["plan_memory_bytes"] == PLAN["memory"]["total_bytes"]
     assert client.get(f"/jobs/{job.pk}/metrics.json?max_points=x").status_code == 400
-    page_started = time.perf_counter()
-    assert client.get(f"/jobs/{job.pk}/").status_code == 200
-    assert time.perf_counter() - page_started < 2.0
+    assert client.get(f"/jobs/{job.pk}/").status_code == 200  # timings: bench/page_latency.py
 
 
 def test_small_series_are_returned_whole():
