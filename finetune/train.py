@@ -44,6 +44,11 @@ class TrainSpec:
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.03
+    lr_schedule: str = "constant"  # constant, or cosine down to min_lr_ratio of the peak; both after the warmup
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    length_group_window: int = 64  # micro-batches per length-sorting window; 0 or 1: plain shuffle
+    length_group_min_windows: int = 16  # ... but at least this many windows per epoch (1: small data fully sorted)
     weight_decay: float = 0.0
     seed: int = 42
     device: str = "auto"
@@ -187,13 +192,19 @@ def packing_isolates_examples(model, device) -> bool:
         model.train(was_training)
 
 
-def batch_order(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
-    """Micro-batches of similar length (little padding), in a shuffled order that depends only on seed+epoch."""
+def batch_order(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[int],
+                window_batches: int = 64, min_windows: int = 16) -> list[list[int]]:
+    """Micro-batches of similar length (little padding), in a shuffled order that depends only on seed+epoch.
+
+    Rows are shuffled, then sorted by length within windows of `window_batches` micro-batches, but never fewer
+    than `min_windows` windows per epoch: sorting a whole small dataset into one length order makes every
+    micro-batch a run of near-identical rows (in templated data often one class or one phrasing), and that was
+    measured to cost held-out accuracy (bench/train_quality.py). Below 2 micro-batches a window is a plain shuffle.
+    """
     rng = random.Random(seed * 1_000_003 + epoch)
     indices = list(range(n))
     rng.shuffle(indices)
-    # Sort within windows of 64 micro-batches: padding falls, while the order stays random at a coarse scale.
-    window = micro_batch * 64
+    window = micro_batch * length_window_batches(n, micro_batch, window_batches, min_windows)
     ordered = []
     for start in range(0, n, window):
         chunk = sorted(indices[start : start + window], key=lambda i: lengths[i])
@@ -201,6 +212,14 @@ def batch_order(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[i
     batches = [ordered[i : i + micro_batch] for i in range(0, n, micro_batch)]
     rng.shuffle(batches)
     return batches
+
+
+def length_window_batches(n: int, micro_batch: int, window_batches: int, min_windows: int = 16) -> int:
+    """Micro-batches per length-sorting window: at most window_batches, and small enough for min_windows windows
+    per epoch; 1 (no sorting across rows) when that leaves less than 2."""
+    cap = max(1, math.ceil(n / micro_batch) // max(1, min_windows))
+    size = min(max(1, window_batches), cap)
+    return size if size >= 2 else 1
 
 
 def collate(rows: list[dict], pad_id: int, device):
@@ -251,6 +270,8 @@ def load_for_training(spec: TrainSpec):
     # Lean QLoRA: no prepare_model_for_kbit_training. It upcasts every non-quantised weight to fp32 and was
     # measured 2.2-2.9x slower than NF4 weights with bf16 compute; the LoRA weights follow the compute dtype.
     model.config.use_cache = False
+    if spec.plan.get("fused_cross_entropy") is False:
+        fastloss.use_full_logits(model)
     spec.plan["kernels"] = apply_fused_kernels(model, spec)
     if spec.gradient_checkpointing and spec.method not in ("prefix",):
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads() is needed.
@@ -556,11 +577,13 @@ def _gib(n) -> str:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+def _lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "cosine", floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _noop(*args, **kwargs):
@@ -686,7 +709,8 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
     step_start_state = dict(state)
 
     def order_for(epoch):
-        return batch_order(len(train_rows), spec.micro_batch, spec.seed, epoch, lengths)
+        return batch_order(len(train_rows), spec.micro_batch, spec.seed, epoch, lengths, spec.length_group_window,
+                           spec.length_group_min_windows)
 
     order = order_for(state["epoch"])
     initial_eval = {}
@@ -729,8 +753,8 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
         if cancelled:
             state = dict(step_start_state)
             break
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        lr = _lr_at(state["step"], total_steps, warmup, spec.learning_rate)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or math.inf))
+        lr = _lr_at(state["step"], total_steps, warmup, spec.learning_rate, spec.lr_schedule, spec.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
