@@ -60,6 +60,9 @@ class TrainSpec:
     packing: bool = False
     completion_only: bool = True
     eval_every_steps: int | None = None
+    # Evaluations in a row without a new best validation loss before training stops (0: train to the end). The
+    # adapter saved is always the best evaluation's, not the last step's.
+    early_stopping_patience: int = 3
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float = 10.0
     max_eval_generations: int = 4
@@ -735,6 +738,8 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
             run.state = step_start
             return finish_cancelled(run, on_event)
         report_step(run, outcome, clock, on_progress, on_event)
+        if clock.get("stopped_early"):
+            break
     run.guard.check_weights_moved()
     return finish_run(run, clock, initial_eval, oom_recoveries)
 
@@ -922,13 +927,13 @@ def report_step(run: Run, outcome: dict, clock: dict, on_progress, on_event) -> 
         "memory_bytes": _memory_bytes(run.device),
     }
     progress.update({k: v for k, v in outcome["info"].items() if isinstance(v, float)})
-    eval_every = spec.eval_every_steps or max(1, run.total_steps // 4)
-    if state["step"] % eval_every == 0 or state["step"] == run.total_steps:
+    if state["step"] % _eval_every(run) == 0 or state["step"] == run.total_steps:
         clock["last_eval"] = evaluate(run.model, run.eval_rows, spec, run.pad_id)
         progress.update(clock["last_eval"])
         if clock["last_eval"]:
             on_event("evaluated", f"Step {state['step']}: eval loss {clock['last_eval']['eval_loss']:.4f}.",
                      clock["last_eval"])
+            track_best(run, clock, on_event)
     checkpoint_due = _checkpoint_due(run, clock)
     # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
     # right after the save must not leave a checkpoint ahead of the recorded metrics.
@@ -938,6 +943,48 @@ def report_step(run: Run, outcome: dict, clock: dict, on_progress, on_event) -> 
         path = ckpt.save(spec.checkpoint_dir, run.model, run.optimizer, state, spec.as_plan())
         clock["last_checkpoint"] = time.monotonic()
         on_event("checkpoint", f"Checkpoint saved at step {state['step']}.", {"path": str(path), **state})
+
+
+def _eval_every(run: Run) -> int:
+    """Steps between evaluations: as given, else 8 per run when early stopping watches them, else 4."""
+    if run.spec.eval_every_steps:
+        return run.spec.eval_every_steps
+    per_run = 8 if run.spec.early_stopping_patience and run.eval_rows else 4
+    return max(1, run.total_steps // per_run)
+
+
+def track_best(run: Run, clock: dict, on_event) -> None:
+    """Keeps a copy of the trainable weights at the best validation loss so far, and sets clock["stopped_early"]
+    once early_stopping_patience evaluations in a row brought no new best. The copy lives in memory (adapter
+    weights only); a run resumed from a checkpoint starts tracking afresh."""
+    loss = clock["last_eval"].get("eval_loss")
+    if loss is None or not math.isfinite(loss):
+        return
+    best = clock.get("best")
+    if best is None or loss < best["eval"]["eval_loss"]:
+        clock["best"] = {"step": run.state["step"], "eval": dict(clock["last_eval"]), "evals_since": 0,
+                         "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
+        return
+    best["evals_since"] += 1
+    patience = run.spec.early_stopping_patience
+    if patience and best["evals_since"] >= patience and run.state["step"] < run.total_steps:
+        clock["stopped_early"] = True
+        on_event("stopped_early", f"Stopped early at step {run.state['step']} of {run.total_steps}: no better "
+                 f"validation loss in {patience} evaluations; keeping step {best['step']} "
+                 f"(eval loss {best['eval']['eval_loss']:.4f}).",
+                 {"step": run.state["step"], "best_step": best["step"], "best_eval_loss": best["eval"]["eval_loss"]})
+
+
+def restore_best(run: Run, clock: dict) -> None:
+    """Puts the best evaluation's weights back into the model before it is saved (no-op when the last was best)."""
+    import torch
+
+    best = clock.get("best")
+    if not best or best["step"] == run.state["step"]:
+        return
+    with torch.no_grad():
+        for p, kept in zip(run.params, best["weights"]):
+            p.copy_(kept.to(p.device))
 
 
 def _checkpoint_due(run: Run, clock: dict) -> bool:
@@ -966,6 +1013,7 @@ def finish_run(run: Run, clock: dict, initial_eval: dict, oom_recoveries: int) -
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
+    restore_best(run, clock)
     save_adapter(run.model, spec.as_plan(), staging)
     generations = generate_samples(run.model, run.tokenizer, spec.eval_file, spec)
     metrics = _final_metrics(run, clock, initial_eval, oom_recoveries)
@@ -1009,6 +1057,14 @@ def _final_metrics(run: Run, clock: dict, initial_eval: dict, oom_recoveries: in
         metrics["fit_check"] = run.spec.plan["fit_check"]
     if initial_eval:
         metrics["initial_eval_loss"] = initial_eval["eval_loss"]
+    best = clock.get("best")
+    if best:
+        # The adapter holds the best evaluation's weights, so its scores are the ones reported.
+        metrics["last_eval_loss"] = clock["last_eval"].get("eval_loss")
+        metrics.update(best["eval"])
+        metrics["best_step"] = best["step"]
+        metrics["best_eval_loss"] = best["eval"]["eval_loss"]
+    metrics["stopped_early"] = bool(clock.get("stopped_early"))
     return metrics
 
 
