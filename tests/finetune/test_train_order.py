@@ -66,3 +66,18 @@ def test_cosine_schedule_decays_to_its_floor():
     assert _lr_at(4, 100, 4, 1.0, "cosine", 0.1) == pytest.approx(1.0)
     assert _lr_at(99, 100, 4, 1.0, "cosine", 0.1) == pytest.approx(0.1, abs=1e-3)
     assert _lr_at(99, 100, 4, 1.0, "cosine", 0.0) < 1e-3
+
+
+def test_a_plan_can_turn_the_fused_loss_off(tiny_model_dir, tmp_path):
+    from finetune import fastloss
+    from finetune.train import load_for_training
+    from tinymodel import learnable_chat_rows, write_jsonl
+
+    def loss_path(plan):
+        spec = TrainSpec.from_plan({"method": "lora", "rank": 4, "alpha": 8, **plan},
+                                   base_model_path=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+                                   train_file=str(write_jsonl(tmp_path / "t.jsonl", learnable_chat_rows(4))))
+        return fastloss.loss_path(load_for_training(spec)[0])
+
+    assert loss_path({}) == "fused-linear-cross-entropy"
+    assert loss_path({"fused_cross_entropy": False}) == "full-logits"
