@@ -2,9 +2,9 @@
 import random
 
 import pytest
+from tinymodel import write_jsonl
 
 from finetune.train import TrainSpec, evaluate, train
-from tinymodel import write_jsonl
 
 WORDS = ["cat", "dog", "red", "blue", "one", "two", "sky", "sea", "sun", "hat", "map", "cup"]
 

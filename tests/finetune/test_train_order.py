@@ -69,9 +69,10 @@ def test_cosine_schedule_decays_to_its_floor():
 
 
 def test_a_plan_can_turn_the_fused_loss_off(tiny_model_dir, tmp_path):
+    from tinymodel import learnable_chat_rows, write_jsonl
+
     from finetune import fastloss
     from finetune.train import load_for_training
-    from tinymodel import learnable_chat_rows, write_jsonl
 
     def loss_path(plan):
         spec = TrainSpec.from_plan({"method": "lora", "rank": 4, "alpha": 8, **plan},
