@@ -167,7 +167,7 @@ def _enqueue_on_commit(deployment: Deployment) -> None:
 
 
 def enqueue_deploy(deployment_id: int, revision: int) -> None:
-    from .deploy_tasks import deploy_version as task
+    from .tasks import deploy_version as task
 
     task.delay(deployment_id, revision)
 
@@ -392,3 +392,19 @@ def export_commands(deployment: Deployment) -> dict:
         ),
     }
     return {"merged": merged, "adapter": adapter, "archive": archive}
+
+
+def export_problem(deployment: Deployment):
+    """(code, message, http status) when the deployment has no merged model to download, else None."""
+    if not deployment.path:
+        if deployment.status in (Deployment.Status.MERGING, Deployment.Status.LOADING) and deployment.merge:
+            return "not_ready", "The merge has not finished yet; try again when the deployment is live.", 409
+        return (
+            "not_merged",
+            "This deployment serves the adapter unmerged, so there is no merged model to export; download the "
+            f"adapter instead (/api/v1/adapter-versions/{deployment.version_id}/download).",
+            409,
+        )
+    if not Path(deployment.path).is_dir():
+        return "gone", "The merged model files are missing on the server.", 410
+    return None

@@ -11,7 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from . import deploy
-from .api.deploy_views import export_problem, zip_response
+from .archives import zip_response
 from .models import AdapterVersion, Deployment
 from .openai_views import OpenAIError, clean_messages, error_response, proxy
 from .services import InputError
@@ -73,7 +73,7 @@ def deployment_detail(request, pk):
         return response
     context.update(
         commands=deploy.export_commands(deployment),
-        export_problem=export_problem(deployment),
+        export_problem=deploy.export_problem(deployment),
         details_json=json.dumps(deployment.details, indent=2, sort_keys=True),
     )
     return render(request, "jobs/deployment_detail.html", context)
@@ -102,7 +102,7 @@ def deployment_rollback(request, pk):
 @login_required
 def deployment_export(request, pk):
     deployment = _deployment(request.user, pk)
-    problem = export_problem(deployment)
+    problem = deploy.export_problem(deployment)
     if problem:
         raise Http404(problem[1])
     return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")

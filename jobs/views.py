@@ -17,9 +17,11 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import eval_tasks, services
+from . import evaluation as eval_tasks
+from . import services
+from .archives import zip_folder
 from .compare import compare_versions, prompt_run, version_curve
-from .eval_tasks import EvaluationInputError
+from .evaluation import EvaluationInputError
 from .metrics import DEFAULT_POINTS, as_series, downsampled_points, recent_points
 from .models import (
     METHODS,
@@ -34,6 +36,7 @@ from .models import (
     Worker,
 )
 from .services import SCHEMAS, InputError
+from .versions import VersionInUse, delete_version, set_champion
 
 MAX_ID = 2**63 - 1
 JOBS_PER_PAGE = 50
@@ -544,8 +547,6 @@ def _curve_for_chart(version):
 
 @login_required
 def version_download(request, pk):
-    from .api.views import zip_folder
-
     version = _owned(AdapterVersion, request.user, pk, select=["line"])
     folder = Path(version.path)
     if not folder.is_dir():
@@ -557,8 +558,6 @@ def version_download(request, pk):
 @login_required
 @require_POST
 def version_champion(request, pk):
-    from .api.version_views import set_champion
-
     version = _owned(AdapterVersion, request.user, pk, select=["line"])
     unset = request.POST.get("unset") == "1"
     set_champion(version, unset=unset)
@@ -569,8 +568,6 @@ def version_champion(request, pk):
 
 @login_required
 def version_delete(request, pk):
-    from .api.version_views import VersionInUse, delete_version
-
     version = _owned(AdapterVersion, request.user, pk, select=["line", "base_model", "dataset"])
     blocking = list(version.deployments.filter(ACTIVE_DEPLOYMENT))
     if request.method == "POST":

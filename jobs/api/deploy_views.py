@@ -2,10 +2,9 @@
 
 Every lookup starts from the requesting user's own objects, so another user's ids are 404.
 """
-import zipfile
 from pathlib import Path
 
-from django.http import Http404, StreamingHttpResponse
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
@@ -13,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .. import deploy
+from ..archives import zip_response
 from ..models import AdapterVersion, Deployment
 from ..services import InputError
 from .errors import error_response
@@ -100,72 +100,7 @@ class DeploymentExport(APIView):
     @extend_schema(responses={(200, "application/zip"): bytes})
     def get(self, request, pk):
         deployment = owned(Deployment, request.user, pk)
-        problem = export_problem(deployment)
+        problem = deploy.export_problem(deployment)
         if problem:
             return error_response(*problem)
         return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")
-
-
-def export_problem(deployment: Deployment):
-    """(code, message, http status) when the deployment has no merged model to download, else None."""
-    if not deployment.path:
-        if deployment.status in (Deployment.Status.MERGING, Deployment.Status.LOADING) and deployment.merge:
-            return "not_ready", "The merge has not finished yet; try again when the deployment is live.", 409
-        return (
-            "not_merged",
-            "This deployment serves the adapter unmerged, so there is no merged model to export; download the "
-            f"adapter instead (/api/v1/adapter-versions/{deployment.version_id}/download).",
-            409,
-        )
-    if not Path(deployment.path).is_dir():
-        return "gone", "The merged model files are missing on the server.", 410
-    return None
-
-
-class _Sink:
-    """A write-only file for zipfile that hands out what was written since the last call."""
-
-    def __init__(self):
-        self.parts: list[bytes] = []
-        self.offset = 0
-
-    def write(self, data):
-        self.parts.append(bytes(data))
-        self.offset += len(data)
-        return len(data)
-
-    def tell(self):
-        return self.offset
-
-    def seek(self, *args):  # zipfile then writes data descriptors instead of seeking back
-        raise OSError("not seekable")
-
-    def flush(self):
-        pass
-
-    def take(self) -> bytes:
-        data, self.parts = b"".join(self.parts), []
-        return data
-
-
-def stream_zip(folder: Path, chunk_bytes: int = 1 << 20):
-    """Yields a zip of `folder` piece by piece, never holding a whole (multi-GB) weight file in memory."""
-    sink = _Sink()
-    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for path in sorted(folder.rglob("*")):
-            if not path.is_file() or path.is_symlink():
-                continue
-            info = zipfile.ZipInfo.from_file(path, str(path.relative_to(folder)))
-            with path.open("rb") as source, archive.open(info, "w", force_zip64=True) as target:
-                while block := source.read(chunk_bytes):
-                    target.write(block)
-                    yield sink.take()
-            yield sink.take()
-    yield sink.take()
-
-
-def zip_response(folder: Path, filename: str) -> StreamingHttpResponse:
-    filename = filename.replace("/", "_").replace('"', "")
-    response = StreamingHttpResponse(stream_zip(folder), content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response

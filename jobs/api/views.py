@@ -1,8 +1,6 @@
 """REST API v1. Every query starts from the requesting user's own objects, so another user's ids are 404."""
-import io
 import logging
 import shutil
-import zipfile
 from pathlib import Path
 
 from django.conf import settings
@@ -29,6 +27,7 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from .. import services
+from ..archives import zip_folder
 from ..models import AdapterVersion, ApiToken, BaseModel, Dataset, Deployment, FineTuneJob, JobStatus, Worker
 from . import serializers as s
 from .errors import ErrorSerializer, error_response
@@ -389,16 +388,6 @@ class AdapterVersionDetail(SafeLookup, generics.RetrieveAPIView):
 
     def get_queryset(self):
         return AdapterVersion.objects.owned_by(self.request.user).select_related("line")
-
-
-def zip_folder(folder: Path) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                archive.write(path, path.relative_to(folder))
-    buffer.seek(0)
-    return buffer
 
 
 class AdapterVersionDownload(APIView):

@@ -1,7 +1,7 @@
 """Evaluation of adapter versions on a fixed prompt set, with the bare base model as a baseline.
 
 Web side (no torch): build a prompt set, record it as queued on each version, queue the Celery task.
-Worker side: `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
+Worker side (task jobs.tasks.evaluate_versions_task): `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
 
 Results live in AdapterVersion.metrics["evaluation"] (the training metrics next to it are never touched):
 
@@ -24,15 +24,11 @@ import json
 import logging
 from datetime import datetime, timedelta
 
-from celery import shared_task
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_versions_task"]
-
-QUEUE = "gpu"
 VALIDATION_PROMPTS = 8
 MAX_PROMPTS = 50
 MAX_PROMPT_CHARS = 4000
@@ -253,7 +249,9 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
 
 
 def enqueue_evaluation(version_ids: list[int], set_id: str):
-    evaluate_versions_task.apply_async(args=(list(version_ids), set_id), queue=QUEUE)
+    from .tasks import evaluate_versions_task
+
+    evaluate_versions_task.delay(list(version_ids), set_id)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -339,8 +337,3 @@ def run_evaluation(version_ids: list[int], set_id: str) -> dict:
                     statuses[v.pk] = "failed"
     return statuses
 
-
-@shared_task(acks_late=True, ignore_result=True)
-def evaluate_versions_task(version_ids: list[int], set_id: str):
-    close_old_connections()
-    run_evaluation(version_ids, set_id)
