@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from finetune.errors import TunedeckError
 
+from . import queue
 from .models import AdapterVersion, Deployment
 from .services import InputError
 
@@ -163,13 +164,7 @@ def _fresh_details(version: AdapterVersion, merge: bool, history: list, reason: 
 
 def _enqueue_on_commit(deployment: Deployment) -> None:
     pk, revision = deployment.pk, deployment.revision
-    transaction.on_commit(lambda: enqueue_deploy(pk, revision))
-
-
-def enqueue_deploy(deployment_id: int, revision: int) -> None:
-    from .tasks import deploy_version as task
-
-    task.delay(deployment_id, revision)
+    transaction.on_commit(lambda: queue.send_deploy(pk, revision))
 
 
 def stop(deployment: Deployment) -> Deployment:

@@ -27,6 +27,9 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from . import queue
+from .services import InputError
+
 log = logging.getLogger(__name__)
 
 VALIDATION_PROMPTS = 8
@@ -40,8 +43,9 @@ STALE_AFTER = timedelta(minutes=30)
 ACTIVE = ("queued", "running")
 
 
-class EvaluationInputError(ValueError):
-    pass
+class EvaluationInputError(InputError):
+    """Bad evaluation input (prompts, max_new_tokens, no validation prompts): an InputError like any other, so
+    pages and the API catch one type."""
 
 
 # ------------------------------------------------------------------------------------------------ prompt sets
@@ -77,15 +81,26 @@ def clean_prompts(items) -> list[dict]:
     return prompts
 
 
-def parse_prompt_lines(text: str) -> list[dict]:
-    """The page's textarea: one prompt per line, optionally 'prompt ||| reference answer'."""
+def prompt_lines(text: str) -> list[dict]:
+    """The page's textarea, not yet checked: one prompt per line, optionally 'prompt ||| reference answer'."""
     items = []
     for line in (text or "").splitlines():
         if not line.strip():
             continue
         prompt, _, reference = line.partition("|||")
         items.append({"prompt": prompt.strip(), "reference": reference.strip() or None})
-    return clean_prompts(items)
+    return items
+
+
+def choose_prompts(version, typed=None, *, typed_name="your prompts", one_typed_kind="custom"):
+    """The one answer to "the user's prompts or the validation set" for pages and API: returns (prompts, name,
+    kind). `typed` is what the user gave (the page's textarea through prompt_lines, or the API's list of strings
+    or {prompt, reference} objects); none given means the validation prompts of `version`'s dataset, with their
+    held-out answers as references. Raises EvaluationInputError."""
+    if typed in (None, []):
+        return validation_prompts(version), f"validation prompts of {version.dataset.name}", "validation"
+    prompts = clean_prompts(typed)
+    return prompts, typed_name, one_typed_kind if len(prompts) == 1 else "custom"
 
 
 def validation_prompts(version, limit: int = VALIDATION_PROMPTS) -> list[dict]:
@@ -244,14 +259,8 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
             version.save(update_fields=["metrics"])
             to_run.append(version.pk)
         if to_run:
-            transaction.on_commit(lambda: enqueue_evaluation(to_run, set_id))
+            transaction.on_commit(lambda: queue.send_evaluation(to_run, set_id))
     return set_id
-
-
-def enqueue_evaluation(version_ids: list[int], set_id: str):
-    from .tasks import evaluate_versions_task
-
-    evaluate_versions_task.delay(list(version_ids), set_id)
 
 
 # ------------------------------------------------------------------------------------------------ worker side

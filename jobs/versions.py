@@ -1,5 +1,5 @@
-"""Adapter version actions behind the pages and the REST API: mark the line's champion, delete (refused while
-deployed)."""
+"""Adapter versions behind the pages and the REST API: the one parser of version id lists, mark the line's
+champion, delete (refused while deployed)."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +10,48 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import ProtectedError
 
-from .models import AdapterLine, AdapterVersion, Deployment
+from .models import MAX_ID, AdapterLine, AdapterVersion, Deployment, ObjectNotFound
+from .services import InputError
 
 log = logging.getLogger(__name__)
 
 INACTIVE = [Deployment.Status.STOPPED, Deployment.Status.FAILED]
+MAX_VERSIONS = 4  # compared or evaluated side by side
+
+
+def parse_version_ids(raw, *, at_least=1, action="compare") -> list[int]:
+    """Version ids as pages and API send them: a JSON list, repeated query parameters, a comma-separated string
+    or one id. Unique, in the order given, at_least to MAX_VERSIONS of them; else InputError on the field ids."""
+    chunks = raw if isinstance(raw, (list, tuple)) else [raw]
+    ids = []
+    for chunk in chunks:
+        for part in chunk.split(",") if isinstance(chunk, str) else [chunk]:
+            if isinstance(part, str) and not part.strip():
+                continue
+            number = _version_id(part)
+            if number not in ids:
+                ids.append(number)
+    if not at_least <= len(ids) <= MAX_VERSIONS:
+        raise InputError(f"Choose {at_least} to {MAX_VERSIONS} versions to {action}.", field="ids")
+    return ids
+
+
+def _version_id(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise InputError("ids must be version ids, e.g. 3,5.", field="ids")
+    number = int(value)
+    if not 0 < number <= MAX_ID:
+        raise InputError("ids must be positive version ids.", field="ids")
+    return number
+
+
+def owned_versions(user, ids, *related) -> list[AdapterVersion]:
+    """The user's versions with these ids, in this order; ObjectNotFound names the first one missing."""
+    found = {v.pk: v for v in AdapterVersion.objects.owned_by(user).select_related(*related).filter(pk__in=ids)}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ObjectNotFound(f"No adapter version {missing[0]}.")
+    return [found[i] for i in ids]
 
 
 class VersionInUse(Exception):

@@ -4,8 +4,6 @@ Every lookup starts from the requesting user's own objects, so another user's id
 """
 from pathlib import Path
 
-from django.http import Http404
-from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
 from rest_framework.response import Response
@@ -18,7 +16,6 @@ from ..services import InputError
 from .errors import error_response
 from .serializers import DeploymentSerializer
 
-BIGINT = 2**63 - 1
 STATUS_FOR_CODE = {"not_found": 404, "gone": 410, "no_previous_version": 409, "name_taken": 409}
 
 
@@ -38,15 +35,6 @@ class DeployRequestSerializer(serializers.Serializer):
 DeployResponse = inline_serializer("DeployResponse", {"deployment": DeploymentSerializer()})
 
 
-def owned(model, user, pk, **select):
-    if pk > BIGINT:
-        raise Http404
-    queryset = model.objects.owned_by(user)
-    if select.get("related"):
-        queryset = queryset.select_related(*select["related"])
-    return get_object_or_404(queryset, pk=pk)
-
-
 def input_error(exc: InputError):
     details = {"field": exc.field} if exc.field else None
     return error_response(exc.code, str(exc), STATUS_FOR_CODE.get(exc.code, 400), details)
@@ -55,7 +43,7 @@ def input_error(exc: InputError):
 class VersionDeploy(APIView):
     @extend_schema(request=DeployRequestSerializer, responses={202: DeployResponse})
     def post(self, request, pk):
-        version = owned(AdapterVersion, request.user, pk, related=["line", "base_model"])
+        version = AdapterVersion.objects.owned_by(request.user).select_related("line", "base_model").get_or_404(pk)
         body = DeployRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
@@ -80,14 +68,14 @@ class DeploymentList(generics.ListAPIView):
 class DeploymentStop(APIView):
     @extend_schema(request=None, responses={200: DeploymentSerializer})
     def post(self, request, pk):
-        deployment = deploy.stop(owned(Deployment, request.user, pk))
+        deployment = deploy.stop(Deployment.objects.owned_by(request.user).get_or_404(pk))
         return Response(DeploymentSerializer(deployment, context={"request": request}).data)
 
 
 class DeploymentRollback(APIView):
     @extend_schema(request=None, responses={202: DeploymentSerializer})
     def post(self, request, pk):
-        deployment = owned(Deployment, request.user, pk)
+        deployment = Deployment.objects.owned_by(request.user).get_or_404(pk)
         try:
             deployment = deploy.rollback(deployment)
         except InputError as exc:
@@ -99,7 +87,7 @@ class DeploymentRollback(APIView):
 class DeploymentExport(APIView):
     @extend_schema(responses={(200, "application/zip"): bytes})
     def get(self, request, pk):
-        deployment = owned(Deployment, request.user, pk)
+        deployment = Deployment.objects.owned_by(request.user).get_or_404(pk)
         problem = deploy.export_problem(deployment)
         if problem:
             return error_response(*problem)

@@ -12,8 +12,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from finetune.evaluate import score_answers
-from jobs import evaluation
-from jobs import services
+from jobs import evaluation, services
 from jobs.compare import compare_versions
 from jobs.models import AdapterVersion, Dataset, Deployment, FineTuneJob, JobStatus, MetricPoint
 from tests.finetune.adapter_factory import make_adapter
