@@ -499,7 +499,8 @@ def _evaluation_view(version, set_id=None):
 
 @login_required
 def version_detail(request, pk):
-    version = AdapterVersion.objects.owned_by(request.user).select_related("owner", "line", "base_model", "dataset", "job").get_or_404(pk)
+    version = (AdapterVersion.objects.owned_by(request.user)
+               .select_related("owner", "line", "base_model", "dataset", "job").get_or_404(pk))
     shown_evaluation = _evaluation_view(version, request.GET.get("set"))
     if request.htmx and request.GET.get("part") == "evaluation":
         return render(request, "jobs/_version_evaluation.html", {"version": version, "evaluation": shown_evaluation})
@@ -556,7 +557,8 @@ def version_champion(request, pk):
 
 @login_required
 def version_delete(request, pk):
-    version = AdapterVersion.objects.owned_by(request.user).select_related("line", "base_model", "dataset").get_or_404(pk)
+    version = (AdapterVersion.objects.owned_by(request.user)
+               .select_related("line", "base_model", "dataset").get_or_404(pk))
     blocking = list(version.deployments.filter(ACTIVE_DEPLOYMENT))
     if request.method == "POST":
         if request.POST.get("confirm") != version.label:

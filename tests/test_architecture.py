@@ -187,5 +187,5 @@ def test_web_modules_do_not_import_worker_only_modules_at_import():
 def test_the_command_line_client_starts_without_django_or_celery():
     code = "import tunedeck.cli, sys; assert 'django' not in sys.modules and 'celery' not in sys.modules, " \
            "sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'celery'))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr

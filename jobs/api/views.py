@@ -290,12 +290,16 @@ class JobDetail(SafeLookup, generics.RetrieveAPIView):
         return FineTuneJob.objects.owned_by(self.request.user).select_related("adapter_version")
 
 
+def _jobs(user):
+    return FineTuneJob.objects.owned_by(user).select_related("adapter_version")
+
+
 class JobClone(APIView):
     parser_classes = [JSONParser]
     @extend_schema(request=s.JobCloneSerializer, responses={201: s.JobSerializer},
                    summary="A new job with this job's settings, changed by the fields given")
     def post(self, request, pk):
-        source = FineTuneJob.objects.owned_by(request.user).select_related("adapter_version").get_or_404(pk)
+        source = _jobs(request.user).get_or_404(pk)
         body = s.JobCloneSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
@@ -319,16 +323,16 @@ class JobCancel(APIView):
     @extend_schema(request=None, responses={202: s.JobSerializer},
                    summary="Cancel a job (queued: at once; running: at the worker's next check)")
     def post(self, request, pk):
-        job = services.request_cancel(FineTuneJob.objects.owned_by(request.user).select_related("adapter_version").get_or_404(pk))
-        return Response(s.JobSerializer(FineTuneJob.objects.owned_by(request.user).select_related("adapter_version").get_or_404(job.pk)).data, status=status.HTTP_202_ACCEPTED)
+        job = services.request_cancel(_jobs(request.user).get_or_404(pk))
+        return Response(s.JobSerializer(_jobs(request.user).get_or_404(job.pk)).data, status=status.HTTP_202_ACCEPTED)
 
 
 class JobRetry(APIView):
     @extend_schema(request=None, responses={202: s.JobSerializer},
                    summary="Requeue a failed or cancelled job; it resumes from its last checkpoint")
     def post(self, request, pk):
-        job = services.retry_job(FineTuneJob.objects.owned_by(request.user).select_related("adapter_version").get_or_404(pk))
-        return Response(s.JobSerializer(FineTuneJob.objects.owned_by(request.user).select_related("adapter_version").get_or_404(job.pk)).data, status=status.HTTP_202_ACCEPTED)
+        job = services.retry_job(_jobs(request.user).get_or_404(pk))
+        return Response(s.JobSerializer(_jobs(request.user).get_or_404(job.pk)).data, status=status.HTTP_202_ACCEPTED)
 
 
 class JobMetrics(APIView):
@@ -340,7 +344,7 @@ class JobMetrics(APIView):
     def get(self, request, pk):
         from ..metrics import downsampled_points
 
-        job = FineTuneJob.objects.owned_by(request.user).select_related("adapter_version").get_or_404(pk)
+        job = _jobs(request.user).get_or_404(pk)
         try:
             max_points = max(10, min(5000, int(request.query_params.get("max_points", 500))))
         except ValueError:
