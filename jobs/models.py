@@ -7,6 +7,8 @@ from django.db import models
 from django.http import Http404
 from django.utils import timezone
 
+from finetune.method_traits import method_names
+
 User = settings.AUTH_USER_MODEL
 
 # Ids are PostgreSQL bigints; a larger number names no object (and must not reach the database as one).
@@ -131,7 +133,7 @@ class JobStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
-METHODS = ["lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo"]
+METHODS = method_names()
 
 
 class FineTuneJob(models.Model):
