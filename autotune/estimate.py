@@ -44,7 +44,8 @@ logits        The lm_head output (a) plus the loss's fp32 upcast/log-softmax out
               Gemma2's final soft-capping keeps one more a-byte copy. With a fused linear cross-entropy (Liger) the
               logits exist only a chunk at a time: chunk = T / ceil(V / h) tokens, x V x 2a, plus the gradient of
               the hidden states (T x h x a). DPO runs chosen and rejected (2 sequences per pair) and a reference
-              forward without gradients whose logits (a + 4 per element) overlap the policy's.
+              forward without gradients whose logits (a + 4 per element) overlap the policy's. KTO has the same
+              reference forward, over one sequence per (unpaired) example.
 cuda_context  The CUDA context, cuBLAS handles and kernels that never pass through the caching allocator: about
               500 MiB on CUDA, nothing on CPU.
 allocator_headroom  The caching allocator's fragmentation: 7% of what is allocated and freed every step
@@ -86,7 +87,9 @@ DEFAULT_NUM_VIRTUAL_TOKENS = 20
 DEFAULT_ADAPTER_BOTTLENECK = 64
 ADAPTERS_PER_LAYER = 2  # bottleneck adapters after attention and after the MLP
 
-LORA_METHODS = ("lora", "qlora", "dora", "dpo")
+LORA_METHODS = ("lora", "qlora", "dora", "dpo", "kto")
+# Methods whose loss compares the adapter with a reference forward of the base (the adapter disabled).
+REFERENCE_METHODS = ("dpo", "kto")
 METHODS = (*LORA_METHODS, "ia3", "prefix", "prompt", "adapter")
 
 CALIBRATION_KEYS = {
@@ -386,7 +389,7 @@ def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     else:
         per_element = a + LOSS_FP32_BUFFERS * FP32 + (a if shape.final_logit_softcapping else 0)
         policy = setup.tokens * vocab * per_element
-    if setup.method != "dpo":
+    if setup.method not in REFERENCE_METHODS:
         return policy
     reference = setup.tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
     if setup.fused_cross_entropy:

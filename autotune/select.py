@@ -4,7 +4,7 @@
 
 The plan has every key of the REST contract (method, rank, alpha, target_modules, micro_batch, grad_accum,
 max_seq_len, gradient_checkpointing, learning_rate, epochs, memory, reasons) plus device, dtype, fits, warnings
-and the method's own settings (dropout, num_virtual_tokens, adapter_bottleneck, dpo_beta). Each reason is one
+and the method's own settings (dropout, num_virtual_tokens, adapter_bottleneck, dpo_beta, kto_beta). Each reason is one
 sentence with the numbers behind the choice.
 
 How it chooses, and why:
@@ -55,6 +55,7 @@ LARGE_DATASET_ROWS = 100_000
 MULTI_EPOCH_ROWS = 10_000
 DEFAULT_RANK, SMALL_RANK, LARGE_RANK = 16, 8, 32
 DPO_BETA = 0.1
+KTO_BETA = 0.1
 
 LEARNING_RATES = {
     "lora": (2e-4, "usual for LoRA, whose adapter starts at zero and needs larger steps than full fine-tuning"),
@@ -66,9 +67,12 @@ LEARNING_RATES = {
     "adapter": (1e-4, "bottleneck adapters are dense layers in the residual path, trained like a small network"),
     "dpo": (5e-6, "DPO pulls the policy away from its reference; small steps keep it from collapsing "
                   "(the Zephyr DPO recipe's rate)"),
+    "kto": (5e-6, "KTO pulls the policy away from its reference like DPO; the KTO paper and TRL use DPO's "
+                  "small rates"),
 }
 LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "Prefix tuning",
-          "prompt": "Prompt tuning", "adapter": "Bottleneck adapters", "dpo": "DPO (LoRA)"}
+          "prompt": "Prompt tuning", "adapter": "Bottleneck adapters", "dpo": "DPO (LoRA)",
+          "kto": "KTO (LoRA)"}
 
 # overrides the search itself honours; any other override is copied into the plan as given
 SEARCHED = {"method", "micro_batch", "max_seq_len", "gradient_checkpointing", "device", "dtype"}
@@ -270,7 +274,8 @@ def base_plan(shape: ModelShape, method: str, dtype: str, target: Target, rank: 
             "adapter_bottleneck": DEFAULT_ADAPTER_BOTTLENECK,
             # Training computes the loss chunk by chunk on the labelled positions (finetune/fastloss.py) unless the
             # logits are soft-capped or the method puts virtual tokens in front; DPO keeps full logits.
-            "fused_cross_entropy": method not in ("dpo", "prefix", "prompt") and not shape.final_logit_softcapping}
+            "fused_cross_entropy": method not in ("dpo", "kto", "prefix", "prompt")
+                                  and not shape.final_logit_softcapping}
     plan.update({k: overrides[k] for k in ESTIMATE_FIELDS if k in overrides})
     shape.modules_for(plan["target_modules"])  # an unknown module name is an error now, not in training
     return plan
@@ -388,7 +393,8 @@ def target_module_names(shape: ModelShape, method: str, requested) -> list[str]:
 def method_settings(method: str, base: dict) -> dict:
     if method in LORA_METHODS:
         settings = {"dropout": base["dropout"]}
-        return {**settings, "dpo_beta": DPO_BETA} if method == "dpo" else settings
+        extra = {"dpo": {"dpo_beta": DPO_BETA}, "kto": {"kto_beta": KTO_BETA}}.get(method, {})
+        return {**settings, **extra}
     if method in ("prefix", "prompt"):
         return {"num_virtual_tokens": base["num_virtual_tokens"]}
     if method == "adapter":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import TrainingError
 
-PEFT_METHODS = {"lora", "qlora", "dora", "dpo", "ia3", "prefix", "prompt"}
+PEFT_METHODS = {"lora", "qlora", "dora", "dpo", "kto", "ia3", "prefix", "prompt"}
 ALL_METHODS = PEFT_METHODS | {"adapter"}
 BOTTLENECK_TYPE = "BOTTLENECK_ADAPTER"
 
@@ -29,7 +29,7 @@ def peft_config_for(plan: dict, model):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     method = plan["method"]
-    if method in ("lora", "qlora", "dora", "dpo"):
+    if method in ("lora", "qlora", "dora", "dpo", "kto"):
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=int(plan.get("rank") or 16),

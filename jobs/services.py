@@ -30,7 +30,7 @@ from .models import (
 
 log = logging.getLogger(__name__)
 
-SCHEMAS = ["messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference"]
+SCHEMAS = ["messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "kto"]
 COPY_CHUNK = 1024 * 1024
 
 
@@ -122,6 +122,12 @@ def _clean_column_map(column_map) -> dict:
         raise InputError(
             'column_map must map field names to your column names, e.g. {"prompt": "question"}.', field="column_map"
         )
+    from finetune.data import check_options
+
+    try:
+        check_options(None, column_map)  # an unknown field is refused now, not after the upload is processed
+    except DatasetError as exc:
+        raise InputError(str(exc), field="column_map") from exc
     return column_map
 
 
@@ -177,6 +183,9 @@ def create_dataset(
         options_hash = hashlib.sha256(options.encode()).hexdigest()
         existing = Dataset.objects.filter(owner=user, content_hash=content_hash, options_hash=options_hash).first()
         if existing:
+            if name.strip() and name.strip() != existing.name:  # the same file under a new name takes the name
+                existing.name = name.strip()[:200]
+                existing.save(update_fields=["name"])
             return existing, False
         version_dir = user_dir / f"{content_hash[:16]}-{options_hash[:8]}"
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +214,7 @@ def create_dataset(
                 column_map=column_map,
                 drop_invalid=bool(drop_invalid),
             )
-            transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk))
+            transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk, size))
         return dataset, True
     finally:
         for leftover in (tmp, val_tmp):
@@ -213,10 +222,100 @@ def create_dataset(
                 Path(leftover).unlink()
 
 
-def enqueue_dataset_processing(dataset_id: int):
+def dataset_queue(size_bytes: int) -> str:
+    """Large files go to their own queue and worker, so a big upload never holds up small ones."""
+    return settings.DATASET_LARGE_QUEUE if size_bytes > settings.DATASET_LARGE_BYTES else settings.DATASET_QUEUE
+
+
+def enqueue_dataset_processing(dataset_id: int, size_bytes: int | None = None):
     from .tasks import process_dataset_task
 
-    process_dataset_task.delay(dataset_id)
+    if size_bytes is None:
+        size_bytes = Dataset.objects.filter(pk=dataset_id).values_list("size_bytes", flat=True).first() or 0
+    process_dataset_task.apply_async((dataset_id,), queue=dataset_queue(size_bytes))
+
+
+def retry_dataset(dataset: Dataset) -> Dataset:
+    """Processes a dataset again from its stored file (after a failure, a dead worker, or just to re-check).
+    Refused only while a live worker is processing it."""
+    with transaction.atomic():
+        dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        if dataset.status == Dataset.Status.VALIDATING and _lease_is_live(dataset):
+            raise InputError(f"Dataset {dataset.pk} is being processed right now "
+                             f"({dataset.progress:.0%} done); wait for it to finish.", code="conflict")
+        if not Path(dataset.file_path).is_file():
+            raise InputError("The dataset's stored file is gone; upload it again.", code="conflict")
+        dataset.status, dataset.progress, dataset.error = Dataset.Status.VALIDATING, 0.0, ""
+        dataset.heartbeat_at, dataset.attempts = None, 0
+        dataset.save(update_fields=["status", "progress", "error", "heartbeat_at", "attempts"])
+        transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk, dataset.size_bytes))
+    return dataset
+
+
+def delete_dataset(dataset: Dataset):
+    """Deletes a dataset version and its files, whatever its status (a worker still processing it stops writing:
+    its updates find no row). Refused while jobs use it: they keep it for their lineage."""
+    from django.db.models import ProtectedError
+
+    used = FineTuneJob.objects.filter(dataset=dataset).count()
+    if used:
+        raise InputError(f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; it is kept "
+                         "for their lineage.", code="conflict")
+    source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
+    try:
+        with transaction.atomic():
+            dataset.delete()
+            shared = Dataset.objects.filter(file_path=str(source)).exists()
+    except ProtectedError:
+        raise InputError("The dataset is in use; it is kept for their lineage.", code="conflict") from None
+    root = Path(settings.DATASET_DIR).resolve()
+    for folder in [processed] if shared else [processed, source.parent]:
+        folder = folder.resolve()
+        if root in folder.parents and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _lease_is_live(dataset: Dataset) -> bool:
+    from datetime import timedelta
+
+    stale = timezone.now() - timedelta(seconds=settings.DATASET_LEASE_SECONDS)
+    return dataset.heartbeat_at is not None and dataset.heartbeat_at >= stale
+
+
+def recover_stuck_datasets() -> dict:
+    """Datasets whose processing worker stopped renewing its lease (it died): processed again once, then marked
+    invalid with the reason. Called from every worker's heartbeat."""
+    from datetime import timedelta
+
+    stale = timezone.now() - timedelta(seconds=settings.DATASET_LEASE_SECONDS)
+    stuck = Dataset.objects.filter(status=Dataset.Status.VALIDATING, heartbeat_at__lt=stale)
+    outcome = {"requeued": [], "failed": []}
+    for pk, attempts, size in stuck.values_list("pk", "attempts", "size_bytes"):
+        lost = Dataset.objects.filter(pk=pk, status=Dataset.Status.VALIDATING, heartbeat_at__lt=stale)
+        if attempts >= settings.DATASET_MAX_ATTEMPTS:
+            if lost.update(status=Dataset.Status.INVALID, progress=1.0, error=(
+                    f"Processing stopped {attempts} times without finishing (the worker handling it stopped "
+                    "answering). Retry it, or split the file into smaller ones.")):
+                outcome["failed"].append(pk)
+        elif lost.update(heartbeat_at=None, progress=0.0):
+            enqueue_dataset_processing(pk, size)
+            outcome["requeued"].append(pk)
+    if outcome["requeued"] or outcome["failed"]:
+        log.warning("stuck datasets: %s", outcome)
+    return outcome
+
+
+def _claim_dataset(dataset_id: int) -> bool:
+    """Takes the dataset's processing lease; False when it is done or another live worker has it."""
+    from datetime import timedelta
+
+    from django.db.models import F, Q
+
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.DATASET_LEASE_SECONDS)
+    return bool(Dataset.objects.filter(
+        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale), pk=dataset_id, status=Dataset.Status.VALIDATING,
+    ).update(heartbeat_at=now, attempts=F("attempts") + 1))
 
 
 def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
@@ -244,7 +343,7 @@ def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
             column_map=dataset.column_map,
             drop_invalid=True,
         )
-        transaction.on_commit(lambda: enqueue_dataset_processing(new.pk))
+        transaction.on_commit(lambda: enqueue_dataset_processing(new.pk, new.size_bytes))
     return new
 
 
@@ -261,13 +360,39 @@ def _dataset_progress_writer(dataset_id):
 
 
 def process_dataset(dataset_id: int):
-    """Worker side: validate, normalise, split, count tokens and render a preview."""
+    """Worker side: validate, normalise, split, count tokens and render a preview. Every way out leaves the
+    dataset ready or invalid with the reason; a worker that dies is noticed by recover_stuck_datasets."""
+    import threading
+
+    from .periodic import run_every
+
+    if not _claim_dataset(dataset_id):
+        return None  # finished already, deleted, or a live worker has it (a duplicate message)
+    dataset = Dataset.objects.get(pk=dataset_id)
+    stopped = threading.Event()
+    beat = threading.Thread(target=run_every, daemon=True, args=(
+        settings.DATASET_LEASE_SECONDS / 4, lambda: Dataset.objects.filter(
+            pk=dataset_id, status=Dataset.Status.VALIDATING).update(heartbeat_at=timezone.now()),
+        stopped, "dataset lease"), kwargs={"wait_first": True})
+    beat.start()
+    try:
+        return _process_dataset(dataset)
+    except Exception as exc:  # noqa: BLE001 - a bug must not leave the dataset validating forever
+        log.exception("processing dataset %s failed", dataset_id)
+        return _mark_dataset_invalid(dataset, f"Processing failed unexpectedly ({type(exc).__name__}: {exc}). "
+                                              "Retry it; if it fails again, report it with the file.", {})
+    finally:
+        stopped.set()
+
+
+def _process_dataset(dataset: Dataset):
     from finetune import data
 
-    dataset = Dataset.objects.get(pk=dataset_id)
     out_dir = Path(dataset.file_path).parent / f"processed-{dataset.pk}"
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = _dataset_progress_writer(dataset.pk)
+    budget = {"max_rows": settings.DATASET_MAX_ROWS, "max_seconds": settings.DATASET_MAX_SECONDS,
+              "file_name": dataset.original_filename or None}
     try:
         report = data.process_dataset(
             dataset.file_path,
@@ -276,11 +401,12 @@ def process_dataset(dataset_id: int):
             column_map=dataset.column_map or None,
             drop_invalid=dataset.drop_invalid,
             progress=lambda f: progress(f * 0.7),
+            **budget,
         ).to_dict()
     except DatasetError as exc:
         return _mark_dataset_invalid(dataset, str(exc), {})
-    dataset.format = report.get("format", "")
-    dataset.schema = report.get("schema", "")
+    dataset.format = report.get("format") or ""
+    dataset.schema = report.get("schema") or ""
     dataset.rows = report.get("valid_rows", 0)
     dataset.report = report
     if report.get("status") != "ready":
@@ -295,6 +421,7 @@ def process_dataset(dataset_id: int):
                 schema=dataset.schema,
                 column_map=dataset.column_map or None,
                 drop_invalid=dataset.drop_invalid,
+                **budget,
             ).to_dict()
             report["validation_report"] = val_report
             if val_report.get("status") != "ready":
@@ -318,13 +445,28 @@ def process_dataset(dataset_id: int):
     progress(0.8)
     dataset.train_rows, dataset.validation_rows = n_train, n_val
     dataset.train_path, dataset.validation_path = str(train_path), str(val_path) if n_val else ""
-    dataset.token_stats, dataset.preview = _token_stats_and_preview(dataset, train_path)
+    tokenizer = _base_tokenizer(dataset)
+    refusal = _tools_refusal(report, tokenizer, dataset)
+    if refusal:
+        return _mark_dataset_invalid(dataset, refusal, report)
+    dataset.token_stats, dataset.preview = _token_stats_and_preview(dataset, train_path, tokenizer)
     dataset.report = report
     dataset.status = Dataset.Status.READY
     dataset.progress = 1.0
     dataset.error = ""
-    dataset.save()
+    _save_result(dataset)
     return dataset
+
+
+RESULT_FIELDS = ["status", "error", "report", "progress", "format", "schema", "rows", "train_rows",
+                 "validation_rows", "train_path", "validation_path", "token_stats", "preview"]
+
+
+def _save_result(dataset: Dataset):
+    """Writes the outcome only while the dataset is still being processed by us: a row deleted meanwhile is not
+    brought back (a plain save() would insert it again)."""
+    values = {name: getattr(dataset, name) for name in RESULT_FIELDS}
+    Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.VALIDATING).update(heartbeat_at=None, **values)
 
 
 def _mark_dataset_invalid(dataset: Dataset, message: str, report: dict):
@@ -332,8 +474,36 @@ def _mark_dataset_invalid(dataset: Dataset, message: str, report: dict):
     dataset.error = message
     dataset.report = report or dataset.report
     dataset.progress = 1.0
-    dataset.save()
+    _save_result(dataset)
     return dataset
+
+
+def _base_tokenizer(dataset: Dataset):
+    base = dataset.base_model or default_base_model()
+    if base is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(base.path, trust_remote_code=base.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - statistics are a convenience; training loads it again
+        log.warning("tokenizer of %s failed to load: %s", base.name, exc)
+        return None
+
+
+def _tools_refusal(report: dict, tokenizer, dataset: Dataset) -> str | None:
+    """Tool definitions and tool-call turns need a chat template that renders them; refuse rather than drop."""
+    if not report.get("tool_rows") or tokenizer is None:
+        return None
+    from finetune.tokenize import supports_tools
+
+    if supports_tools(tokenizer):
+        return None
+    base = dataset.base_model or default_base_model()
+    return (f"{report['tool_rows']} rows have tool definitions (the 'tools' column) or tool-call turns "
+            "('tool_calls', 'tool'/'function_call'/'observation' roles), but the chat template of "
+            f"{base.name if base else 'the base model'} has no tools support, so they cannot be rendered as the "
+            "model would see them. Choose a base model whose template supports tools, or remove those rows.")
 
 
 def _summarise_problems(report: dict) -> str:
@@ -347,19 +517,16 @@ def _summarise_problems(report: dict) -> str:
     return report.get("reason") or "The dataset is not usable."
 
 
-def _token_stats_and_preview(dataset: Dataset, train_path: Path):
+def _token_stats_and_preview(dataset: Dataset, train_path: Path, tokenizer):
     """Counts tokens under the dataset's base model tokenizer; a missing tokenizer is not fatal."""
     from finetune import data
 
     base = dataset.base_model or default_base_model()
-    if base is None:
+    if base is None or tokenizer is None:
         return {}, []
     try:
-        from transformers import AutoTokenizer
-
         from finetune.tokenize import preview_segments
 
-        tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=base.trust_remote_code)
         stats = data.token_stats(list(data.token_lengths(data.iter_examples(train_path), tokenizer)))
         preview = []
         for i, example in enumerate(data.iter_examples(train_path)):
@@ -390,6 +557,7 @@ OVERRIDE_TYPES = {
     "num_virtual_tokens": int,
     "adapter_bottleneck": int,
     "dpo_beta": float,
+    "kto_beta": float,
     "seed": int,
     "eval_every_steps": int,
     "checkpoint_every_steps": int,
@@ -492,8 +660,8 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
         raise InputError("gpu must be an inventory object like {\"gpus\": [...]}.", field="gpu")
     inventory = gpu or current_inventory()
     stats = {"rows": dataset.train_rows if dataset else 0, "token_stats": dataset.token_stats if dataset else {}}
-    if dataset is not None and dataset.schema == "preference" and method == "auto":
-        method = "dpo"
+    if dataset is not None and method == "auto":
+        method = {"preference": "dpo", "kto": "kto"}.get(dataset.schema, method)
     calibration = measured_calibration(base_model, _device_name(inventory))
     preferences = {"method": method, "overrides": overrides}
     if calibration:
@@ -555,6 +723,13 @@ def _check_method_fits_schema(method, dataset):
         )
     if method not in ("dpo", "auto") and dataset.schema == "preference":
         raise InputError("A preference dataset trains with method dpo (or auto).", field="method")
+    if method == "kto" and dataset.schema != "kto":
+        raise InputError("KTO needs rows labelled desirable or undesirable (a kto_tag or label column); this "
+                         f"dataset is {dataset.schema}.", field="method")
+    if method not in ("kto", "auto") and dataset.schema == "kto":
+        raise InputError("This dataset labels answers desirable or undesirable (its kto_tag/label column): it "
+                         "trains with method kto (or auto), so undesirable answers are not learned as good ones.",
+                         field="method")
 
 
 def _clean_adapter_name(name, dataset) -> str:

@@ -58,6 +58,7 @@ class WorkerHeartbeat(threading.Thread):
 
         from .models import Worker
         from .runner import requeue_orphans, resend_queued
+        from .services import recover_stuck_datasets
 
         Worker.objects.update_or_create(
             hostname=self.hostname,
@@ -65,6 +66,7 @@ class WorkerHeartbeat(threading.Thread):
         )
         requeue_orphans()
         resend_queued()
+        recover_stuck_datasets()
 
 
 _heartbeat = None

@@ -25,7 +25,7 @@ import requests
 EXIT_API, EXIT_USAGE, EXIT_CONNECTION, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 API = "/api/v1"
 ACTIVE_JOB = ("queued", "running")
-METHODS = ["auto", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo"]
+METHODS = ["auto", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo", "kto"]
 TIMEOUT = (10, 120)  # connect, read
 
 
@@ -584,7 +584,7 @@ def print_plan(plan, heading=""):
         ("epochs", number(plan.get("epochs"))),
         ("device / dtype", f"{plan.get('device', '-')} / {plan.get('dtype', '-')}"),
     ]
-    for key in ("max_steps", "dropout", "num_virtual_tokens", "adapter_bottleneck", "dpo_beta"):
+    for key in ("max_steps", "dropout", "num_virtual_tokens", "adapter_bottleneck", "dpo_beta", "kto_beta"):
         if plan.get(key) is not None:
             rows.append((key.replace("_", " "), number(plan[key])))
     for name, value in rows:
@@ -988,7 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", type=positive_int, help="base model id for token statistics (default: default)")
     p.add_argument("--validation-file", help="a separate validation file (else a fraction is split off)")
     p.add_argument("--validation-fraction", type=float)
-    p.add_argument("--schema", help="force a schema: messages, sharegpt, prompt_completion, alpaca, text, preference")
+    p.add_argument("--schema", help="force a schema: messages, sharegpt, prompt_completion, alpaca, text, preference, "
+                                    "kto")
     p.add_argument("--drop-invalid", action="store_true", help="drop rows that fail validation and use the rest")
     p.add_argument("--wait", action="store_true", help="wait for validation; exit 1 if the dataset is invalid")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -214,32 +214,20 @@ class DatasetDetail(SafeLookup, generics.RetrieveDestroyAPIView):
         return Dataset.objects.owned_by(self.request.user)
 
     @extend_schema(responses={204: None},
-                   summary="Delete a dataset version and its files (refused while it is validating or in use)")
+                   summary="Delete a dataset version and its files, whatever its status (refused while jobs use it)")
     def delete(self, request, pk):
-        dataset = _owned_or_404(self.get_queryset(), pk, "dataset")
-        if dataset.status == Dataset.Status.VALIDATING:
-            return error_response("conflict", "The dataset is still being validated; delete it when it is done.",
-                                  status.HTTP_409_CONFLICT)
-        used = FineTuneJob.objects.filter(dataset=dataset).count()
-        if used:
-            return error_response(
-                "conflict", f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; "
-                "it is kept for their lineage.", status.HTTP_409_CONFLICT, {"jobs": used},
-            )
-        source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
-        try:
-            with transaction.atomic():
-                dataset.delete()
-                shared = Dataset.objects.filter(file_path=dataset.file_path).exists()
-        except ProtectedError:
-            return error_response("conflict", "The dataset is in use; it is kept for their lineage.",
-                                  status.HTTP_409_CONFLICT)
-        root = Path(settings.DATASET_DIR).resolve()
-        for folder in [processed] if shared else [processed, source.parent]:
-            folder = folder.resolve()
-            if root in folder.parents and folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
+        services.delete_dataset(_owned_or_404(self.get_queryset(), pk, "dataset"))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DatasetRetry(APIView):
+    error_statuses = ("409",)
+
+    @extend_schema(request=None, responses={202: s.DatasetSerializer},
+                   summary="Process a dataset again from its stored file (after a failure or a stuck worker)")
+    def post(self, request, pk):
+        dataset = services.retry_dataset(_owned_dataset(request.user, pk))
+        return Response(s.DatasetSerializer(dataset).data, status=status.HTTP_202_ACCEPTED)
 
 
 class DatasetDropInvalid(APIView):
