@@ -257,14 +257,16 @@ def _sniff_format(head: bytes) -> str:
 
 
 def _first_line_is_json(text: bytes) -> bool:
-    """JSON Lines has a whole object on its first line; a pretty-printed object does not."""
-    line, newline, _ = text.partition(b"\n")
+    """JSON Lines has a whole object on its first line and starts every line with '{'; a pretty-printed object
+    has neither. (Broken JSON Lines, every line starting with '{', stays JSON Lines: its rows are reported.)"""
+    line, newline, rest = text.partition(b"\n")
     if not newline:
         return True  # one line (or one longer than the head): read as JSON Lines
     try:
         json.loads(line.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
-        return False
+        following = rest.lstrip(b"\r\n")
+        return following.startswith(b"{") or not following.strip()
     return True
 
 
