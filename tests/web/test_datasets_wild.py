@@ -197,3 +197,16 @@ def test_large_files_go_to_their_own_queue(user, tiny_base_model):
             enqueue_dataset_processing(dataset.pk)
             assert channel.queue_declare("datasets-large-test22", passive=True).message_count == 1
             channel.queue_purge("datasets-large-test22")
+
+
+def test_retry_and_delete_of_another_users_dataset_are_404(api, other_user, client):
+    from jobs.models import Dataset
+
+    theirs = Dataset.objects.create(owner=other_user, name="theirs", content_hash="t", file_path="/nonexistent",
+                                    status="invalid")
+    assert api.post(f"{api.base}/datasets/{theirs.pk}/retry").status_code == 404
+    assert api.delete(f"{api.base}/datasets/{theirs.pk}").status_code == 404
+    client.login(username="alice", password="alice-pw")
+    assert client.post(f"/datasets/{theirs.pk}/retry").status_code == 404
+    assert client.post(f"/datasets/{theirs.pk}/delete").status_code == 404
+    assert Dataset.objects.filter(pk=theirs.pk, status="invalid").exists()
