@@ -65,10 +65,10 @@ LEARNING_RATES = {
     "prefix": (1e-2, "prefix tuning learns a few key/value vectors per layer and needs large steps"),
     "prompt": (3e-2, "prompt tuning learns a handful of input embeddings and needs the largest steps"),
     "adapter": (1e-4, "bottleneck adapters are dense layers in the residual path, trained like a small network"),
-    "dpo": (5e-6, "DPO pulls the policy away from its reference; small steps keep it from collapsing "
-                  "(the Zephyr DPO recipe's rate)"),
-    "kto": (5e-6, "KTO pulls the policy away from its reference like DPO; the KTO paper and TRL use DPO's "
-                  "small rates"),
+    "dpo": (5e-6, ("DPO pulls the policy away from its reference; small steps keep it from collapsing "
+                   "(the Zephyr DPO recipe's rate)")),
+    "kto": (5e-6, ("KTO pulls the policy away from its reference like DPO; the KTO paper and TRL use DPO's "
+                   "small rates")),
 }
 LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "Prefix tuning",
           "prompt": "Prompt tuning", "adapter": "Bottleneck adapters", "dpo": "DPO (LoRA)",

@@ -427,8 +427,7 @@ def _json_object_records(stream) -> Iterator[tuple[int, object]]:
     if len(listed) > 1:
         raise DatasetError(f"The JSON object holds several lists of objects ({_describe_columns(listed)}); put the "
                            "examples of one of them in a file of their own.")
-    for index, record in enumerate(value[listed[0]], start=1):
-        yield index, record
+    yield from enumerate(value[listed[0]], start=1)
 
 
 def _object_or_problem(value, what: str):

@@ -377,7 +377,7 @@ def process_dataset(dataset_id: int):
     beat.start()
     try:
         return _process_dataset(dataset)
-    except Exception as exc:  # noqa: BLE001 - a bug must not leave the dataset validating forever
+    except Exception as exc:  # a bug must not leave the dataset validating forever
         log.exception("processing dataset %s failed", dataset_id)
         return _mark_dataset_invalid(dataset, f"Processing failed unexpectedly ({type(exc).__name__}: {exc}). "
                                               "Retry it; if it fails again, report it with the file.", {})

@@ -1,20 +1,15 @@
 """REST API v1. Every query starts from the requesting user's own objects, so another user's ids are 404."""
 import io
 import logging
-import shutil
 import zipfile
 from pathlib import Path
 
-from django.conf import settings
 from django.contrib.auth import authenticate
-from django.db import transaction
-from django.db.models import ProtectedError
 from django.http import FileResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
-from rest_framework.exceptions import NotFound
 from rest_framework.decorators import (
     api_view,
     authentication_classes,
@@ -22,6 +17,7 @@ from rest_framework.decorators import (
     permission_classes,
     throttle_classes,
 )
+from rest_framework.exceptions import NotFound
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response

@@ -181,10 +181,9 @@ def test_dead_workers_datasets_are_requeued_then_failed(api, celery_worker, sett
 
 
 def test_large_files_go_to_their_own_queue(user, tiny_base_model):
-    from tunedeck.celery import app
-
     from jobs.models import Dataset
     from jobs.services import dataset_queue, enqueue_dataset_processing
+    from tunedeck.celery import app
 
     with override_settings(DATASET_LARGE_BYTES=1000, DATASET_LARGE_QUEUE="datasets-large-test22"):
         assert dataset_queue(999) == "default" and dataset_queue(1001) == "datasets-large-test22"
