@@ -517,6 +517,25 @@ def _summarise_problems(report: dict) -> str:
     return report.get("reason") or "The dataset is not usable."
 
 
+def _bounded_token_stats(data, train_path: Path, tokenizer, rows: int) -> dict:
+    """Token statistics under the time budget: past DATASET_TOKEN_STATS_SECONDS the rows counted so far stand
+    for the whole file, and the statistics say so (counted < rows)."""
+    import time
+
+    deadline = time.monotonic() + settings.DATASET_TOKEN_STATS_SECONDS
+    lengths = []
+    for n in data.token_lengths(data.iter_examples(train_path), tokenizer):
+        lengths.append(n)
+        if len(lengths) % 1000 == 0 and time.monotonic() > deadline:
+            break
+    stats = data.token_stats(lengths)
+    stats["counted"], stats["rows"] = len(lengths), rows
+    if len(lengths) < rows:
+        stats["note"] = (f"Tokens counted on the first {len(lengths):,} of {rows:,} rows (the time limit for "
+                         "statistics); training tokenises every row.")
+    return stats
+
+
 def _token_stats_and_preview(dataset: Dataset, train_path: Path, tokenizer):
     """Counts tokens under the dataset's base model tokenizer; a missing tokenizer is not fatal."""
     from finetune import data
@@ -527,7 +546,7 @@ def _token_stats_and_preview(dataset: Dataset, train_path: Path, tokenizer):
     try:
         from finetune.tokenize import preview_segments
 
-        stats = data.token_stats(list(data.token_lengths(data.iter_examples(train_path), tokenizer)))
+        stats = _bounded_token_stats(data, train_path, tokenizer, dataset.train_rows)
         preview = []
         for i, example in enumerate(data.iter_examples(train_path)):
             if i >= 3:

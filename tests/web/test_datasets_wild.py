@@ -209,3 +209,19 @@ def test_retry_and_delete_of_another_users_dataset_are_404(api, other_user, clie
     assert client.post(f"/datasets/{theirs.pk}/retry").status_code == 404
     assert client.post(f"/datasets/{theirs.pk}/delete").status_code == 404
     assert Dataset.objects.filter(pk=theirs.pk, status="invalid").exists()
+
+
+def test_token_statistics_stop_at_their_time_limit_and_say_so(tiny_model_dir, tmp_path, settings):
+    from transformers import AutoTokenizer
+
+    from finetune import data
+    from jobs.services import _bounded_token_stats
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": chat(f"q{i}", "a")}) + "\n" for i in range(2500)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    settings.DATASET_TOKEN_STATS_SECONDS = 0
+    stats = _bounded_token_stats(data, path, tokenizer, 2500)
+    assert stats["counted"] == 1000 and stats["rows"] == 2500 and "first 1,000 of 2,500 rows" in stats["note"]
+    settings.DATASET_TOKEN_STATS_SECONDS = 600
+    assert _bounded_token_stats(data, path, tokenizer, 2500)["counted"] == 2500
