@@ -62,6 +62,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune.method_traits import method_names, method_traits, names_where
+
 from .shapes import LinearModule, ModelShape
 
 GIB = 1024**3
@@ -87,10 +89,8 @@ DEFAULT_NUM_VIRTUAL_TOKENS = 20
 DEFAULT_ADAPTER_BOTTLENECK = 64
 ADAPTERS_PER_LAYER = 2  # bottleneck adapters after attention and after the MLP
 
-LORA_METHODS = ("lora", "qlora", "dora", "dpo", "kto")
-# Methods whose loss compares the adapter with a reference forward of the base (the adapter disabled).
-REFERENCE_METHODS = ("dpo", "kto")
-METHODS = (*LORA_METHODS, "ia3", "prefix", "prompt", "adapter")
+LORA_METHODS = names_where(lora_family=True)
+METHODS = tuple(method_names())
 
 CALIBRATION_KEYS = {
     "weights_scale": "multiplies weights",
@@ -145,7 +145,7 @@ class Setup:
     @property
     def sequences(self) -> int:
         """Sequences per micro-batch: DPO runs the chosen and the rejected answer of every pair."""
-        return self.micro_batch * (2 if self.method == "dpo" else 1)
+        return self.micro_batch * (2 if method_traits(self.method).paired else 1)
 
     @property
     def tokens_per_sequence(self) -> int:
@@ -389,7 +389,7 @@ def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     else:
         per_element = a + LOSS_FP32_BUFFERS * FP32 + (a if shape.final_logit_softcapping else 0)
         policy = setup.tokens * vocab * per_element
-    if setup.method not in REFERENCE_METHODS:
+    if not method_traits(setup.method).preference:  # dpo and kto: a reference forward of the base
         return policy
     reference = setup.tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
     if setup.fused_cross_entropy:

@@ -6,6 +6,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from finetune.method_traits import method_names
+
 User = settings.AUTH_USER_MODEL
 
 
@@ -75,9 +77,6 @@ class Dataset(models.Model):
     train_path = models.CharField(max_length=1000, blank=True)
     validation_path = models.CharField(max_length=1000, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
-    # The processing worker's lease: set when it starts, renewed while it works; a stale one means it died.
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.IntegerField(default=0)
 
     objects = OwnedQuerySet.as_manager()
 
@@ -99,7 +98,7 @@ class JobStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
-METHODS = ["lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo", "kto"]
+METHODS = method_names()
 
 
 class FineTuneJob(models.Model):
