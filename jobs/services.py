@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from finetune.errors import DatasetError, ModelFolderError, TunedeckError
 
+from . import queue
 from .models import (
     METHODS,
     AdapterLine,
@@ -214,25 +215,12 @@ def create_dataset(
                 column_map=column_map,
                 drop_invalid=bool(drop_invalid),
             )
-            transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk, size))
+            transaction.on_commit(lambda: queue.send_dataset_processing(dataset.pk, size))
         return dataset, True
     finally:
         for leftover in (tmp, val_tmp):
             if leftover is not None and Path(leftover).exists():
                 Path(leftover).unlink()
-
-
-def dataset_queue(size_bytes: int) -> str:
-    """Large files go to their own queue and worker, so a big upload never holds up small ones."""
-    return settings.DATASET_LARGE_QUEUE if size_bytes > settings.DATASET_LARGE_BYTES else settings.DATASET_QUEUE
-
-
-def enqueue_dataset_processing(dataset_id: int, size_bytes: int | None = None):
-    from .tasks import process_dataset_task
-
-    if size_bytes is None:
-        size_bytes = Dataset.objects.filter(pk=dataset_id).values_list("size_bytes", flat=True).first() or 0
-    process_dataset_task.apply_async((dataset_id,), queue=dataset_queue(size_bytes))
 
 
 def retry_dataset(dataset: Dataset) -> Dataset:
@@ -248,7 +236,7 @@ def retry_dataset(dataset: Dataset) -> Dataset:
         dataset.status, dataset.progress, dataset.error = Dataset.Status.VALIDATING, 0.0, ""
         dataset.heartbeat_at, dataset.attempts = None, 0
         dataset.save(update_fields=["status", "progress", "error", "heartbeat_at", "attempts"])
-        transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk, dataset.size_bytes))
+        transaction.on_commit(lambda: queue.send_dataset_processing(dataset.pk, dataset.size_bytes))
     return dataset
 
 
@@ -298,7 +286,7 @@ def recover_stuck_datasets() -> dict:
                     "answering). Retry it, or split the file into smaller ones.")):
                 outcome["failed"].append(pk)
         elif lost.update(heartbeat_at=None, progress=0.0):
-            enqueue_dataset_processing(pk, size)
+            queue.send_dataset_processing(pk, size)
             outcome["requeued"].append(pk)
     if outcome["requeued"] or outcome["failed"]:
         log.warning("stuck datasets: %s", outcome)
@@ -343,7 +331,7 @@ def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
             column_map=dataset.column_map,
             drop_invalid=True,
         )
-        transaction.on_commit(lambda: enqueue_dataset_processing(new.pk, new.size_bytes))
+        transaction.on_commit(lambda: queue.send_dataset_processing(new.pk, new.size_bytes))
     return new
 
 
@@ -771,14 +759,8 @@ def create_job(user, base_model: BaseModel, dataset: Dataset, method="auto", ove
             adapter_name=_clean_adapter_name(adapter_name, dataset),
         )
         JobEvent.objects.create(job=job, kind="queued", message="Queued for a worker.")
-        transaction.on_commit(lambda: enqueue_training(job.pk))
+        transaction.on_commit(lambda: queue.send_training(job.pk))
     return job
-
-
-def enqueue_training(job_id: int):
-    from .tasks import train_job
-
-    train_job.delay(job_id)
 
 
 def request_cancel(job: FineTuneJob) -> FineTuneJob:
@@ -811,7 +793,7 @@ def retry_job(job: FineTuneJob) -> FineTuneJob:
         job.lease_token = ""
         job.save()
         JobEvent.objects.create(job=job, kind="queued", message="Retried: resumes from the last checkpoint.")
-        transaction.on_commit(lambda: enqueue_training(job.pk))
+        transaction.on_commit(lambda: queue.send_training(job.pk))
     return job
 
 

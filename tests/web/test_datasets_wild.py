@@ -182,7 +182,7 @@ def test_dead_workers_datasets_are_requeued_then_failed(api, celery_worker, sett
 
 def test_large_files_go_to_their_own_queue(user, tiny_base_model):
     from jobs.models import Dataset
-    from jobs.services import dataset_queue, enqueue_dataset_processing
+    from jobs.queue import dataset_queue, send_dataset_processing
     from tunedeck.celery import app
 
     with override_settings(DATASET_LARGE_BYTES=1000, DATASET_LARGE_QUEUE="datasets-large-test22"):
@@ -193,7 +193,7 @@ def test_large_files_go_to_their_own_queue(user, tiny_base_model):
             channel = conn.default_channel
             channel.queue_declare("datasets-large-test22", durable=True, auto_delete=False)
             channel.queue_purge("datasets-large-test22")
-            enqueue_dataset_processing(dataset.pk)
+            send_dataset_processing(dataset.pk, dataset.size_bytes)
             assert channel.queue_declare("datasets-large-test22", passive=True).message_count == 1
             channel.queue_purge("datasets-large-test22")
 
