@@ -400,6 +400,7 @@ OVERRIDE_TYPES = {
     "completion_only": bool,
     "device": str,
     "dtype": str,
+    "optimizer": str,
     "max_eval_generations": int,
     "max_new_tokens": int,
 }
