@@ -177,6 +177,13 @@ def select(inventory: dict, model_config: dict, dataset_stats: dict | None = Non
     return plan
 
 
+def planned_hardware(inventory: dict, overrides: dict | None = None) -> dict:
+    """{"device", "name"} of what select() would plan for on this inventory: what plan["hardware"] is compared
+    with by the worker that picks the job up."""
+    target = choose_target(inventory or {}, {}, dict(overrides or {}), Notes())
+    return {"device": target.device, "name": target.name}
+
+
 def modelled_speed(tokens_per_micro_batch: int, checkpointing: bool) -> float:
     """Relative training speed: GPUs need enough tokens per kernel to be busy; checkpointing recomputes."""
     efficiency = tokens_per_micro_batch / (tokens_per_micro_batch + HALF_SATURATION_TOKENS)
