@@ -55,8 +55,9 @@ logits        The lm_head output (a) plus the loss's fp32 upcast/log-softmax out
               Gemma2's final soft-capping keeps one more a-byte copy. With the fused linear cross-entropy
               (finetune/fastloss.py) the logits exist only a chunk at a time: `fused_loss_chunk_rows` rows (Liger's
               ceil(V/h) chunks rounded to a power of two, at least 256 rows, at most 256 MiB of fp32 logits, never
-              more than the labelled rows), each chunk alive as the a-byte matmul output and its fp32 copy (or the
-              fp32 gradient and its a-byte copy): rows x V x (4 + a), 4 when computing in fp32; plus the labelled
+              more than the labelled rows), each chunk alive as its fp32 logits and the full-size fp32 temporary
+              logsumexp makes of them (measured: more than the a-byte matmul output beside its fp32 copy):
+              rows x V x 8 bytes; plus the labelled
               hidden states picked out of the body's output and their gradient, kept for backward (2 x T x h x a). DPO runs chosen and rejected (2 sequences per pair) and a reference
               forward without gradients whose logits (a + 4 per element) overlap the policy's.
 cuda_context  The CUDA context, cuBLAS handles and kernels that never pass through the caching allocator: about
@@ -441,7 +442,7 @@ def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     if setup.fused_cross_entropy:
         labelled = setup.tokens  # every position may carry a label (full-sequence loss)
         chunk_tokens = min(labelled, fused_loss_chunk_rows(labelled, vocab, shape.hidden_size))
-        chunk_bytes_per_element = FP32 + (a if a < FP32 else 0)  # the fp32 copy beside its a-byte twin
+        chunk_bytes_per_element = 2 * FP32  # fp32 logits and logsumexp's fp32 temporary of the same size
         policy = chunk_tokens * vocab * chunk_bytes_per_element + 2 * labelled * shape.hidden_size * a
     else:
         per_element = a + LOSS_FP32_BUFFERS * FP32 + (a if shape.final_logit_softcapping else 0)

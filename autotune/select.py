@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass, field
 
 from .estimate import DEFAULT_ADAPTER_BOTTLENECK, DEFAULT_LORA_DROPOUT, DEFAULT_NUM_VIRTUAL_TOKENS, LORA_METHODS
-from .estimate import METHODS, OPTIMIZERS, default_optimizer, estimate, trainable_parameters
+from .estimate import METHODS, default_optimizer, estimate, trainable_parameters
 from .shapes import ModelShape
 
 GPU_SAFETY_FACTOR = 0.95
