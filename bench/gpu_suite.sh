@@ -60,16 +60,17 @@ part() {
 }
 
 if [ "$DRY" = 1 ]; then
-  part gpu_tests 20 "$PY" -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/finetune/test_gpu.py
-  part memory 45 "$PY" bench/memory_estimate.py --cpu-smoke --quick --section estimate --json "$WORK/memory.json"
-  part select_caps 30 "$PY" bench/memory_estimate.py --cpu-smoke --quick --section select --json "$WORK/select_caps.json"
-  part serving 25 "$PY" bench/serving_speed.py --requests 2 --max-tokens 4 --adapter-counts 1
+  part gpu_tests 30 "$PY" -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/finetune/test_gpu.py
+  part memory 50 "$PY" bench/memory_estimate.py --cpu-smoke --quick --section estimate --json "$WORK/memory.json"
+  part select_caps 25 "$PY" bench/memory_estimate.py --cpu-smoke --quick --section select --json "$WORK/select_caps.json"
+  part serving 15 "$PY" bench/serving_speed.py --devices cpu --requests 2 --max-tokens 4 --adapter-counts 1
 else
-  part gpu_tests 90 "$PY" -m pytest -q -s --noconftest -p no:cacheprovider -m gpu tests/finetune/test_gpu.py
-  part memory 180 "$PY" bench/memory_estimate.py --section estimate --json "$WORK/memory.json"
-  part select_caps 110 "$PY" bench/memory_estimate.py --quick --section select --json "$WORK/select_caps.json"
-  part train_speed 90 "$PY" bench/train_speed.py --shapes llama-1b --methods lora,qlora --seq 1024 --rounds 5 \
-    --steps 3 --warmup 1 --json "$WORK/train_speed.json"
-  part serving 40 "$PY" bench/serving_speed.py
+  part gpu_tests 60 "$PY" -m pytest -q -s --noconftest -p no:cacheprovider -m gpu tests/finetune/test_gpu.py
+  part memory 170 "$PY" bench/memory_estimate.py --quick --section estimate --json "$WORK/memory.json"
+  part select_caps 90 "$PY" bench/memory_estimate.py --quick --section select --json "$WORK/select_caps.json"
+  # needs SmolLM2's tokenizer for the random-weight shapes: TUNEDECK_SMOLLM_DIR or var/test-models (carry it)
+  part train_speed 150 "$PY" bench/train_speed.py --shapes llama-1b --methods lora,qlora --seq 1024 --lengths mixed \
+    --rounds 5 --steps 3 --warmup 1 --json "$WORK/train_speed.json"
+  part serving 30 "$PY" bench/serving_speed.py --devices cuda
 fi
 echo "report: $REPORT.md and $REPORT.json"

@@ -302,6 +302,8 @@ def worker(job_text: str):
 
 
 def in_child(job: dict, timeout: int = 600) -> dict:
+    if job["device"] == "cpu":  # the CPU smoke run measures no peaks: in-process saves each row a torch import
+        return run_capped(job) if job["kind"] == "select" else measure(job)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                           timeout=timeout)
     for line in proc.stdout.splitlines():
