@@ -63,8 +63,9 @@ def measure(device: str, size: int | None = None, repeats: int = REPEATS) -> dic
     seconds = {dtype: _best_seconds(device, size, dtype, repeats) for dtype in (torch.float32, torch.bfloat16)}
     flops = 2 * size**3
     fp32, bf16 = flops / seconds[torch.float32] / 1e12, flops / seconds[torch.bfloat16] / 1e12
-    return {"device": device, "name": device_name(device), "size": size, "fp32_tflops": round(fp32, 4),
-            "bf16_tflops": round(bf16, 4), "bf16_speedup": round(bf16 / fp32, 3), "torch": torch.__version__}
+    return {"device": device, "name": device_name(device), "size": size, "fp32_tflops": float(f"{fp32:.4g}"),
+            "bf16_tflops": float(f"{bf16:.4g}"), "bf16_speedup": float(f"{bf16 / fp32:.3g}"),
+            "torch": torch.__version__}
 
 
 def _best_seconds(device: str, size: int, dtype, repeats: int) -> float:
