@@ -76,6 +76,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune.method_traits import method_names, names_where
+
 from .shapes import LinearModule, ModelShape
 
 GIB = 1024**3
@@ -112,8 +114,8 @@ OPTIMIZERS = {
     "paged_adamw_8bit": (ADAM_STATES * (1 + FP32 / BNB_BLOCKWISE), True),
 }
 
-LORA_METHODS = ("lora", "qlora", "dora", "dpo")
-METHODS = (*LORA_METHODS, "ia3", "prefix", "prompt", "adapter")
+LORA_METHODS = names_where(lora_family=True)
+METHODS = tuple(method_names())
 
 CALIBRATION_KEYS = {
     "weights_scale": "multiplies weights",
