@@ -217,9 +217,12 @@ def train_steps(model, optimizer, vocab: int, micro_batch: int, seq: int, steps:
     for _ in range(steps):
         start = time.perf_counter()
         if method == "dpo":
-            rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
-            pairs = [{"chosen": r, "rejected": r[: len(r) * 3 // 4] + [0] * (len(r) - len(r) * 3 // 4)}
-                     for r in rows[: max(1, micro_batch)]]
+            # micro_batch pairs = 2 x micro_batch sequences, as the estimate counts DPO; the rejected answer is the
+            # same tokens with its last quarter unlabelled, so the two differ
+            rows = [r.tolist() for r in ids]
+            pairs = [{"chosen": {"input_ids": r, "labels": r},
+                      "rejected": {"input_ids": r, "labels": r[: seq * 3 // 4] + [-100] * (seq - seq * 3 // 4)}}
+                     for r in rows]
             loss = train.dpo_loss(model, pairs, 0.1, 0, torch.device(device))[0]
         else:
             loss_sum, count = train.token_loss_sum(model, ids, labels, mask, positions)
