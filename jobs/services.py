@@ -575,6 +575,7 @@ OVERRIDE_TYPES = {
     "completion_only": bool,
     "device": str,
     "dtype": str,
+    "optimizer": str,
     "max_eval_generations": int,
     "max_new_tokens": int,
 }
@@ -641,17 +642,56 @@ def clean_method(method) -> str:
     return method
 
 
-def current_inventory() -> dict:
-    """The GPU inventory of the freshest live worker; without one, this machine's CPU."""
+def training_queue() -> str:
+    """The Celery queue training jobs are routed to (settings.CELERY_TASK_ROUTES)."""
+    route = (settings.CELERY_TASK_ROUTES or {}).get("jobs.tasks.train_job") or {}
+    return route.get("queue") or settings.CELERY_TASK_DEFAULT_QUEUE
+
+
+def consumes_training_queue(worker: Worker) -> bool:
+    return training_queue() in [q.strip() for q in (worker.queues or "").split(",")]
+
+
+def worker_inventory(queues: str) -> dict:
+    """What a worker reports in its heartbeat: the probe, plus (on a worker that trains) its measured bf16 vs fp32
+    matmul speed, taken once and kept in the data folder."""
+    from autotune import probe
+
+    inventory = probe()
+    if training_queue() in [q.strip() for q in (queues or "").split(",")]:
+        try:
+            from finetune.precision import matmul_speed
+
+            inventory["matmul_speed"] = matmul_speed(settings.DATA_DIR)
+        except Exception as exc:  # noqa: BLE001 - no torch or a broken device: plan without the measurement
+            log.warning("matmul speed not measured: %s", exc)
+    return inventory
+
+
+def current_inventory() -> tuple[dict, dict]:
+    """(inventory, where it came from) for planning a training job: the freshest live worker that consumes the
+    training queue; without one, the last one that ever reported; without any, this machine's CPU. The second
+    item is {"worker", "source": live | last_known | web_host, "note"}, note being a sentence unless live."""
+    workers = [w for w in Worker.objects.order_by("-last_heartbeat")[:50] if w.inventory and consumes_training_queue(w)]
     now = timezone.now()
-    for worker in Worker.objects.order_by("-last_heartbeat")[:10]:
-        if worker.is_alive(now) and worker.inventory:
-            return worker.inventory
+    live = next((w for w in workers if w.is_alive(now)), None)
+    if live is not None:
+        return live.inventory, {"worker": live.hostname, "source": "live", "note": ""}
+    queue = training_queue()
+    if workers:
+        last = workers[0]
+        seen = last.last_heartbeat.strftime("%Y-%m-%d %H:%M UTC")
+        note = (f"No worker consuming the {queue!r} queue is alive: planned for the hardware of {last.hostname}, "
+                f"the last training worker seen (at {seen}); the worker that picks the job checks the plan "
+                f"against its own hardware and replans if it differs.")
+        return last.inventory, {"worker": last.hostname, "source": "last_known", "note": note}
     from autotune import probe
 
     inventory = probe()
     inventory["gpus"] = []  # the web process is not where training runs
-    return inventory
+    note = (f"No worker consuming the {queue!r} queue has ever reported: planned for this web host's CPU; the worker "
+            f"that picks the job checks the plan against its own hardware and replans if it differs.")
+    return inventory, {"worker": "", "source": "web_host", "note": note}
 
 
 def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", overrides=None, gpu=None) -> dict:
@@ -665,25 +705,66 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
         _check_method_fits_schema(method, dataset)
     if gpu is not None and not isinstance(gpu, dict):
         raise InputError("gpu must be an inventory object like {\"gpus\": [...]}.", field="gpu")
-    inventory = gpu or current_inventory()
+    if gpu:
+        inventory, origin = gpu, {"worker": "", "source": "given", "note": ""}
+    else:
+        inventory, origin = current_inventory()
     stats = {"rows": dataset.train_rows if dataset else 0, "token_stats": dataset.token_stats if dataset else {}}
     if dataset is not None and method == "auto":
         method = {"preference": "dpo", "kto": "kto"}.get(dataset.schema, method)
     calibration = measured_calibration(base_model, _device_name(inventory))
     preferences = {"method": method, "overrides": overrides}
     if calibration:
-        preferences["calibration"] = {"activation_scale": calibration["activation_scale"]}
+        # Measured over activations plus logits, so it scales both (estimate's calibration keys).
+        scale = calibration["activation_scale"]
+        preferences["calibration"] = {"activation_scale": scale, "logits_scale": scale}
     try:
         plan = select(inventory, base_model.config, stats, preferences)
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"Could not plan for this model: {exc}", field="base_model") from exc
+    plan["hardware"] = {**plan.get("hardware", {}), "worker": origin["worker"], "source": origin["source"]}
+    if origin["note"]:
+        plan["reasons"].insert(0, origin["note"])
     if calibration:
         plan["calibration"] = calibration
         plan.setdefault("reasons", []).append(
-            f"Activation memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
+            f"Activation and logits memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
             f"{calibration['jobs']} earlier job(s) of this architecture on {calibration['device_name']}."
         )
     return plan
+
+
+def replan_for_worker(job: FineTuneJob, inventory: dict, hostname: str) -> str | None:
+    """Before the fit check: when the job's plan was made for other hardware than this worker's, plans it again
+    for this worker, saves the plan and records why. Returns the event's message, or None when the plan stands.
+    A job with checkpoints keeps its plan (resuming needs the shapes it was saved with)."""
+    from autotune.select import planned_hardware
+
+    planned = (job.plan or {}).get("hardware") or {}
+    here = planned_hardware(inventory, job.overrides)
+    if not planned or (planned.get("device"), planned.get("name")) == (here["device"], here["name"]):
+        return None
+    where = f"{planned.get('name')} ({planned.get('device')})"
+    if any((job.checkpoint_dir / "checkpoints").glob("*")):
+        message = (f"Planned for {where}, but {hostname} has {here['name']}; the plan is kept because the job "
+                   f"resumes from a checkpoint saved with it.")
+        JobEvent.objects.create(job=job, kind="replan_skipped", message=message, data={"planned": planned, "here": here})
+        return message
+    old = job.plan
+    plan = make_plan(job.base_model, job.dataset, job.method, job.overrides, gpu=inventory)
+    plan["hardware"]["worker"] = hostname
+    changes = [f"{key} {old.get(key)} -> {plan.get(key)}" for key in REPLAN_FIELDS if old.get(key) != plan.get(key)]
+    message = (f"Planned for {where}, but {hostname} has {here['name']} ({here['device']}): replanned for it"
+               f"{': ' + ', '.join(changes) if changes else ', with the same settings'}.")
+    FineTuneJob.objects.filter(pk=job.pk).update(plan=plan)
+    job.plan = plan
+    JobEvent.objects.create(job=job, kind="replanned", message=message,
+                            data={"planned": planned, "here": here, "changes": changes})
+    return message
+
+
+REPLAN_FIELDS = ("method", "device", "dtype", "micro_batch", "grad_accum", "max_seq_len", "gradient_checkpointing",
+                 "optimizer")
 
 
 CALIBRATION_JOBS = 5
