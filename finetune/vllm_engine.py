@@ -154,7 +154,7 @@ def gpu_memory_fraction(model_dir, gpu: dict, kv_cache_bytes: int, ceiling: floa
     if total <= 0:
         return ceiling
     wanted = folder_bytes(model_dir) * 1.2 + kv_cache_bytes + 512 * 2**20  # + CUDA context and graphs
-    return round(max(0.05, min(ceiling, wanted / total, free / total * 0.95)), 3)
+    return round(max(0.01, min(ceiling, wanted / total, free / total * 0.95)), 3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +243,8 @@ class VllmServer:
         self.port = _free_port()
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
-            out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {self.command()[:-2]}\n".encode())
+            shown = " ".join(self.command()).replace(self.api_key, "***")
+            out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shown}\n".encode())
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             env=self.environment(), start_new_session=True)
         self.state, self.started_at, self.adapters = "starting", time.monotonic(), OrderedDict()
@@ -358,7 +359,7 @@ class VllmSupervisor:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            key, adapter_dir = self.deployments.pop(name, (None, None))
+            key, _ = self.deployments.pop(name, (None, None))
             self.announced.discard(name)
             server = self.servers.get(key)
             if server is None:
