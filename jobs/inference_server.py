@@ -51,6 +51,7 @@ class InferenceService:
         self.poll_seconds = poll_seconds
         self.registered: dict[str, tuple] = {}  # deployment name -> spec key it was registered with
         self.specs: dict[str, dict] = {}  # deployment name -> the spec it was registered with
+        self.notes: dict[str, dict] = {}  # deployment name -> which engine serves it and why
         self.engine_reasons: dict[str, str] = {}  # built-in deployments -> why not vLLM
         self.fallbacks: dict[tuple, str] = {}  # spec key -> why its vLLM server failed (served built-in)
         self.engine_settings = serving_engines.engine_settings(device, max_adapters) if use_vllm else None
@@ -86,7 +87,7 @@ class InferenceService:
                 if name not in self.registered:
                     self._register(spec)
                 elif spec["status"] == deploy.Status.LOADING and self.vllm is not None and name in self.vllm:
-                    serving_engines.note(spec["id"], spec["revision"], engine_progress=self.vllm.progress(name))
+                    self._note(spec, engine_progress=self.vllm.progress(name))
 
     def _register(self, spec: dict) -> None:
         name = spec["name"]
@@ -110,6 +111,7 @@ class InferenceService:
             deploy.mark_failed(spec["id"], spec["revision"], f"The inference server could not load it: {message}")
             return
         if spec["status"] == deploy.Status.LOADING:
+            self._note(spec)
             deploy.mark_live(spec["id"], spec["revision"])
         log.info("serving %s (%s) after %.1fs", name, spec["kind"], time.monotonic() - started)
 
@@ -137,18 +139,23 @@ class InferenceService:
             except (VllmUnavailable, OSError) as exc:
                 choice = {"engine": "builtin", "reason": "its vLLM server failed",
                           "warning": f"vLLM could not serve it, so the built-in server does: {exc}"}
-        serving_engines.note(spec["id"], spec["revision"], engine=choice["engine"], engine_reason=choice["reason"],
-                             engine_warning=choice["warning"] or None, engine_progress=None)
+        self.notes[spec["name"]] = {"engine": choice["engine"], "engine_reason": choice["reason"],
+                                    "engine_warning": choice["warning"] or None}
+        self._note(spec, engine_progress=None)
         if choice["engine"] != "vllm":
             self.engine_reasons[spec["name"]] = choice["reason"]
             return False
         self.registered[spec["name"]] = spec["key"]
         return True
 
+    def _note(self, spec: dict, **extra) -> None:
+        """Writes which engine serves it (again: the deploy task may have rewritten the details meanwhile)."""
+        serving_engines.note(spec["id"], spec["revision"], **self.notes.get(spec["name"], {}), **extra)
+
     def _vllm_ready(self, name: str) -> None:
         spec = self.specs.get(name)
         if spec is not None:
-            serving_engines.note(spec["id"], spec["revision"], engine_progress=None)
+            self._note(spec, engine_progress=None)
             if deploy.mark_live(spec["id"], spec["revision"]):
                 log.info("serving %s on vLLM", name)
         connections.close_all()  # the monitor thread's own connection
