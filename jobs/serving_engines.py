@@ -128,8 +128,12 @@ def relay(handler, route, path: str, body: dict) -> None:
         handler.send_header("Cache-Control", "no-cache")
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
-        while data := upstream.read1(65536):
-            handler._chunk(data)
+        try:
+            while data := upstream.read1(65536):
+                handler._chunk(data)
+        except (OSError, http.client.HTTPException) as exc:  # vLLM died mid-answer: say so in the stream
+            handler._event({"error": {"message": f"The vLLM server stopped mid-answer: {exc}",
+                                      "type": "service_unavailable", "param": None, "code": "model_loading"}})
         handler._chunk(b"")
     finally:
         connection.close()  # a client that went away (ClientGone) closes vLLM's request too: it stops generating
