@@ -209,7 +209,7 @@ class VllmServer:
         s = self.settings
         cmd = [s.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--api-key", self.api_key, "--dtype", s.dtype, "--max-model-len", str(self.context_length()),
+               "--api-key", self.api_key, "--dtype", self.dtype(), "--max-model-len", str(self.context_length()),
                # The request decides how to decode, as in the OpenAI API (not the model's generation_config).
                "--generation-config", "vllm"]
         if self.lora:
@@ -219,6 +219,13 @@ class VllmServer:
             fraction = gpu_memory_fraction(self.model_dir, s.gpu, int(s.kv_cache_gb * 2**30))
             cmd += ["--gpu-memory-utilization", str(fraction)]
         return cmd + list(s.extra_args)
+
+    def dtype(self) -> str:
+        # vLLM turns float32 checkpoints into bfloat16 on CPU, which CPUs without bf16 instructions only emulate
+        # (slowly); the built-in server runs such a model in float32 too.
+        if self.settings.dtype == "auto" and self.settings.device == "cpu" and not cpu_has_bf16():
+            return "float32"
+        return self.settings.dtype
 
     def context_length(self) -> int:
         try:
@@ -288,6 +295,14 @@ class VllmServer:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return True  # not Linux: leave the choice to vLLM
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _free_port() -> int:
