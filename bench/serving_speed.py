@@ -266,7 +266,7 @@ def under_load(send, requests: int, concurrency: int) -> dict:
                 results.append(outcome)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
