@@ -91,7 +91,20 @@ def _describe(position: int, handle, pynvml) -> dict:
         "free_bytes": int(memory.free),
         "compute_capability": f"{major}.{minor}",
         "bf16": (major, minor) >= BF16_MIN_COMPUTE_CAPABILITY,
+        "serving_reserved_bytes": serving_reserved_bytes(position),
     }
+
+
+def serving_reserved_bytes(index: int) -> int:
+    """GPU memory that vLLM servers being started by the inference server will take (finetune.vllm_engine writes
+    the file named by TUNEDECK_SERVING_RESERVED_FILE); 0 when there is none."""
+    import json
+
+    path = os.environ.get("TUNEDECK_SERVING_RESERVED_FILE")
+    try:
+        return int(json.loads(Path(path).read_text()).get(str(index), 0)) if path else 0
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _text(value) -> str:

@@ -455,8 +455,25 @@ class VllmSupervisor:
             except Exception:  # noqa: BLE001 - the monitor must outlive any one bad check
                 log.exception("vLLM monitor check failed")
 
+    def reserved_gpu_bytes(self) -> int:
+        """What servers still starting will take of the GPU (running ones already show in its free memory)."""
+        if self.settings.device != "cuda":
+            return 0
+        total = int(self.settings.gpu.get("total_bytes") or 0)
+        with self._lock:
+            starting = [s for s in self.servers.values() if s.state == "starting"]
+        return sum(int(total * gpu_memory_fraction(s.model_dir, self.settings.gpu, int(self.settings.kv_cache_gb
+                                                                                     * 2**30))) for s in starting)
+
+    def _publish_reservation(self) -> None:
+        path = os.environ.get("TUNEDECK_SERVING_RESERVED_FILE")
+        if path and self.settings.device == "cuda":
+            index = str(self.settings.gpu.get("index", 0))
+            Path(path).write_text(json.dumps({index: self.reserved_gpu_bytes()}))
+
     def check(self) -> None:
         """One round: notice servers that answer, restart the dead, give up on those that cannot start."""
+        self._publish_reservation()
         with self._lock:
             servers = list(self.servers.values())
         for server in servers:

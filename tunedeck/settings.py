@@ -145,6 +145,8 @@ TUNEDECK_VLLM_MAX_LORAS = int(os.environ.get("TUNEDECK_VLLM_MAX_LORAS", "16"))  
 TUNEDECK_VLLM_MAX_LORA_RANK = int(os.environ.get("TUNEDECK_VLLM_MAX_LORA_RANK", "64"))
 TUNEDECK_VLLM_STARTUP_SECONDS = float(os.environ.get("TUNEDECK_VLLM_STARTUP_SECONDS", "600"))
 TUNEDECK_VLLM_DTYPE = os.environ.get("TUNEDECK_VLLM_DTYPE", "auto")
+# Where the inference server tells the workers' GPU probe how much memory starting vLLM servers will take.
+os.environ.setdefault("TUNEDECK_SERVING_RESERVED_FILE", str(DATA_DIR / "serving-reserved.json"))
 
 # Uploads stream to disk in chunks and are refused as soon as they pass the limit.
 MAX_UPLOAD_BYTES = int(os.environ.get("TUNEDECK_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024)))

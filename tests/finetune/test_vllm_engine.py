@@ -106,3 +106,20 @@ def test_a_broken_vllm_is_retried_then_reported_as_failed(tmp_path):
     assert "pinger" not in supervisor and supervisor.servers == {}
     log = (tmp_path / "logs").glob("vllm-merged_pinger.log")
     assert next(log).read_text().count("== ") >= 2  # started twice: one retry
+
+
+def test_the_planner_leaves_out_gpu_memory_promised_to_starting_vllm_servers(tmp_path, monkeypatch):
+    from autotune.probe import serving_reserved_bytes
+    from autotune.select import Notes, choose_target
+
+    gpu = {"index": 0, "name": "GPU", "total_bytes": 80 * 2**30, "free_bytes": 60 * 2**30, "bf16": True}
+    notes = Notes()
+    plain = choose_target({"gpus": [gpu]}, {}, {}, notes)
+    reserved = choose_target({"gpus": [{**gpu, "serving_reserved_bytes": 20 * 2**30}]}, {}, {}, notes)
+    assert plain.free_bytes - reserved.free_bytes == 20 * 2**30
+    assert any("promised to vLLM servers" in r for r in notes.reasons)
+    # The supervisor's file, read by the probe.
+    monkeypatch.setenv("TUNEDECK_SERVING_RESERVED_FILE", str(tmp_path / "reserved.json"))
+    assert serving_reserved_bytes(0) == 0
+    (tmp_path / "reserved.json").write_text(json.dumps({"0": 123}))
+    assert serving_reserved_bytes(0) == 123 and serving_reserved_bytes(1) == 0
