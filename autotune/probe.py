@@ -84,15 +84,18 @@ def _cuda_visible(handles: list, pynvml, visible: str | None) -> list:
 def _describe(position: int, handle, pynvml) -> dict:
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
     major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    return {
+    entry = {
         "index": position,
         "name": _text(pynvml.nvmlDeviceGetName(handle)),
         "total_bytes": int(memory.total),
         "free_bytes": int(memory.free),
         "compute_capability": f"{major}.{minor}",
         "bf16": (major, minor) >= BF16_MIN_COMPUTE_CAPABILITY,
-        "serving_reserved_bytes": serving_reserved_bytes(position),
     }
+    reserved = serving_reserved_bytes(position)
+    if reserved:
+        entry["serving_reserved_bytes"] = reserved
+    return entry
 
 
 def serving_reserved_bytes(index: int) -> int:
