@@ -71,9 +71,13 @@ def test_loras_on_one_vllm_server_through_v1(vllm_available, alice, live_server,
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == chat.choices[0].message.content  # greedy: the stream spells the same answer
 
-    as_json = client.chat.completions.create(model="smol-a", messages=QUESTION, max_tokens=40, temperature=0,
+    as_json = client.chat.completions.create(model="smol-a", messages=QUESTION, max_tokens=60, temperature=0,
                                              response_format={"type": "json_object"})
-    json.loads(as_json.choices[0].message.content)  # structured output: valid JSON, whatever the model says
+    content = as_json.choices[0].message.content
+    if as_json.choices[0].finish_reason == "stop":
+        json.loads(content)  # structured output: valid JSON, whatever the model says
+    else:  # cut off by max_tokens: still JSON as far as it goes, never prose
+        assert content.lstrip().startswith("{"), content
 
     several = client.chat.completions.create(model="smol-a", messages=QUESTION, max_tokens=4, n=2, seed=3)
     assert len(several.choices) == 2
