@@ -386,6 +386,11 @@ class VllmSupervisor:
         server.stop()
         log.info("stopped vLLM for %s", key)
 
+    def is_ready(self, name: str) -> bool:
+        """Its server answers and it was announced (an adapter loaded)."""
+        with self._lock:
+            return name in self.announced
+
     def __contains__(self, name: str) -> bool:
         return name in self.deployments
 

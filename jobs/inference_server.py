@@ -86,8 +86,8 @@ class InferenceService:
             for name, spec in wanted.items():
                 if name not in self.registered:
                     self._register(spec)
-                elif spec["status"] == deploy.Status.LOADING and self.vllm is not None and name in self.vllm:
-                    self._note(spec, engine_progress=self.vllm.progress(name))
+                elif spec["status"] == deploy.Status.LOADING:
+                    self._still_loading(spec)
 
     def _register(self, spec: dict) -> None:
         name = spec["name"]
@@ -111,8 +111,8 @@ class InferenceService:
             deploy.mark_failed(spec["id"], spec["revision"], f"The inference server could not load it: {message}")
             return
         if spec["status"] == deploy.Status.LOADING:
-            self._note(spec)
             deploy.mark_live(spec["id"], spec["revision"])
+            self._note(spec)
         log.info("serving %s (%s) after %.1fs", name, spec["kind"], time.monotonic() - started)
 
     def _register_on_vllm(self, spec: dict) -> bool:
@@ -148,6 +148,15 @@ class InferenceService:
         self.registered[spec["name"]] = spec["key"]
         return True
 
+    def _still_loading(self, spec: dict) -> None:
+        name = spec["name"]
+        if self.vllm is not None and name in self.vllm and not self.vllm.is_ready(name):
+            self._note(spec, engine_progress=self.vllm.progress(name))
+            return
+        # Served already, yet `loading`: the deploy task rewrote the row after the load went live. Say it again.
+        if deploy.mark_live(spec["id"], spec["revision"]):
+            self._note(spec, engine_progress=None)
+
     def _note(self, spec: dict, **extra) -> None:
         """Writes which engine serves it (again: the deploy task may have rewritten the details meanwhile)."""
         serving_engines.note(spec["id"], spec["revision"], **self.notes.get(spec["name"], {}), **extra)
@@ -155,9 +164,9 @@ class InferenceService:
     def _vllm_ready(self, name: str) -> None:
         spec = self.specs.get(name)
         if spec is not None:
-            self._note(spec, engine_progress=None)
             if deploy.mark_live(spec["id"], spec["revision"]):
                 log.info("serving %s on vLLM", name)
+            self._note(spec, engine_progress=None)  # after: a deploy task rewriting the row meanwhile is redone
         connections.close_all()  # the monitor thread's own connection
 
     def _vllm_failed(self, name: str, reason: str) -> None:
