@@ -99,7 +99,7 @@ def _cuda_visible(handles: list, pynvml, visible: str | None) -> list:
 def _describe(position: int, handle, pynvml) -> dict:
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
     major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    return {
+    entry = {
         "index": position,
         "name": _text(pynvml.nvmlDeviceGetName(handle)),
         "total_bytes": int(memory.total),
@@ -107,6 +107,22 @@ def _describe(position: int, handle, pynvml) -> dict:
         "compute_capability": f"{major}.{minor}",
         "bf16": (major, minor) >= BF16_MIN_COMPUTE_CAPABILITY,
     }
+    reserved = serving_reserved_bytes(position)
+    if reserved:
+        entry["serving_reserved_bytes"] = reserved
+    return entry
+
+
+def serving_reserved_bytes(index: int) -> int:
+    """GPU memory that vLLM servers being started by the inference server will take (finetune.vllm_engine writes
+    the file named by TUNEDECK_SERVING_RESERVED_FILE); 0 when there is none."""
+    import json
+
+    path = os.environ.get("TUNEDECK_SERVING_RESERVED_FILE")
+    try:
+        return int(json.loads(Path(path).read_text()).get(str(index), 0)) if path else 0
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _text(value) -> str:

@@ -198,6 +198,11 @@ def choose_target(inventory: dict, preferences: dict, overrides: dict, notes: No
         return Target("cuda", "no GPU", 0, 0)
     gpu = pick_gpu(gpus, preferences.get("device_index"), notes)
     free = int(gpu.get("free_bytes") or 0)
+    # vLLM servers still starting on this GPU have not allocated their share yet (running ones show in free).
+    serving = int(gpu.get("serving_reserved_bytes") or 0)
+    if serving > 0:
+        free = max(0, free - serving)
+        notes.reason(f"{gb(serving)} of the GPU is promised to vLLM servers that are starting, so it is not counted.")
     name = str(gpu.get("name") or f"GPU {gpu.get('index', 0)}")
     # An inventory that does not say (an older worker) is taken to have bitsandbytes, as QLoRA plans assume.
     paged = (inventory.get("packages") or {}).get("bitsandbytes", True) is not False

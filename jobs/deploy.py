@@ -256,6 +256,10 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
             details.update(merged=False)
         if not _update(deployment.pk, revision, status=Status.LOADING, path=path, details=details, error=""):
             return None
+        if path:  # downloads for llama.cpp and Ollama, written while the inference server loads the model
+            from .gguf_exports import write_for_deployment
+
+            write_for_deployment(deployment.pk, revision, path, deployment.name)
         return Status.LOADING
     except TunedeckError as exc:
         mark_failed(deployment.pk, revision, str(exc))

@@ -44,6 +44,7 @@ urlpatterns += [
     path("deployments/<int:pk>/stop", deploy_views.deployment_stop, name="deployment-stop"),
     path("deployments/<int:pk>/rollback", deploy_views.deployment_rollback, name="deployment-rollback"),
     path("deployments/<int:pk>/export", deploy_views.deployment_export, name="deployment-export"),
+    path("deployments/<int:pk>/gguf/<str:kind>", deploy_views.deployment_gguf, name="deployment-gguf"),
     path("deployments/<int:pk>/chat/", deploy_views.playground, name="deployment-chat"),
     path("deployments/<int:pk>/chat/stream", deploy_views.playground_stream, name="deployment-chat-stream"),
 ]

@@ -136,6 +136,17 @@ CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 DEPLOYMENT_DIR = DATA_DIR / "deployments"
 # The inference server (`manage.py serve_inference`) that the OpenAI-compatible /v1 endpoints proxy to.
 TUNEDECK_INFERENCE_URL = os.environ.get("TUNEDECK_INFERENCE_URL", "http://127.0.0.1:8100")
+# vLLM, in its own environment (scripts/setup-vllm.sh): the inference server starts one vLLM server per merged
+# model or shared base on 127.0.0.1. Without this interpreter every deployment is served by the built-in server.
+TUNEDECK_VLLM_PYTHON = os.environ.get("TUNEDECK_VLLM_PYTHON", str(BASE_DIR / ".venv-vllm" / "bin" / "python"))
+TUNEDECK_VLLM_KV_CACHE_GB = float(os.environ.get("TUNEDECK_VLLM_KV_CACHE_GB", "1"))  # per server
+TUNEDECK_VLLM_MAX_MODEL_LEN = int(os.environ.get("TUNEDECK_VLLM_MAX_MODEL_LEN", "2048"))
+TUNEDECK_VLLM_MAX_LORAS = int(os.environ.get("TUNEDECK_VLLM_MAX_LORAS", "16"))  # adapters in one batch
+TUNEDECK_VLLM_MAX_LORA_RANK = int(os.environ.get("TUNEDECK_VLLM_MAX_LORA_RANK", "64"))
+TUNEDECK_VLLM_STARTUP_SECONDS = float(os.environ.get("TUNEDECK_VLLM_STARTUP_SECONDS", "600"))
+TUNEDECK_VLLM_DTYPE = os.environ.get("TUNEDECK_VLLM_DTYPE", "auto")
+# Where the inference server tells the workers' GPU probe how much memory starting vLLM servers will take.
+os.environ.setdefault("TUNEDECK_SERVING_RESERVED_FILE", str(DATA_DIR / "serving-reserved.json"))
 
 # Uploads stream to disk in chunks and are refused as soon as they pass the limit.
 MAX_UPLOAD_BYTES = int(os.environ.get("TUNEDECK_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024)))

@@ -36,6 +36,7 @@ urlpatterns += [
     path("deployments/<int:pk>/stop", deploy_views.DeploymentStop.as_view(), name="api-deployment-stop"),
     path("deployments/<int:pk>/rollback", deploy_views.DeploymentRollback.as_view(), name="api-deployment-rollback"),
     path("deployments/<int:pk>/export", deploy_views.DeploymentExport.as_view(), name="api-deployment-export"),
+    path("deployments/<int:pk>/gguf/<str:kind>", deploy_views.DeploymentGGUF.as_view(), name="api-deployment-gguf"),
 ]
 
 # Adapter version actions (issue 7). Put first: DELETE on adapter-versions/<pk> must reach the view that allows it
