@@ -29,8 +29,8 @@ How it chooses, and why:
   size (3 passes under 10,000 rows, 1 above).
 - dtype: bf16 where the device runs it faster than fp32, decided from the worker's own matmul measurement
   (inventory["matmul_speed"], finetune/precision.py), CPU included; on a GPU without a measurement, its
-  compute capability (bf16 tensor cores from Ampere on). fp16 is never chosen while training has no gradient
-  scaler (FP16_HAS_GRAD_SCALER); a GPU without bf16 trains in fp32.
+  compute capability (bf16 tensor cores from Ampere on); a GPU without bf16 trains in fp16 with a gradient
+  scaler (finetune/train.py, fp32 master weights).
 
 The plan names the hardware it was made for in plan["hardware"] ({"device", "name"}); the worker that picks the
 job up compares it with its own and replans when they differ (jobs/runner.py).
@@ -62,8 +62,8 @@ DEFAULT_SEQ_LEN = 1024  # without token statistics
 CHECKPOINTING_SLOWDOWN = 1.3  # recomputing the forward pass in backward costs about 30%
 HALF_SATURATION_TOKENS = 512  # tokens per micro-batch at which a GPU reaches half its throughput (modelled)
 BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 matmuls by this much to be worth its precision loss
-# Flip to True when finetune/train.py scales fp16 losses with torch.amp.GradScaler; until then fp16 is not offered.
-FP16_HAS_GRAD_SCALER = False
+# finetune/train.py scales fp16 losses with torch.amp.GradScaler over fp32 master weights.
+FP16_HAS_GRAD_SCALER = True
 MEMORY_OPTIMIZER = "paged_adamw_8bit"  # tried when nothing fits with the default optimizer
 
 SMALL_DATASET_ROWS = 1_000

@@ -21,6 +21,7 @@ from . import fastloss, fourbit
 from .data import iter_examples
 from .errors import OutOfMemory, TrainingError
 from .method_traits import method_traits
+from .optim import build_optimizer
 from .methods import ALL_METHODS, save_adapter, wrap_for_training
 from .tokenize import IGNORE, encode_example, encode_preference, render_prompt
 
@@ -777,8 +778,8 @@ def setup_run(spec: TrainSpec, on_event) -> Run:
     total_steps = int(spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch)))
     trainable, total_params = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(params, {**spec.plan, "learning_rate": spec.learning_rate,
+                                         "weight_decay": spec.weight_decay}, device)
 
     # Before any checkpoint is restored: the measurement clears the optimizer state it creates.
     _act_on_fit_check(fit_check(model, spec, train_rows, optimizer, pad_id, device), spec, on_event)

@@ -46,9 +46,9 @@ def test_method_reason_names_the_gpu_and_the_memory():
 def test_qlora_when_lora_does_not_fit():
     plan = plan_for(T4)
     assert plan["method"] == "qlora" and plan["fits"]
-    # No gradient scaler in training yet, so a GPU without bf16 trains in fp32 rather than unscaled fp16.
-    assert plan["dtype"] == "fp32"
-    assert any("no gradient scaler" in r for r in plan["reasons"])
+    # A GPU without bf16 trains in fp16, with the loss scaled by a GradScaler.
+    assert plan["dtype"] == "fp16"
+    assert any("GradScaler" in r for r in plan["reasons"])
     assert "LoRA needs" in plan["reasons"][0]
 
 
