@@ -29,6 +29,11 @@ def _causal_lm(model):
     return inner
 
 
+def use_full_logits(model) -> None:
+    """Opts a model out of the fused loss (a plan with fused_cross_entropy false): the ordinary path runs."""
+    _causal_lm(model).tunedeck_full_logits = True
+
+
 def fused_parts(model):
     """(body, output weight) when the fused loss applies to this model, else None."""
     import torch
@@ -39,6 +44,8 @@ def fused_parts(model):
         if getattr(config, "is_prompt_learning", False):
             return None  # prompt/prefix tuning: peft's own forward inserts virtual tokens or past key/values
     lm = _causal_lm(model)
+    if getattr(lm, "tunedeck_full_logits", False):
+        return None
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
