@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
-from typing import Callable
 
 from .evalmetrics import exact_match, token_f1
 
@@ -77,7 +77,7 @@ class Budget:
     trial_seconds: float = 0.0  # expected length of one trial: none starts that would end far past the budget
 
     @classmethod
-    def from_plan(cls, budget: dict) -> "Budget":
+    def from_plan(cls, budget: dict) -> Budget:
         return cls(budget.get("max_trials"), budget.get("seconds"), float(budget.get("trial_seconds_estimate") or 0))
 
 
@@ -430,9 +430,9 @@ def apply_winner(plan: dict, records: list[TrialRecord], model_config: dict) -> 
     final["memory"] = {**estimate(model_config, final), "capacity_bytes": plan["memory"]["capacity_bytes"]} \
         if (plan.get("memory") or {}).get("capacity_bytes") else plan.get("memory")
     cited = [winner_reason(name, winner, records) for name in PARAM_LABELS if name in winner.params]
-    final["reasons"] = [f"Search: trial {winner.number} won, of {len(records)} trials ({summary['complete']} "
+    final["reasons"] = [(f"Search: trial {winner.number} won, of {len(records)} trials ({summary['complete']} "
                         f"complete, {summary['pruned']} pruned, {summary['failed']} failed), by validation "
-                        f"{_metric_label(winner.metric)}."] + cited + reasons
+                        f"{_metric_label(winner.metric)}.")] + cited + reasons
     final["search_result"] = {**summary, "winner": winner.number, "metric": winner.metric, "score": winner.score,
                               "params": winner.params}
     return final
@@ -444,18 +444,18 @@ def winner_reason(name: str, winner: TrialRecord, records: list[TrialRecord]) ->
     label, metric = PARAM_LABELS[name], _metric_label(winner.metric)
     complete = [r for r in records if r.state == STATE_COMPLETE and r.score is not None]
     others = [r for r in complete if name in r.params and r.params[name] != value]
-    head = f"{label.capitalize()} {_value(value)}: best of {len(records)} trials, validation {metric} " \
+    head = f"{label.capitalize()} {format_value(value)}: best of {len(records)} trials, validation {metric} " \
            f"{winner.score:.3g}"
     if not others:
         return f"{head} (no completed trial tried another value)."
     runner_up = best_record(others)
-    return f"{head} vs {runner_up.score:.3g} at {_value(runner_up.params[name])} (trial {runner_up.number})."
+    return f"{head} vs {runner_up.score:.3g} at {format_value(runner_up.params[name])} (trial {runner_up.number})."
 
 
 def _metric_label(metric: str) -> str:
     return {"exact_match": "exact match", "token_f1": "token F1", "eval_loss": "loss"}.get(metric, metric)
 
 
-def _value(value) -> str:
+def format_value(value) -> str:
     return f"{value:.2g}" if isinstance(value, float) and value < 0.01 else f"{value:g}" \
         if isinstance(value, float) else str(value)

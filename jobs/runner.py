@@ -22,6 +22,7 @@ from finetune.errors import TunedeckError
 
 from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
 from .periodic import run_every
+from .search import run_search_stage  # issue 20 (search)
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ def run_training(job_id: int, worker_name: str):
     heartbeat = Heartbeat(job.pk, token)
     heartbeat.start()
     try:
+        job = run_search_stage(job, reporter.should_stop, worker_name)  # issue 20: trials, then the winner's plan
         result = _train(job, reporter)
         wait_for_database()  # what is left to write must not be lost to a database restart
         reporter.flush()

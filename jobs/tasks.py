@@ -35,6 +35,15 @@ def train_job(self, job_id: int):
     run_training(job_id, self.request.hostname or socket.gethostname())
 
 
+# issue 20 (search): a helper running trials of a job's search on another training worker (jobs/search.py)
+@shared_task(bind=True, acks_late=True, ignore_result=True)
+def search_trials_task(self, job_id: int):
+    from .search import run_helper_trials
+
+    close_old_connections()
+    run_helper_trials(job_id, self.request.hostname or socket.gethostname())
+
+
 @shared_task(ignore_result=True)
 def requeue_orphans_task():
     from .runner import requeue_orphans

@@ -3,10 +3,10 @@ over the memory cap never runs, and the winner's parameters become the final pla
 import json
 
 import pytest
+from tinymodel import learnable_chat_rows, write_jsonl
 
 from autotune import estimate
 from finetune import search
-from tinymodel import learnable_chat_rows, write_jsonl
 
 pytest.importorskip("optuna")
 
