@@ -68,6 +68,7 @@ class SearchSetup:
     seed: int = 42
     trust_remote_code: bool = False
     learning_rates: tuple = LEARNING_RATE_RANGE  # (low, high), searched on a log scale
+    fixed: dict = field(default_factory=dict)  # parameters the user set (overrides): not searched
 
 
 @dataclass
@@ -234,7 +235,8 @@ def run_trials(study, setup: SearchSetup, budget: Budget, observer: Observer | N
     Returns how many trials this call ran."""
     observer = observer or Observer()
     should_stop = should_stop or (lambda: False)
-    space = {**search_space(setup.plan, setup.model_config), "learning_rates": tuple(setup.learning_rates)}
+    space = {**search_space(setup.plan, setup.model_config), "learning_rates": tuple(setup.learning_rates),
+             "fixed": dict(setup.fixed)}
     ran = 0
     while budget_left(study, budget) and not should_stop():
         trial = study.ask()
@@ -253,15 +255,20 @@ def search_space(plan: dict, model_config: dict) -> dict:
 
 
 def sample(trial, space: dict) -> dict:
-    return {
-        "learning_rate": trial.suggest_float("learning_rate", *space.get("learning_rates", LEARNING_RATE_RANGE),
-                                            log=True),
-        "rank": trial.suggest_categorical("rank", list(RANKS)),
-        "alpha_ratio": trial.suggest_categorical("alpha_ratio", list(ALPHA_RATIOS)),
-        "target_set": trial.suggest_categorical("target_set", list(TARGET_SETS)),
-        "method": trial.suggest_categorical("method", space["methods"]),
-        "micro_batch": trial.suggest_categorical("micro_batch", space["micro_batches"]),
-    }
+    """The trial's parameters; those the user fixed (space["fixed"], from overrides) have one choice."""
+    fixed = space.get("fixed") or {}
+    low, high = space.get("learning_rates", LEARNING_RATE_RANGE)
+    choices = {"rank": list(RANKS), "alpha_ratio": list(ALPHA_RATIOS), "target_set": list(TARGET_SETS),
+               "method": space["methods"], "micro_batch": space["micro_batches"]}
+    params = {}
+    for name in PARAM_LABELS:
+        if name in fixed:
+            params[name] = trial.suggest_categorical(name, [fixed[name]])
+        elif name == "learning_rate":
+            params[name] = trial.suggest_float(name, low, high, log=True)
+        else:
+            params[name] = trial.suggest_categorical(name, choices[name])
+    return params
 
 
 def candidate_plan(plan: dict, params: dict, model_config: dict) -> dict:

@@ -130,7 +130,19 @@ def job_setup(job: FineTuneJob) -> search.SearchSetup:
         model_config=job.base_model.config, base_model_path=job.base_model.path,
         train_file=job.dataset.train_path, eval_file=job.dataset.validation_path,
         work_dir=str(job.checkpoint_dir / "search"), trial_steps=int(budget["trial_steps"]),
-        eval_every=int(budget["eval_every"]), trust_remote_code=job.base_model.trust_remote_code)
+        eval_every=int(budget["eval_every"]), trust_remote_code=job.base_model.trust_remote_code,
+        fixed=fixed_params(job))
+
+
+def fixed_params(job: FineTuneJob) -> dict:
+    """What the user set is not searched: overrides of searched fields, and a method other than auto."""
+    overrides = job.overrides or {}
+    fixed = {name: overrides[name] for name in ("learning_rate", "rank", "micro_batch") if name in overrides}
+    if job.method != "auto" or "method" in overrides:
+        fixed["method"] = job.plan.get("method")
+    if "alpha" in overrides and "rank" in overrides:
+        fixed["alpha_ratio"] = float(overrides["alpha"]) / int(overrides["rank"])
+    return fixed
 
 
 class RowObserver(search.Observer):

@@ -29,8 +29,8 @@ def api_for(user, token_for):
 def searched_job(user, tiny_base_model):
     dataset = ready_dataset(user)
     plan = {"method": "lora", "learning_rate": 4e-4, "search": {"enabled": True, "summary": "Search first: 3 trials"},
-            "search_result": {"winner": 1}, "reasons": ["Learning rate 0.0004: best of 3 trials, validation exact "
-                                                         "match 0.97 vs 0.85 at 0.0002 (trial 0)."]}
+            "search_result": {"winner": 1}, "reasons": [("Learning rate 0.0004: best of 3 trials, validation exact "
+                                                         "match 0.97 vs 0.85 at 0.0002 (trial 0).")]}
     job = FineTuneJob.objects.create(owner=user, base_model=tiny_base_model, dataset=dataset, method="auto",
                                      plan=plan, adapter_name="a", status="succeeded")
     params = {"rank": 8, "alpha_ratio": 2.0, "target_set": "all-linear", "method": "lora", "micro_batch": 8}
