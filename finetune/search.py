@@ -64,7 +64,8 @@ class SearchSetup:
     trial_steps: int
     eval_every: int
     score_examples: int = 16
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None  # None: enough for the longest validation reference (generation is slow)
+    eval_examples: int = 48  # validation rows for the loss curve of a trial
     seed: int = 42
     trust_remote_code: bool = False
     learning_rates: tuple = LEARNING_RATE_RANGE  # (low, high), searched on a log scale
@@ -235,6 +236,9 @@ def run_trials(study, setup: SearchSetup, budget: Budget, observer: Observer | N
     Returns how many trials this call ran."""
     observer = observer or Observer()
     should_stop = should_stop or (lambda: False)
+    if setup.max_new_tokens is None:
+        longest = max((len(r.split()) for _, r in validation_prompts(setup.eval_file, 200)), default=8)
+        setup.max_new_tokens = min(64, 2 * longest + 6)
     space = {**search_space(setup.plan, setup.model_config), "learning_rates": tuple(setup.learning_rates),
              "fixed": dict(setup.fixed)}
     ran = 0
@@ -369,7 +373,8 @@ def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, obse
     out_dir = Path(setup.work_dir) / f"trial-{trial.number}"
     trial_plan = {**plan, "max_steps": setup.trial_steps, "eval_every_steps": setup.eval_every,
                   "max_eval_generations": setup.score_examples if record.metric in MAXIMISED else 0,
-                  "max_new_tokens": setup.max_new_tokens, "seed": setup.seed, "checkpoint_every_minutes": 1e9}
+                  "max_new_tokens": setup.max_new_tokens, "seed": setup.seed, "checkpoint_every_minutes": 1e9,
+                  "max_eval_examples": setup.eval_examples}
     spec = TrainSpec.from_plan(trial_plan, base_model_path=setup.base_model_path, train_file=setup.train_file,
                                eval_file=setup.eval_file, output_dir=str(out_dir), checkpoint_dir=None,
                                trust_remote_code=setup.trust_remote_code)
