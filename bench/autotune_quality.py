@@ -43,11 +43,15 @@ PLAIN = {"method": "lora", "rank": 16, "alpha": 32, "target_modules": "all-linea
 # ------------------------------------------------------------------------ tasks (generated, with a seed)
 
 INTENTS = {
-    "balance": ["what's my balance", "how much money do i have", "show my account balance", "check balance please"],
-    "transfer": ["send money to {n}", "transfer 50 to {n}", "pay {n} back", "move funds to {n}'s account"],
-    "card_lost": ["i lost my card", "my card was stolen", "can't find my debit card", "block my card now"],
-    "hours": ["when are you open", "opening hours on {d}", "are you open on {d}", "what time do you close"],
-    "loan": ["i want a loan", "how do i borrow money", "loan rates for a car", "can i get a mortgage"],
+    "balance": ["what's my balance", "how much money do i have on {d}", "show my account balance", "balance for {n}",
+                "check balance please", "how much is left after paying {a}"],
+    "transfer": ["send money to {n}", "transfer {a} to {n}", "pay {n} back {a}", "move funds to {n}'s account"],
+    "card_lost": ["i lost my card", "my card was stolen on {d}", "can't find my debit card", "block {n}'s card now",
+                  "someone took my card"],
+    "hours": ["when are you open", "opening hours on {d}", "are you open on {d}", "what time do you close on {d}",
+              "is the branch near {n}'s office open"],
+    "loan": ["i want a loan", "can i borrow {a}", "loan rates for {a}", "can {n} get a mortgage",
+             "interest on a loan of {a}"],
 }
 NAMES = ["alice", "bob", "chen", "dana", "emil", "fatima", "goran", "hana", "ivan", "julia", "kofi", "lena"]
 DAYS = ["monday", "tuesday", "sunday", "friday", "saturday"]
@@ -60,7 +64,7 @@ ITEMS = ["shirt", "lamp", "chair", "mug", "bag", "hat"]
 
 def classify(rng):
     intent = rng.choice(list(INTENTS))
-    text = rng.choice(INTENTS[intent]).format(n=rng.choice(NAMES), d=rng.choice(DAYS))
+    text = rng.choice(INTENTS[intent]).format(n=rng.choice(NAMES), d=rng.choice(DAYS), a=rng.randint(5, 900))
     return (f"Classify the banking intent of this message as one of {', '.join(INTENTS)}.\nMessage: {text}",
             intent)
 
@@ -89,15 +93,26 @@ TASKS = {"classify": classify, "extract": extract, "convert": convert, "generate
 
 
 def make_task(name: str, rows: int, test_rows: int, seed: int, folder: Path) -> dict:
+    """Held-out test prompts first (unique), then training rows that never repeat a test prompt (they may repeat
+    each other once the generator's variety runs out, as real intent data does)."""
     rng = random.Random(f"{name}-{seed}")
-    seen, examples = set(), []
-    while len(examples) < rows + test_rows:
+    test, seen = [], set()
+    for _ in range(50 * test_rows):
         prompt, answer = TASKS[name](rng)
-        if prompt in seen and len(seen) < 10 * (rows + test_rows):
+        if prompt not in seen:
+            seen.add(prompt)
+            test.append((prompt, answer))
+        if len(test) == test_rows:
+            break
+    data, fresh = [], set()
+    for _ in range(200 * rows):
+        prompt, answer = TASKS[name](rng)
+        if prompt in seen or (prompt in fresh and len(fresh) < rows):
             continue
-        seen.add(prompt)
-        examples.append((prompt, answer))
-    test, data = examples[:test_rows], examples[test_rows:]
+        fresh.add(prompt)
+        data.append((prompt, answer))
+        if len(data) == rows:
+            break
     n_val = max(8, rows // 10)
 
     def write(path, pairs):
