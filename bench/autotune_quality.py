@@ -148,7 +148,7 @@ def token_stats(model_dir: Path, task: dict) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     lengths = sorted(len(encode_example(e, tok, 4096).input_ids) for e in iter_examples(task["train"]))
-    pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+    pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]
     return {"min": lengths[0], "p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "max": lengths[-1],
             "mean": sum(lengths) / len(lengths), "count": len(lengths)}
 

@@ -114,7 +114,8 @@ class Observer:
 
 
 def plan_budget(plan: dict, *, rows: int, mean_tokens: float, tokens_per_second: float | None, source: str,
-                minutes: float | None = None, trials: int | None = None, enabled: bool | None = None) -> dict:
+                minutes: float | None = None, trials: int | None = None, enabled: bool | None = None,
+                on_by_default: bool = True) -> dict:
     """The search budget a person reads before clicking Train: what the final run should take, what the search
     may take (25 % of that unless set in minutes or trials), and whether search is on."""
     effective = max(1, int(plan.get("micro_batch") or 1) * int(plan.get("grad_accum") or 1))
@@ -130,9 +131,11 @@ def plan_budget(plan: dict, *, rows: int, mean_tokens: float, tokens_per_second:
     trial_seconds = trial_steps * step_seconds + TRIAL_OVERHEAD_SECONDS if step_seconds else None
     affordable = int(seconds // trial_seconds) if seconds and trial_seconds else 0
     fits = affordable >= MIN_TRIALS or bool(trials) or bool(minutes)
-    on = fits if enabled is None else bool(enabled)
+    on = (fits and on_by_default) if enabled is None and not (trials or minutes) else enabled is not False
+    searched = plan.get("method") in (*SEARCHED_METHODS, "qlora")
     budget = {
-        "enabled": on and plan.get("method") in SEARCHED_METHODS + ("qlora",) and rows > 0,
+        "enabled": bool(on and searched and rows > 0),
+        "method_searched": searched,
         "max_trials": int(trials) if trials else None,
         "expected_trials": int(trials) if trials else affordable,
         "seconds": None if trials and not minutes else (round(seconds, 1) if seconds else None),
@@ -145,20 +148,26 @@ def plan_budget(plan: dict, *, rows: int, mean_tokens: float, tokens_per_second:
         "tokens_per_second_source": source,
         "set_by": "trials" if trials else "minutes" if minutes else "default",
     }
-    budget["summary"] = budget_summary(budget, fits, enabled)
+    budget["summary"] = budget_summary(budget, fits, enabled, on_by_default)
     return budget
 
 
-def budget_summary(budget: dict, fits: bool, enabled: bool | None) -> str:
+def budget_summary(budget: dict, fits: bool, enabled: bool | None, on_by_default: bool = True) -> str:
     final = budget["final_seconds_estimate"]
     speed = (f"{budget['tokens_per_second']:,.0f} tokens/s {budget['tokens_per_second_source']}"
              if budget["tokens_per_second"] else "no speed figure")
     head = f"Final training about {_duration(final)} ({budget['final_steps']:,} steps at {speed})" if final else \
         f"Final training {budget['final_steps']:,} steps ({speed})"
     if not budget["enabled"]:
-        why = "skipped as asked" if enabled is False else (
-            f"it would fit fewer than {MIN_TRIALS} trials of about {_duration(budget['trial_seconds_estimate'])}"
-            if not fits else "this method is not searched")
+        if enabled is False:
+            why = "skipped as asked"
+        elif budget["method_searched"] is False:
+            why = "this method is not searched"
+        elif not fits:
+            why = f"it would fit fewer than {MIN_TRIALS} trials of about " \
+                  f"{_duration(budget['trial_seconds_estimate'])}"
+        else:
+            why = "a method was chosen (search on, or set search minutes or trials, to search its settings)"
         return f"{head}. Search off: {why}; the rules choose the settings."
     if budget["set_by"] == "trials":
         limit = f"{budget['max_trials']} trials (set)"

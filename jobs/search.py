@@ -49,7 +49,7 @@ def split_search_options(overrides: dict) -> tuple[dict, dict]:
     return {k: v for k, v in overrides.items() if k not in SEARCH_OVERRIDES}, options
 
 
-def attach_budget(plan: dict, base_model, dataset, options: dict) -> dict:
+def attach_budget(plan: dict, base_model, dataset, options: dict, method: str = "auto") -> dict:
     """Adds plan["search"] (the budget in words and numbers) and its summary as the plan's last reason."""
     if dataset is None:
         return plan
@@ -61,7 +61,9 @@ def attach_budget(plan: dict, base_model, dataset, options: dict) -> dict:
     budget = search.plan_budget(plan, rows=int(dataset.train_rows or 0),
                                 mean_tokens=float(stats.get("mean") or stats.get("p50") or 0),
                                 tokens_per_second=tps, source=source, minutes=options.get("search_minutes"),
-                                trials=options.get("search_trials"), enabled=enabled)
+                                trials=options.get("search_trials"), enabled=enabled,
+                                # on by default for the auto path; a chosen method searches when asked to
+                                on_by_default=method == "auto")
     if options.get("search") is not False and not dataset.validation_rows:
         budget["summary"] += " (The dataset has no validation rows to score trials on.)"
     plan["search"] = budget

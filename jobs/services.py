@@ -512,7 +512,7 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
             f"Activation memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
             f"{calibration['jobs']} earlier job(s) of this architecture on {calibration['device_name']}."
         )
-    return attach_budget(plan, base_model, dataset, search_options)  # issue 20 (search): plan["search"]
+    return attach_budget(plan, base_model, dataset, search_options, method)  # issue 20 (search): plan["search"]
 
 
 CALIBRATION_JOBS = 5

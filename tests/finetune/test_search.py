@@ -87,3 +87,15 @@ def test_budget_reads_in_words_and_skips_when_too_small():
     assert forced["enabled"] and forced["max_trials"] == 6
     skipped = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="x", enabled=False)
     assert not skipped["enabled"] and "skipped as asked" in skipped["summary"]
+
+
+def test_a_chosen_method_searches_only_when_asked():
+    plan = {"method": "lora", "micro_batch": 8, "grad_accum": 1, "epochs": 1}
+    chosen = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="m",
+                                on_by_default=False)
+    assert not chosen["enabled"] and "a method was chosen" in chosen["summary"]
+    asked = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="m",
+                               on_by_default=False, minutes=2)
+    assert asked["enabled"] and asked["seconds"] == 120
+    ia3 = search.plan_budget({**plan, "method": "ia3"}, rows=4000, mean_tokens=60, tokens_per_second=400, source="m")
+    assert not ia3["enabled"] and "not searched" in ia3["summary"]

@@ -2,11 +2,11 @@
 in optuna's tables in the same PostgreSQL database), then trains the final run with the winner's parameters."""
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from tinymodel import learnable_chat_rows, write_jsonl
 
 from jobs import services
 from jobs.models import Dataset, FineTuneJob, JobEvent, JobStatus, SearchTrial
 from tests.conftest import wait_for
-from tinymodel import learnable_chat_rows, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
