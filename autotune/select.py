@@ -262,7 +262,7 @@ def base_plan(shape: ModelShape, method: str, dtype: str, target: Target, rank: 
             "adapter_bottleneck": DEFAULT_ADAPTER_BOTTLENECK,
             # Training computes the loss chunk by chunk on the labelled positions (finetune/fastloss.py) unless the
             # logits are soft-capped or the method puts virtual tokens in front; DPO keeps full logits.
-            # "auto" ends as LoRA or QLoRA, which share LoRA's traits (fix: method_traits("auto") raised KeyError)
+            # "auto" ends as LoRA or QLoRA, which share LoRA's traits.
             "fused_cross_entropy": method_traits("lora" if method == "auto" else method).can_pack
             and not shape.final_logit_softcapping}
     plan.update({k: overrides[k] for k in ESTIMATE_FIELDS if k in overrides})

@@ -245,7 +245,7 @@ def run_helper_trials(job_id: int, worker_name: str) -> int:
 
 def send_helpers(job: FineTuneJob) -> int:
     """One helper task per other live worker that takes training work (none with a single worker)."""
-    from .tasks import search_trials_task
+    from .queue import send_search_trials
 
     now = timezone.now()
     others = [w for w in Worker.objects.exclude(hostname=job.worker)
@@ -253,7 +253,7 @@ def send_helpers(job: FineTuneJob) -> int:
     expected = int(job.plan["search"].get("expected_trials") or job.plan["search"].get("max_trials") or 0)
     helpers = min(len(others), max(0, expected - 1))
     for _ in range(helpers):
-        search_trials_task.delay(job.pk)
+        send_search_trials(job.pk)
     return helpers
 
 

@@ -6,19 +6,18 @@ from django.views.decorators.http import require_GET
 
 from .models import FineTuneJob
 from .search import trials_payload
-from .views import _owned
 
 
 @login_required
 @require_GET
 def job_trials(request, pk):
-    job = _owned(FineTuneJob, request.user, pk)
+    job = FineTuneJob.objects.owned_by(request.user).get_or_404(pk)
     return render(request, "jobs/_search_trials.html", {"job": job, "search": trials_payload(job)})
 
 
 @login_required
 @require_GET
 def job_trials_json(request, pk):
-    response = JsonResponse(trials_payload(_owned(FineTuneJob, request.user, pk)))
+    response = JsonResponse(trials_payload(FineTuneJob.objects.owned_by(request.user).get_or_404(pk)))
     response["Cache-Control"] = "no-store"
     return response

@@ -151,8 +151,14 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"jobs.tasks.train_job": {"queue": "gpu"}, "jobs.tasks.deploy_version": {"queue": "gpu"},
-                      "jobs.tasks.search_trials_task": {"queue": "gpu"}}  # issue 20: search trials train too
+# The one place that says which queue a task goes to (docs/internals.md, "Tasks and queues"); jobs/queue.py sends
+# by task name. Training, merges and evaluation need the GPU worker; dataset checks go to the default queue.
+CELERY_TASK_ROUTES = {
+    "jobs.tasks.train_job": {"queue": "gpu"},
+    "jobs.tasks.deploy_version": {"queue": "gpu"},
+    "jobs.tasks.evaluate_versions_task": {"queue": "gpu"},
+    "jobs.tasks.search_trials_task": {"queue": "gpu"},  # issue 20: search trials train too
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False

@@ -4,8 +4,8 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from ..models import FineTuneJob
 from ..search import trials_payload
-from .views import _owned_job
 
 
 class SearchTrialSerializer(serializers.Serializer):
@@ -47,4 +47,4 @@ class JobTrials(APIView):
     @extend_schema(responses={200: JobTrialsSerializer},
                    summary="The job's hyperparameter search: budget, every trial with its curve, the winner")
     def get(self, request, pk):
-        return Response(trials_payload(_owned_job(request.user, pk)))
+        return Response(trials_payload(FineTuneJob.objects.owned_by(request.user).get_or_404(pk)))

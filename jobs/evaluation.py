@@ -1,7 +1,7 @@
 """Evaluation of adapter versions on a fixed prompt set, with the bare base model as a baseline.
 
 Web side (no torch): build a prompt set, record it as queued on each version, queue the Celery task.
-Worker side: `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
+Worker side (task jobs.tasks.evaluate_versions_task): `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
 
 Results live in AdapterVersion.metrics["evaluation"] (the training metrics next to it are never touched):
 
@@ -24,15 +24,14 @@ import json
 import logging
 from datetime import datetime, timedelta
 
-from celery import shared_task
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.utils import timezone
+
+from . import queue
+from .services import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_versions_task"]
-
-QUEUE = "gpu"
 VALIDATION_PROMPTS = 8
 MAX_PROMPTS = 50
 MAX_PROMPT_CHARS = 4000
@@ -44,8 +43,9 @@ STALE_AFTER = timedelta(minutes=30)
 ACTIVE = ("queued", "running")
 
 
-class EvaluationInputError(ValueError):
-    pass
+class EvaluationInputError(InputError):
+    """Bad evaluation input (prompts, max_new_tokens, no validation prompts): an InputError like any other, so
+    pages and the API catch one type."""
 
 
 # ------------------------------------------------------------------------------------------------ prompt sets
@@ -81,15 +81,26 @@ def clean_prompts(items) -> list[dict]:
     return prompts
 
 
-def parse_prompt_lines(text: str) -> list[dict]:
-    """The page's textarea: one prompt per line, optionally 'prompt ||| reference answer'."""
+def prompt_lines(text: str) -> list[dict]:
+    """The page's textarea, not yet checked: one prompt per line, optionally 'prompt ||| reference answer'."""
     items = []
     for line in (text or "").splitlines():
         if not line.strip():
             continue
         prompt, _, reference = line.partition("|||")
         items.append({"prompt": prompt.strip(), "reference": reference.strip() or None})
-    return clean_prompts(items)
+    return items
+
+
+def choose_prompts(version, typed=None, *, typed_name="your prompts", one_typed_kind="custom"):
+    """The one answer to "the user's prompts or the validation set" for pages and API: returns (prompts, name,
+    kind). `typed` is what the user gave (the page's textarea through prompt_lines, or the API's list of strings
+    or {prompt, reference} objects); none given means the validation prompts of `version`'s dataset, with their
+    held-out answers as references. Raises EvaluationInputError."""
+    if typed in (None, []):
+        return validation_prompts(version), f"validation prompts of {version.dataset.name}", "validation"
+    prompts = clean_prompts(typed)
+    return prompts, typed_name, one_typed_kind if len(prompts) == 1 else "custom"
 
 
 def validation_prompts(version, limit: int = VALIDATION_PROMPTS) -> list[dict]:
@@ -248,12 +259,8 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
             version.save(update_fields=["metrics"])
             to_run.append(version.pk)
         if to_run:
-            transaction.on_commit(lambda: enqueue_evaluation(to_run, set_id))
+            transaction.on_commit(lambda: queue.send_evaluation(to_run, set_id))
     return set_id
-
-
-def enqueue_evaluation(version_ids: list[int], set_id: str):
-    evaluate_versions_task.apply_async(args=(list(version_ids), set_id), queue=QUEUE)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -339,8 +346,3 @@ def run_evaluation(version_ids: list[int], set_id: str) -> dict:
                     statuses[v.pk] = "failed"
     return statuses
 
-
-@shared_task(acks_late=True, ignore_result=True)
-def evaluate_versions_task(version_ids: list[int], set_id: str):
-    close_old_connections()
-    run_evaluation(version_ids, set_id)
