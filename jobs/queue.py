@@ -8,6 +8,7 @@ TRAIN = "jobs.tasks.train_job"
 PROCESS_DATASET = "jobs.tasks.process_dataset_task"
 DEPLOY = "jobs.tasks.deploy_version"
 EVALUATE = "jobs.tasks.evaluate_versions_task"
+SEARCH_TRIALS = "jobs.tasks.search_trials_task"  # issue 20
 
 
 def send(task_name: str, *args, queue: str | None = None) -> None:
@@ -42,3 +43,7 @@ def send_deploy(deployment_id: int, revision: int) -> None:
 
 def send_evaluation(version_ids: list[int], set_id: str) -> None:
     send(EVALUATE, list(version_ids), set_id)
+
+
+def send_search_trials(job_id: int) -> None:  # issue 20: a helper running trials of the job's search
+    send(SEARCH_TRIALS, job_id)

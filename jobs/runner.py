@@ -23,6 +23,7 @@ from finetune.errors import TunedeckError
 from . import queue
 from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
 from .periodic import run_every
+from .search import run_search_stage  # issue 20 (search)
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ def run_training(job_id: int, worker_name: str):
     heartbeat.start()
     try:
         _replan_for_this_worker(job, worker_name)
+        job = run_search_stage(job, reporter.should_stop, worker_name)  # trials, then the winner's plan
         result = _train(job, reporter)
         wait_for_database()  # what is left to write must not be lost to a database restart
         reporter.flush()

@@ -28,6 +28,7 @@ from .models import (
     JobStatus,
     Worker,
 )
+from .search import SEARCH_OVERRIDES, attach_budget, split_search_options  # issue 20 (search)
 
 log = logging.getLogger(__name__)
 
@@ -581,6 +582,9 @@ OVERRIDE_TYPES = {
 }
 POSITIVE = {"rank", "micro_batch", "grad_accum", "max_seq_len", "epochs", "max_steps", "num_virtual_tokens",
             "adapter_bottleneck", "learning_rate", "eval_every_steps", "checkpoint_every_steps", "max_new_tokens"}
+# issue 20 (search): search=false, search_minutes, search_trials travel with the overrides (jobs/search.py)
+OVERRIDE_TYPES.update(SEARCH_OVERRIDES)
+POSITIVE |= {"search_minutes", "search_trials"}
 
 
 def clean_overrides(overrides) -> dict:
@@ -698,7 +702,7 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
     from autotune import select
 
     method = clean_method(method)
-    overrides = clean_overrides(overrides)
+    overrides, search_options = split_search_options(clean_overrides(overrides))  # issue 20 (search)
     if dataset is not None and dataset.status != Dataset.Status.READY:
         raise InputError(f"Dataset {dataset.name!r} is {dataset.status}, not ready.", field="dataset")
     if dataset is not None:
@@ -731,7 +735,7 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
             f"Activation and logits memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
             f"{calibration['jobs']} earlier job(s) of this architecture on {calibration['device_name']}."
         )
-    return plan
+    return attach_budget(plan, base_model, dataset, search_options, method)  # issue 20 (search): plan["search"]
 
 
 def replan_for_worker(job: FineTuneJob, inventory: dict, hostname: str) -> str | None:

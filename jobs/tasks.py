@@ -11,6 +11,7 @@ from .deploy import run_deploy
 from .evaluation import run_evaluation
 from .models import Dataset
 from .runner import run_training
+from .search import run_helper_trials
 from .services import process_dataset
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,13 @@ def process_dataset_task(dataset_id: int):
 def train_job(self, job_id: int):
     close_old_connections()
     run_training(job_id, self.request.hostname or socket.gethostname())
+
+
+# issue 20 (search): a helper running trials of a job's search on another training worker (jobs/search.py)
+@shared_task(bind=True, acks_late=True, ignore_result=True)
+def search_trials_task(self, job_id: int):
+    close_old_connections()
+    run_helper_trials(job_id, self.request.hostname or socket.gethostname())
 
 
 @shared_task(acks_late=True, ignore_result=True)

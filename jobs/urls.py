@@ -48,3 +48,11 @@ urlpatterns += [
     path("deployments/<int:pk>/chat/", deploy_views.playground, name="deployment-chat"),
     path("deployments/<int:pk>/chat/stream", deploy_views.playground_stream, name="deployment-chat-stream"),
 ]
+
+# Search trials (issue 20, jobs/search_views.py).
+from . import search_views  # noqa: E402
+
+urlpatterns += [
+    path("jobs/<int:pk>/trials", search_views.job_trials, name="job-trials"),
+    path("jobs/<int:pk>/trials.json", search_views.job_trials_json, name="job-trials-json"),
+]

@@ -214,6 +214,7 @@ def _histogram_bars(stats):
 # ---------------------------------------------------------------- jobs
 
 FORM_OVERRIDES = ("rank", "alpha", "micro_batch", "grad_accum", "max_seq_len", "learning_rate", "epochs", "max_steps",
+                  "search", "search_minutes", "search_trials",  # issue 20 (search)
                   "gradient_checkpointing")
 FORM_INPUTS = FORM_OVERRIDES[:-1]  # the fields job_new.html has inputs for; the rest go to "Other overrides"
 
@@ -418,6 +419,9 @@ def job_detail(request, pk):
     context = _job_context(job)
     if request.htmx:
         return render(request, "jobs/_job_live.html", context)
+    from .search import trials_payload  # issue 20 (search)
+
+    context["search"] = trials_payload(job)
     return render(request, "jobs/job_detail.html", context)
 
 

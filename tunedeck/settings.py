@@ -168,6 +168,7 @@ CELERY_TASK_ROUTES = {
     "jobs.tasks.train_job": {"queue": "gpu"},
     "jobs.tasks.deploy_version": {"queue": "gpu"},
     "jobs.tasks.evaluate_versions_task": {"queue": "gpu"},
+    "jobs.tasks.search_trials_task": {"queue": "gpu"},  # issue 20: search trials train too
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.

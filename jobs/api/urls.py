@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import search_views, views
 
 urlpatterns = [
     path("auth/token", views.issue_token, name="api-token"),
@@ -17,6 +17,7 @@ urlpatterns = [
     path("jobs/<int:pk>/retry", views.JobRetry.as_view(), name="api-job-retry"),
     path("jobs/<int:pk>/clone", views.JobClone.as_view(), name="api-job-clone"),
     path("jobs/<int:pk>/metrics", views.JobMetrics.as_view(), name="api-job-metrics"),
+    path("jobs/<int:pk>/trials", search_views.JobTrials.as_view(), name="api-job-trials"),  # issue 20
     path("adapter-versions", views.AdapterVersionList.as_view(), name="api-versions"),
     path("adapter-versions/compare", views.AdapterVersionCompare.as_view(), name="api-versions-compare"),
     path("adapter-versions/<int:pk>", views.AdapterVersionDetail.as_view(), name="api-version"),
