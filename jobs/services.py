@@ -137,6 +137,42 @@ def _clean_fraction(value) -> float:
     return fraction
 
 
+def delete_dataset(dataset: Dataset):
+    """Deletes a dataset version and its files, whatever its status (a worker still processing it stops writing:
+    its updates find no row). Refused while jobs use it: they keep it for their lineage.
+    (The same function as on branch issue-22, which adds it with the dataset retry; keep that one when merging.)"""
+    from django.db.models import ProtectedError
+
+    used = FineTuneJob.objects.filter(dataset=dataset).count()
+    if used:
+        raise InputError(f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; it is kept "
+                         "for their lineage.", code="conflict")
+    source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
+    try:
+        with transaction.atomic():
+            dataset.delete()
+            shared = Dataset.objects.filter(file_path=str(source)).exists()
+    except ProtectedError:
+        raise InputError("The dataset is in use; it is kept for their lineage.", code="conflict") from None
+    root = Path(settings.DATASET_DIR).resolve()
+    for folder in [processed] if shared else [processed, source.parent]:
+        folder = folder.resolve()
+        if root in folder.parents and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
+
+
+def dataset_name_from_file(filename) -> str:
+    """'support-chats.jsonl.gz' -> 'support-chats': the name a user would give it."""
+    name = Path(filename or "dataset").name
+    for suffix in DATA_SUFFIXES:  # in this order, so .jsonl.gz loses both
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return name[:200] or "dataset"
+
+
 def create_dataset(
     user,
     uploaded,
@@ -188,7 +224,7 @@ def create_dataset(
             val_source = str(version_dir / "validation-source")
             os.replace(val_tmp, val_source)
             val_tmp = None
-        display = name.strip() or Path(uploaded.name or "dataset").name[:200]
+        display = name.strip() or dataset_name_from_file(uploaded.name)
         with transaction.atomic():
             dataset = Dataset.objects.create(
                 owner=user,

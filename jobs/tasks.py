@@ -95,4 +95,4 @@ def fresh_connections(**kwargs):
 
 # Tasks that live beside their logic; imported here so the worker, which loads jobs.tasks, registers them.
 from .deploy_tasks import deploy_version  # noqa: E402,F401
-from .eval_tasks import evaluate_versions_task  # noqa: E402,F401
+from .eval_tasks import evaluate_interactive, evaluate_versions_task  # noqa: E402,F401

@@ -8,6 +8,7 @@ urlpatterns = [
     path("datasets/", views.dataset_list, name="datasets"),
     path("datasets/<int:pk>/", views.dataset_detail, name="dataset-detail"),
     path("datasets/<int:pk>/drop-invalid", views.dataset_drop_invalid, name="dataset-drop-invalid"),
+    path("datasets/<int:pk>/delete", views.dataset_delete, name="dataset-delete"),
     path("jobs/", views.job_list, name="jobs"),
     path("jobs/new/", views.job_new, name="job-new"),
     path("jobs/plan-preview", views.plan_preview, name="plan-preview"),

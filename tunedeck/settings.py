@@ -62,6 +62,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served as static files (no CDN)
     "jobs",
 ]
 
@@ -151,7 +152,16 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"jobs.tasks.train_job": {"queue": "gpu"}, "jobs.tasks.deploy_version": {"queue": "gpu"}}
+# Three queues: "gpu" for long work on the accelerator (training, full evaluations, merges), "interactive" for
+# short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts), consumed
+# by its own worker process so they never wait behind a training run, and "default" for dataset processing.
+INTERACTIVE_QUEUE = "interactive"
+CELERY_TASK_ROUTES = {
+    "jobs.tasks.train_job": {"queue": "gpu"},
+    "jobs.tasks.deploy_version": {"queue": "gpu"},
+    "jobs.eval_tasks.evaluate_versions_task": {"queue": "gpu"},
+    "jobs.tasks.evaluate_interactive": {"queue": INTERACTIVE_QUEUE},
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
@@ -187,6 +197,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Parameter-efficient fine-tuning of open LLMs.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from drf-spectacular-sidecar's static files: the docs work on an air-gapped install.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No deep-link anchors inside the operation buttons (nested interactive controls for screen readers).
+    "SWAGGER_UI_SETTINGS": {"deepLinking": False, "persistAuthorization": True},
     "ENUM_NAME_OVERRIDES": {
         "JobStatusEnum": "jobs.models.JobStatus",
         "DatasetStatusEnum": "jobs.models.Dataset.Status",
