@@ -162,7 +162,9 @@ def check_page(page, url, name, width_name):
     folder = os.environ.get("TUNEDECK_SCREENSHOT_DIR")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name.replace(' ', '-')}-{width_name}.png"), full_page=True)
+        stem = Path(folder) / f"{name.replace(' ', '-')}-{width_name}"
+        page.screenshot(path=f"{stem}.png", full_page=True)
+        page.screenshot(path=f"{stem}-top.png")  # the first screen, readable at its own size
     return [f"{name} @ {width_name}: {p}" for p in found]
 
 
