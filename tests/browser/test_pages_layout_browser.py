@@ -132,18 +132,28 @@ class PageProblems:
     """Console errors, uncaught exceptions and failed requests seen by one page."""
 
     def __init__(self, page):
-        self.items = []
-        page.on("console", lambda m: m.type == "error" and self.items.append(f"console: {m.text}"))
-        page.on("pageerror", lambda e: self.items.append(f"exception: {e}"))
-        page.on("requestfailed", lambda r: self.items.append(f"request failed: {r.url} {r.failure}"))
-        page.on("response", lambda r: r.status >= 400 and self.items.append(f"HTTP {r.status}: {r.url}"))
+        self.items, self.page = [], page
+        self.handlers = {
+            "console": lambda m: m.type == "error" and self.items.append(f"console: {m.text}"),
+            "pageerror": lambda e: self.items.append(f"exception: {e}"),
+            "requestfailed": lambda r: self.items.append(f"request failed: {r.url} {r.failure}"),
+            "response": lambda r: r.status >= 400 and self.items.append(f"HTTP {r.status}: {r.url}"),
+        }
+        for event, handler in self.handlers.items():
+            page.on(event, handler)
+
+    def stop(self):
+        """Stops listening, then leaves the page: a poll still in flight is aborted by leaving, not failed."""
+        for event, handler in self.handlers.items():
+            self.page.remove_listener(event, handler)
+        self.page.goto("about:blank")
 
 
 def check_page(page, url, name, width_name):
     problems = PageProblems(page)
     page.goto(url, wait_until="load")
     page.wait_for_timeout(400)  # charts draw, htmx loads the plan preview
-    found = list(problems.items)
+    found = []
     sizes = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
     if sizes[0] > sizes[1]:
         wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
@@ -159,12 +169,14 @@ def check_page(page, url, name, width_name):
     }""")
     found += [f"axe {v['impact']}: {v['id']} ({v['help']}) at {v['nodes']}" for v in violations
               if v["impact"] in SERIOUS]
+    found = list(problems.items) + found
     folder = os.environ.get("TUNEDECK_SCREENSHOT_DIR")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         stem = Path(folder) / f"{name.replace(' ', '-')}-{width_name}"
         page.screenshot(path=f"{stem}.png", full_page=True)
         page.screenshot(path=f"{stem}-top.png")  # the first screen, readable at its own size
+    problems.stop()
     return [f"{name} @ {width_name}: {p}" for p in found]
 
 
