@@ -552,8 +552,10 @@ def version_list(request):
 
 
 def _scalar_metrics(metrics):
+    from .compare import _metric_sort_key  # the compare page's order: the quality metrics first
+
     rows = []
-    for key, value in sorted((metrics or {}).items()):
+    for key, value in sorted((metrics or {}).items(), key=lambda kv: _metric_sort_key(kv[0])):
         if key == "evaluation" or isinstance(value, (dict, list)):
             continue
         rows.append({"name": key, "value": value, "is_float": isinstance(value, float)})
