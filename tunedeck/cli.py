@@ -22,10 +22,12 @@ from pathlib import Path
 
 import requests
 
+from finetune.method_traits import method_names
+
 EXIT_API, EXIT_USAGE, EXIT_CONNECTION, EXIT_CANCELLED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 API = "/api/v1"
 ACTIVE_JOB = ("queued", "running")
-METHODS = ["auto", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter", "dpo"]
+METHODS = ["auto", *method_names()]
 TIMEOUT = (10, 120)  # connect, read
 
 
