@@ -67,6 +67,9 @@ def test_deploy_says_queued_until_its_merge_starts(client, user, version):
     page = client.get(f"/deployments/{deployment.pk}/").content.decode()
     assert "queued (position 1)" in page and "merging the adapter" not in page
     assert "queued (position 1)" in client.get("/deployments/").content.decode()
+    token = ApiToken.issue(user)[1]
+    api = client.get(f"/api/v1/deployments/{deployment.pk}", HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    assert api["status"] == "merging" and api["queue"]["position"] == 1 and api["queue"]["queue"] == "gpu"
     deployment.details = {"merge_started_at": timezone.now().isoformat(), "merge_revision": 1,
                           "merge_worker": "gpu@box"}
     deployment.save()
