@@ -262,7 +262,9 @@ def base_plan(shape: ModelShape, method: str, dtype: str, target: Target, rank: 
             "adapter_bottleneck": DEFAULT_ADAPTER_BOTTLENECK,
             # Training computes the loss chunk by chunk on the labelled positions (finetune/fastloss.py) unless the
             # logits are soft-capped or the method puts virtual tokens in front; DPO keeps full logits.
-            "fused_cross_entropy": method_traits(method).can_pack and not shape.final_logit_softcapping}
+            # "auto" ends as LoRA or QLoRA, which share LoRA's traits.
+            "fused_cross_entropy": method_traits("lora" if method == "auto" else method).can_pack
+            and not shape.final_logit_softcapping}
     plan.update({k: overrides[k] for k in ESTIMATE_FIELDS if k in overrides})
     shape.modules_for(plan["target_modules"])  # an unknown module name is an error now, not in training
     return plan

@@ -76,6 +76,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], *, max_new_tokens: i
     """One greedy answer per prompt, stopping at the model's end-of-turn tokens."""
     import torch
 
+    from .generation import generate
     from .modelstore import stop_token_ids
     from .tokenize import render_prompt
 
@@ -86,9 +87,9 @@ def generate_answers(model, tokenizer, prompts: list[dict], *, max_new_tokens: i
         text = render_prompt(tokenizer, prompt_messages(prompt))
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -max_seq_len:]
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=torch.ones_like(ids).to(device),
+            out = generate(
+                model,
+                ids.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=stops or None,

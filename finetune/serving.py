@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import TunedeckError
+from finetune.generation import generate
 from finetune.merge import AdapterFolderError, describe_adapter
 from finetune.methods import BOTTLENECK_TYPE
 from finetune.modelstore import load_model_and_tokenizer, stop_token_ids
@@ -434,9 +435,9 @@ def _generate(model, group: _LoadedBase, input_ids, params: _SamplingParams, on_
         pad_token_id=pad_id,
     )
     with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+        output = generate(
+            model,
+            input_ids,
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([watcher]),

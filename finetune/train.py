@@ -384,9 +384,10 @@ def generate_samples(model, tokenizer, eval_file, spec: TrainSpec) -> list[dict]
     """Greedy answers to a few held-out prompts, stopping at the end-of-turn token, for side-by-side review."""
     import torch
 
+    from .generation import generate
     from .modelstore import stop_token_ids
 
-    if not eval_file or spec.max_eval_generations <= 0 or spec.method == "prefix":
+    if not eval_file or spec.max_eval_generations <= 0:
         return []
     samples = []
     device = _device_of(model)
@@ -406,9 +407,9 @@ def generate_samples(model, tokenizer, eval_file, spec: TrainSpec) -> list[dict]
         prompt = render_prompt(tokenizer, prompt_messages)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -spec.max_seq_len :]
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=torch.ones_like(ids).to(device),
+            out = generate(
+                model,
+                ids.to(device),
                 max_new_tokens=spec.max_new_tokens,
                 do_sample=False,
                 eos_token_id=stops or None,

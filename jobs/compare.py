@@ -3,7 +3,7 @@ prompt, and the base model without adapter as a baseline. Used by the compare pa
 GET /api/v1/adapter-versions/compare. Plain data in, plain data out (a few queries: one per version's curve)."""
 import math
 
-from .eval_tasks import entry_of, evaluation_of, is_active
+from .evaluation import entry_of, evaluation_of, is_active
 from .metrics import downsampled_points
 
 LOWER_IS_BETTER = {"eval_loss", "train_loss", "perplexity", "final_step_loss"}

@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from finetune.errors import TunedeckError
 
+from . import queue
 from .models import AdapterVersion, Deployment
 from .services import InputError
 
@@ -163,13 +164,7 @@ def _fresh_details(version: AdapterVersion, merge: bool, history: list, reason: 
 
 def _enqueue_on_commit(deployment: Deployment) -> None:
     pk, revision = deployment.pk, deployment.revision
-    transaction.on_commit(lambda: enqueue_deploy(pk, revision))
-
-
-def enqueue_deploy(deployment_id: int, revision: int) -> None:
-    from .deploy_tasks import deploy_version as task
-
-    task.delay(deployment_id, revision)
+    transaction.on_commit(lambda: queue.send_deploy(pk, revision))
 
 
 def stop(deployment: Deployment) -> Deployment:
@@ -405,3 +400,19 @@ def export_commands(deployment: Deployment) -> dict:
         ),
     }
     return {"merged": merged, "adapter": adapter, "archive": archive}
+
+
+def export_problem(deployment: Deployment):
+    """(code, message, http status) when the deployment has no merged model to download, else None."""
+    if not deployment.path:
+        if deployment.status in (Deployment.Status.MERGING, Deployment.Status.LOADING) and deployment.merge:
+            return "not_ready", "The merge has not finished yet; try again when the deployment is live.", 409
+        return (
+            "not_merged",
+            "This deployment serves the adapter unmerged, so there is no merged model to export; download the "
+            f"adapter instead (/api/v1/adapter-versions/{deployment.version_id}/download).",
+            409,
+        )
+    if not Path(deployment.path).is_dir():
+        return "gone", "The merged model files are missing on the server.", 410
+    return None

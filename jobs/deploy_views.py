@@ -7,26 +7,18 @@ from pathlib import Path
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from . import deploy, waiting
-from .api.deploy_views import export_problem, zip_response
+from .archives import zip_response
 from .models import AdapterVersion, Deployment
 from .openai_views import OpenAIError, clean_messages, error_response, proxy
 from .services import InputError
 
-BIGINT = 2**63 - 1
-
-
-def _owned(model, user, pk, *related):
-    if pk > BIGINT:
-        raise Http404
-    return get_object_or_404(model.objects.owned_by(user).select_related(*related), pk=pk)
-
 
 def _deployment(user, pk):
-    return _owned(Deployment, user, pk, "version__line", "version__base_model")
+    return Deployment.objects.owned_by(user).select_related("version__line", "version__base_model").get_or_404(pk)
 
 
 def _back(request, default):
@@ -37,7 +29,7 @@ def _back(request, default):
 @login_required
 @require_POST
 def version_deploy(request, pk):
-    version = _owned(AdapterVersion, request.user, pk, "line", "base_model")
+    version = AdapterVersion.objects.owned_by(request.user).select_related("line", "base_model").get_or_404(pk)
     try:
         deployment = deploy.deploy_version(
             request.user, version, merge=request.POST.get("merge") == "on", name=request.POST.get("name", "")
@@ -78,7 +70,7 @@ def deployment_detail(request, pk):
         return response
     context.update(
         commands=deploy.export_commands(deployment),
-        export_problem=export_problem(deployment),
+        export_problem=deploy.export_problem(deployment),
         details_json=json.dumps(deployment.details, indent=2, sort_keys=True),
     )
     return render(request, "jobs/deployment_detail.html", context)
@@ -114,7 +106,7 @@ def deployment_rollback(request, pk):
 @login_required
 def deployment_export(request, pk):
     deployment = _deployment(request.user, pk)
-    problem = export_problem(deployment)
+    problem = deploy.export_problem(deployment)
     if problem:
         raise Http404(problem[1])
     return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")

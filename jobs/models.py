@@ -4,16 +4,49 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.http import Http404
 from django.utils import timezone
 
 from finetune.method_traits import method_names
 
 User = settings.AUTH_USER_MODEL
 
+# Ids are PostgreSQL bigints; a larger number names no object (and must not reach the database as one).
+MAX_ID = 2**63 - 1
+
+
+class ObjectNotFound(Http404):
+    """No such object for this user. The message names it ("No dataset 5."): pages answer 404, the REST API
+    shows the message in its not_found error, /v1 turns it into OpenAI's model_not_found."""
+
 
 class OwnedQuerySet(models.QuerySet):
+    """Every lookup of a user's objects, for pages, the REST API and /v1 alike, is
+    `Model.objects.owned_by(user)[.select_related(...)].get_or_404(pk)`: another user's id, a malformed id and one
+    beyond the bigint range are all the same unknown id."""
+
+    owner_field = "owner"
+
     def owned_by(self, user):
-        return self.filter(owner=user)
+        return self.filter(**{self.owner_field: user})
+
+    def get_or_404(self, pk=None, **fields):
+        """The object of this queryset with this id (or these field values); else ObjectNotFound."""
+        label = getattr(self.model, "lookup_label", None) or self.model._meta.verbose_name
+        if pk is not None:
+            try:
+                number = int(pk)
+            except (TypeError, ValueError):
+                number = 0
+            if isinstance(pk, bool) or not 0 < number <= MAX_ID:
+                raise ObjectNotFound(f"No {label} {pk}.")
+            fields["pk"] = number
+        found = self.filter(**fields).first()
+        if found is None:
+            wanted = fields.pop("pk", None)
+            named = ", ".join(f"{key} {value!r}" for key, value in fields.items())
+            raise ObjectNotFound(f"No {label} {wanted}." if wanted is not None else f"No {label} with {named}.")
+        return found
 
 
 class BaseModel(models.Model):
@@ -31,6 +64,8 @@ class BaseModel(models.Model):
     has_chat_template = models.BooleanField(default=False)
     trust_remote_code = models.BooleanField(default=False, help_text="Only an admin may turn this on.")
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = OwnedQuerySet.as_manager()
 
     class Meta:
         ordering = ["-is_default", "name"]
@@ -103,6 +138,7 @@ METHODS = method_names()
 
 class FineTuneJob(models.Model):
     ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+    lookup_label = "job"
 
     owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="jobs")
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
@@ -278,8 +314,14 @@ class Deployment(models.Model):
         return self.name
 
 
+class TokenQuerySet(OwnedQuerySet):
+    owner_field = "user"
+
+
 class ApiToken(models.Model):
     """Only a hash is stored; the token itself is shown once, when made."""
+
+    lookup_label = "API token"
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100, default="token")
@@ -288,6 +330,8 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TokenQuerySet.as_manager()
 
     PREFIX = "td_"
 

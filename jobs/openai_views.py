@@ -19,7 +19,7 @@ from rest_framework import exceptions
 
 from .api.auth import BearerTokenAuthentication
 from .deploy import internal_token
-from .models import Deployment
+from .models import Deployment, ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ def live_deployments(user):
 
 
 def _deployment(user, name) -> Deployment:
-    deployment = live_deployments(user).filter(name=name).first()
-    if deployment is None:
+    try:
+        return live_deployments(user).get_or_404(name=name)
+    except ObjectNotFound:
         raise OpenAIError(404, f"The model '{name}' does not exist or is not live. GET /v1/models lists yours.",
-                          "model_not_found", param="model")
-    return deployment
+                          "model_not_found", param="model") from None
 
 
 def _openai_view(methods):

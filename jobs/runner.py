@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from finetune.errors import TunedeckError
 
+from . import queue
 from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
 from .periodic import run_every
 
@@ -53,8 +54,6 @@ def claim_job(job_id: int, worker_name: str) -> str | None:
 
 def requeue_orphans() -> list[int]:
     """Jobs whose worker stopped beating its heart are put back in the queue (they resume from a checkpoint)."""
-    from .services import enqueue_training
-
     stale = timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS)
     orphans = list(
         FineTuneJob.objects.filter(status=JobStatus.RUNNING, heartbeat_at__lt=stale).values_list("pk", "worker")
@@ -71,7 +70,7 @@ def requeue_orphans() -> list[int]:
                     kind="orphaned",
                     message=f"Worker {worker or '?'} stopped answering; requeued to resume from the last checkpoint.",
                 )
-                transaction.on_commit(lambda pk=pk: enqueue_training(pk))
+                transaction.on_commit(lambda pk=pk: queue.send_training(pk))
                 requeued.append(pk)
     return requeued
 
@@ -82,8 +81,6 @@ def resend_queued() -> list[int]:
     failed after the job row was committed, would otherwise leave them queued forever. A duplicate message is a
     no-op (claim_job takes a job once), so resending a job whose message is merely waiting costs nothing."""
     from django.db.models.functions import Coalesce
-
-    from .services import enqueue_training
 
     stale = timezone.now() - timedelta(seconds=settings.JOB_RESEND_SECONDS)
     waiting = list(
@@ -103,7 +100,7 @@ def resend_queued() -> list[int]:
             .update(heartbeat_at=timezone.now())
         )
         if n:
-            enqueue_training(pk)
+            queue.send_training(pk)
             resent.append(pk)
     if resent:
         log.info("re-sent the task message of queued jobs %s", resent)

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from finetune.errors import DatasetError, ModelFolderError, TunedeckError
 
+from . import queue
 from .models import (
     METHODS,
     AdapterLine,
@@ -241,18 +242,12 @@ def create_dataset(
                 column_map=column_map,
                 drop_invalid=bool(drop_invalid),
             )
-            transaction.on_commit(lambda: enqueue_dataset_processing(dataset.pk))
+            transaction.on_commit(lambda: queue.send_dataset_processing(dataset.pk))
         return dataset, True
     finally:
         for leftover in (tmp, val_tmp):
             if leftover is not None and Path(leftover).exists():
                 Path(leftover).unlink()
-
-
-def enqueue_dataset_processing(dataset_id: int):
-    from .tasks import process_dataset_task
-
-    process_dataset_task.delay(dataset_id)
 
 
 def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
@@ -280,7 +275,7 @@ def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
             column_map=dataset.column_map,
             drop_invalid=True,
         )
-        transaction.on_commit(lambda: enqueue_dataset_processing(new.pk))
+        transaction.on_commit(lambda: queue.send_dataset_processing(new.pk))
     return new
 
 
@@ -613,14 +608,8 @@ def create_job(user, base_model: BaseModel, dataset: Dataset, method="auto", ove
             adapter_name=_clean_adapter_name(adapter_name, dataset),
         )
         JobEvent.objects.create(job=job, kind="queued", message="Queued for a worker.")
-        transaction.on_commit(lambda: enqueue_training(job.pk))
+        transaction.on_commit(lambda: queue.send_training(job.pk))
     return job
-
-
-def enqueue_training(job_id: int):
-    from .tasks import train_job
-
-    train_job.delay(job_id)
 
 
 def request_cancel(job: FineTuneJob) -> FineTuneJob:
@@ -653,7 +642,7 @@ def retry_job(job: FineTuneJob) -> FineTuneJob:
         job.lease_token = ""
         job.save()
         JobEvent.objects.create(job=job, kind="queued", message="Retried: resumes from the last checkpoint.")
-        transaction.on_commit(lambda: enqueue_training(job.pk))
+        transaction.on_commit(lambda: queue.send_training(job.pk))
     return job
 
 

@@ -12,14 +12,14 @@ from django.core.cache import cache
 from django.core.paginator import Paginator
 from django.db.models import Count, Prefetch, Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import eval_tasks, plan_display, services, waiting
+from . import evaluation, plan_display, services, waiting
+from .archives import zip_folder
 from .compare import compare_versions, prompt_run, version_curve
-from .eval_tasks import EvaluationInputError
 from .metrics import DEFAULT_POINTS, as_series, downsampled_points, recent_points
 from .models import (
     METHODS,
@@ -34,20 +34,11 @@ from .models import (
     Worker,
 )
 from .services import SCHEMAS, InputError
+from .versions import VersionInUse, delete_version, owned_versions, parse_version_ids, set_champion
 
-MAX_ID = 2**63 - 1
 JOBS_PER_PAGE = 50
 INACTIVE_DEPLOYMENT = [Deployment.Status.STOPPED, Deployment.Status.FAILED]
 ACTIVE_DEPLOYMENT = ~Q(status__in=INACTIVE_DEPLOYMENT)  # on Deployment
-
-
-def _owned(model, user, pk, **related):
-    if not 0 < int(pk) <= MAX_ID:
-        raise Http404
-    queryset = model.objects.owned_by(user)
-    if related.get("select"):
-        queryset = queryset.select_related(*related["select"])
-    return get_object_or_404(queryset, pk=pk)
 
 
 def format_duration(seconds) -> str:
@@ -157,7 +148,7 @@ def dataset_list(request):
             try:
                 base_model = None
                 if request.POST.get("base_model"):
-                    base_model = get_object_or_404(BaseModel.visible_to(request.user), pk=request.POST["base_model"])
+                    base_model = BaseModel.visible_to(request.user).get_or_404(request.POST["base_model"])
                 dataset, created = services.create_dataset(
                     request.user,
                     request.FILES.get("file"),
@@ -184,7 +175,7 @@ def dataset_list(request):
 
 @login_required
 def dataset_detail(request, pk):
-    dataset = _owned(Dataset, request.user, pk, select=["base_model"])
+    dataset = Dataset.objects.owned_by(request.user).select_related("base_model").get_or_404(pk)
     template = "jobs/_dataset_status.html" if request.htmx else "jobs/dataset_detail.html"
     return render(request, template, {"dataset": dataset, "histogram": _histogram_bars(dataset.token_stats)})
 
@@ -192,7 +183,7 @@ def dataset_detail(request, pk):
 @login_required
 @require_POST
 def dataset_drop_invalid(request, pk):
-    dataset = _owned(Dataset, request.user, pk)
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
     try:
         new = services.reprocess_dataset_dropping_invalid(request.user, dataset)
     except InputError as exc:
@@ -204,7 +195,7 @@ def dataset_drop_invalid(request, pk):
 @login_required
 @require_POST
 def dataset_delete(request, pk):
-    dataset = _owned(Dataset, request.user, pk)
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
     try:
         services.delete_dataset(dataset)
     except InputError as exc:
@@ -270,14 +261,14 @@ def _all_overrides(values) -> dict:
 
 def _form_objects(request, values):
     base_model = (
-        get_object_or_404(BaseModel.visible_to(request.user), pk=values["base_model"])
+        BaseModel.visible_to(request.user).get_or_404(values["base_model"])
         if values["base_model"] else services.default_base_model()
     )
     if base_model is None:
         raise InputError("No base model is registered yet.", field="base_model")
     if not values["dataset"]:
         raise InputError("Choose a dataset.", field="dataset")
-    dataset = get_object_or_404(Dataset.objects.owned_by(request.user), pk=values["dataset"])
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(values["dataset"])
     return base_model, dataset
 
 
@@ -299,7 +290,7 @@ def job_new(request):
     if clone_of and request.method == "GET":
         if not clone_of.isdigit():
             raise Http404
-        cloned = _owned(FineTuneJob, request.user, clone_of)
+        cloned = FineTuneJob.objects.owned_by(request.user).get_or_404(clone_of)
         values = _clone_values(cloned)
     error = None
     needs_confirmation = None
@@ -471,7 +462,7 @@ def _fit_check_view(check):
 
 @login_required
 def job_detail(request, pk):
-    job = _owned(FineTuneJob, request.user, pk, select=["owner", "dataset", "base_model"])
+    job = FineTuneJob.objects.owned_by(request.user).select_related("owner", "dataset", "base_model").get_or_404(pk)
     context = _job_context(job)
     if request.htmx:
         return render(request, "jobs/_job_live.html", context)
@@ -482,7 +473,7 @@ def job_detail(request, pk):
 @require_GET
 def job_metrics_json(request, pk):
     """The chart series, downsampled in SQL (fast with 100k points); the page's charts poll this."""
-    job = _owned(FineTuneJob, request.user, pk)
+    job = FineTuneJob.objects.owned_by(request.user).get_or_404(pk)
     try:
         max_points = max(10, min(5000, int(request.GET.get("max_points", DEFAULT_POINTS))))
     except ValueError:
@@ -513,7 +504,7 @@ def job_metrics_json(request, pk):
 @login_required
 @require_POST
 def job_cancel(request, pk):
-    job = _owned(FineTuneJob, request.user, pk)
+    job = FineTuneJob.objects.owned_by(request.user).get_or_404(pk)
     services.request_cancel(job)
     if request.htmx:
         return job_detail(request, pk)
@@ -523,7 +514,7 @@ def job_cancel(request, pk):
 @login_required
 @require_POST
 def job_retry(request, pk):
-    job = _owned(FineTuneJob, request.user, pk)
+    job = FineTuneJob.objects.owned_by(request.user).get_or_404(pk)
     try:
         services.retry_job(job)
     except InputError as exc:
@@ -564,7 +555,7 @@ def _scalar_metrics(metrics):
 
 def _evaluation_view(version, set_id=None):
     """The version's evaluation on one prompt set (the latest by default), rows zipped with the baseline."""
-    ev = eval_tasks.evaluation_of(version)
+    ev = evaluation.evaluation_of(version)
     set_id = set_id or ev.get("latest")
     entry = ev["sets"].get(set_id) if set_id else None
     if not entry:
@@ -579,7 +570,7 @@ def _evaluation_view(version, set_id=None):
     return {"set_id": set_id, "entry": entry, "rows": rows, "baseline": baseline,
             "baseline_loss": initial if isinstance(initial, (int, float)) else None,
             "baseline_perplexity": math.exp(min(initial, 50)) if isinstance(initial, (int, float)) else None,
-            "active": eval_tasks.is_active(entry),
+            "active": evaluation.is_active(entry),
             "waiting": _evaluation_waiting(entry, set_id, version.owner),
             "sets": [{"id": k, "name": e.get("name"), "status": e.get("status")}
                      for k, e in ev["sets"].items() if e.get("kind") != "prompt"]}
@@ -595,20 +586,21 @@ def _evaluation_waiting(entry, set_id, user):
 
 @login_required
 def version_detail(request, pk):
-    version = _owned(AdapterVersion, request.user, pk, select=["owner", "line", "base_model", "dataset", "job"])
-    evaluation = _evaluation_view(version, request.GET.get("set"))
+    version = (AdapterVersion.objects.owned_by(request.user)
+               .select_related("owner", "line", "base_model", "dataset", "job").get_or_404(pk))
+    shown_evaluation = _evaluation_view(version, request.GET.get("set"))
     if request.htmx and request.GET.get("part") == "evaluation":
-        return render(request, "jobs/_version_evaluation.html", {"version": version, "evaluation": evaluation})
-    return render(request, "jobs/version_detail.html", _version_context(version, evaluation))
+        return render(request, "jobs/_version_evaluation.html", {"version": version, "evaluation": shown_evaluation})
+    return render(request, "jobs/version_detail.html", _version_context(version, shown_evaluation))
 
 
-def _version_context(version, evaluation, *, form=None):
+def _version_context(version, shown_evaluation, *, form=None):
     lineage = version.lineage or {}
     siblings = list(version.line.versions.order_by("-version").values("pk", "version"))
-    entry = (evaluation or {}).get("entry") or {}
+    entry = (shown_evaluation or {}).get("entry") or {}
     if form is None:  # the evaluation form shows the prompts of the set on screen when they were typed
         form = {"prompts": _prompt_lines(entry.get("prompts")) if entry.get("kind") == "custom" else "",
-                "max_new_tokens": entry.get("max_new_tokens") or eval_tasks.DEFAULT_NEW_TOKENS}
+                "max_new_tokens": entry.get("max_new_tokens") or evaluation.DEFAULT_NEW_TOKENS}
     deployments = list(version.deployments.filter(ACTIVE_DEPLOYMENT))
     return {
         "version": version,
@@ -616,7 +608,7 @@ def _version_context(version, evaluation, *, form=None):
         "lineage": lineage,
         "libraries": sorted((lineage.get("libraries") or {}).items()),
         "metric_rows": _scalar_metrics(version.metrics),
-        "evaluation": evaluation,
+        "evaluation": shown_evaluation,
         "eval_form": form,
         "deployments": deployments,
         "deploy_name": deployments[0].name if deployments else _default_deploy_name(version),
@@ -660,9 +652,7 @@ def _curve_for_chart(version):
 
 @login_required
 def version_download(request, pk):
-    from .api.views import zip_folder
-
-    version = _owned(AdapterVersion, request.user, pk, select=["line"])
+    version = AdapterVersion.objects.owned_by(request.user).select_related("line").get_or_404(pk)
     folder = Path(version.path)
     if not folder.is_dir():
         raise Http404("The adapter files are missing on the server.")
@@ -673,9 +663,7 @@ def version_download(request, pk):
 @login_required
 @require_POST
 def version_champion(request, pk):
-    from .api.version_views import set_champion
-
-    version = _owned(AdapterVersion, request.user, pk, select=["line"])
+    version = AdapterVersion.objects.owned_by(request.user).select_related("line").get_or_404(pk)
     unset = request.POST.get("unset") == "1"
     set_champion(version, unset=unset)
     messages.success(request, f"{version.label} is no longer the champion." if unset
@@ -685,9 +673,8 @@ def version_champion(request, pk):
 
 @login_required
 def version_delete(request, pk):
-    from .api.version_views import VersionInUse, delete_version
-
-    version = _owned(AdapterVersion, request.user, pk, select=["line", "base_model", "dataset"])
+    version = (AdapterVersion.objects.owned_by(request.user)
+               .select_related("line", "base_model", "dataset").get_or_404(pk))
     blocking = list(version.deployments.filter(ACTIVE_DEPLOYMENT))
     if request.method == "POST":
         if request.POST.get("confirm") != version.label:
@@ -706,44 +693,25 @@ def version_delete(request, pk):
 
 
 def _versions_from_ids(request, raw_ids, *, at_least=1):
-    ids = []
-    for chunk in raw_ids:
-        for part in str(chunk).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if not part.isdigit() or not 0 < int(part) <= MAX_ID:
-                raise InputError("ids must be version ids, e.g. ids=3,5.", field="ids")
-            if int(part) not in ids:
-                ids.append(int(part))
-    if not at_least <= len(ids) <= 4:
-        raise InputError(f"Choose {at_least} to 4 versions to compare." if at_least > 1
-                         else "Choose 1 to 4 versions.", field="ids")
-    found = {v.pk: v for v in AdapterVersion.objects.owned_by(request.user)
-             .select_related("line", "base_model", "dataset").filter(pk__in=ids)}
-    if len(found) != len(ids):
-        raise Http404("No such adapter version.")
-    return [found[i] for i in ids]
+    ids = parse_version_ids(raw_ids, at_least=at_least, action="compare")
+    return owned_versions(request.user, ids, "line", "base_model", "dataset")
 
 
 @login_required
 @require_POST
 def version_evaluate(request, pk):
-    version = _owned(AdapterVersion, request.user, pk, select=["line", "dataset"])
-    typed = request.POST.get("prompts", "")
+    version = AdapterVersion.objects.owned_by(request.user).select_related("line", "dataset").get_or_404(pk)
+    raw = request.POST.get("prompts", "")
     try:
-        new_tokens = eval_tasks.clean_new_tokens(request.POST.get("max_new_tokens"))
-        if typed.strip():
-            prompts, name, kind = eval_tasks.parse_prompt_lines(typed), "your prompts", "custom"
-        else:
-            prompts, kind = eval_tasks.validation_prompts(version), "validation"
-            name = f"validation prompts of {version.dataset.name}"
-        set_id = eval_tasks.queue_evaluation([version], prompts, name=name, kind=kind, max_new_tokens=new_tokens,
+        new_tokens = evaluation.clean_new_tokens(request.POST.get("max_new_tokens"))
+        typed = evaluation.prompt_lines(raw)
+        prompts, name, kind = evaluation.choose_prompts(version, typed)
+        set_id = evaluation.queue_evaluation([version], prompts, name=name, kind=kind, max_new_tokens=new_tokens,
                                              force=request.POST.get("force") == "1")
-    except EvaluationInputError as exc:
+    except InputError as exc:
         # The page again, with what was typed still in the form and the problem above it.
         messages.error(request, str(exc))
-        form = {"prompts": typed, "max_new_tokens": request.POST.get("max_new_tokens", "")}
+        form = {"prompts": raw, "max_new_tokens": request.POST.get("max_new_tokens", "")}
         context = _version_context(version, _evaluation_view(version), form=form)
         return render(request, "jobs/version_detail.html", context, status=400)
     return redirect(reverse("version-detail", args=[pk]) + f"?set={set_id}#evaluation")
@@ -762,7 +730,7 @@ def compare_page(request):
     data = compare_versions(versions, request.GET.get("set") or None, curves=not polling_evaluation)
     if data["evaluation"]:
         data["evaluation"]["waiting"] = _evaluation_waiting(
-            eval_tasks.entry_of(versions[0], data["evaluation"]["set_id"]), data["evaluation"]["set_id"], request.user)
+            evaluation.entry_of(versions[0], data["evaluation"]["set_id"]), data["evaluation"]["set_id"], request.user)
     ids = ",".join(str(v.pk) for v in versions)
     if polling_evaluation:
         return render(request, "jobs/_compare_evaluation.html", {"data": data, "ids": ids, "versions": versions})
@@ -781,14 +749,11 @@ def compare_page(request):
 def compare_evaluate(request):
     try:
         versions = _versions_from_ids(request, request.POST.getlist("ids"), at_least=2)
-        new_tokens = eval_tasks.clean_new_tokens(request.POST.get("max_new_tokens"))
-        if request.POST.get("prompts", "").strip():
-            prompts, name, kind = eval_tasks.parse_prompt_lines(request.POST["prompts"]), "your prompts", "custom"
-        else:
-            prompts, kind = eval_tasks.validation_prompts(versions[0]), "validation"
-            name = f"validation prompts of {versions[0].dataset.name}"
-        set_id = eval_tasks.queue_evaluation(versions, prompts, name=name, kind=kind, max_new_tokens=new_tokens)
-    except (InputError, EvaluationInputError) as exc:
+        new_tokens = evaluation.clean_new_tokens(request.POST.get("max_new_tokens"))
+        typed = evaluation.prompt_lines(request.POST.get("prompts", ""))
+        prompts, name, kind = evaluation.choose_prompts(versions[0], typed)
+        set_id = evaluation.queue_evaluation(versions, prompts, name=name, kind=kind, max_new_tokens=new_tokens)
+    except InputError as exc:
         messages.error(request, str(exc))
         return redirect(reverse("versions-compare") + "?ids=" + ",".join(request.POST.getlist("ids")))
     ids = ",".join(str(v.pk) for v in versions)
@@ -803,21 +768,21 @@ def compare_prompt(request):
     try:
         versions = _versions_from_ids(request, source.getlist("ids"), at_least=1)
         if request.method == "POST":
-            prompts = eval_tasks.clean_prompts([{"prompt": request.POST.get("prompt", ""),
+            prompts = evaluation.clean_prompts([{"prompt": request.POST.get("prompt", ""),
                                                  "reference": request.POST.get("reference") or None}])
-            new_tokens = eval_tasks.clean_new_tokens(request.POST.get("max_new_tokens"))
-            set_id = eval_tasks.queue_evaluation(versions, prompts, name="prompt box", kind="prompt",
+            new_tokens = evaluation.clean_new_tokens(request.POST.get("max_new_tokens"))
+            set_id = evaluation.queue_evaluation(versions, prompts, name="prompt box", kind="prompt",
                                                  max_new_tokens=new_tokens)
             for v in versions:  # queue_evaluation wrote the queued entries to fresh copies of the rows
                 v.refresh_from_db(fields=["metrics"])
         else:
             set_id = request.GET.get("set", "")
-    except (InputError, EvaluationInputError) as exc:
+    except InputError as exc:
         return render(request, "jobs/_compare_prompt.html", {"error": str(exc)}, status=400)
     run = prompt_run(versions, set_id)
     if run is None:
         raise Http404("No such prompt run.")
-    run["waiting"] = _evaluation_waiting(eval_tasks.entry_of(versions[0], set_id), set_id, request.user)
+    run["waiting"] = _evaluation_waiting(evaluation.entry_of(versions[0], set_id), set_id, request.user)
     return render(request, "jobs/_compare_prompt.html", {
         "run": run, "versions": versions, "ids": ",".join(str(v.pk) for v in versions),
         "columns": list(zip(versions, run["outputs"], run["errors"], run["statuses"])),
@@ -858,9 +823,7 @@ def token_list(request):
     new_token = None
     if request.method == "POST":
         if request.POST.get("revoke"):
-            if not request.POST["revoke"].isdigit():
-                raise Http404
-            token = get_object_or_404(ApiToken, pk=request.POST["revoke"], user=request.user)
+            token = ApiToken.objects.owned_by(request.user).get_or_404(request.POST["revoke"])
             if token.revoked_at is None:
                 token.revoked_at = timezone.now()
                 token.save(update_fields=["revoked_at"])

@@ -1,7 +1,7 @@
 """What each queued thing waits for, and its place in its queue, read from the database (no broker peeking).
 
 Three kinds of work go through Celery queues: training jobs and deploy merges (always the "gpu" queue) and
-evaluations ("gpu" for a full prompt set, "interactive" for a few typed prompts; jobs.eval_tasks.queue_for).
+evaluations ("gpu" for a full prompt set, "interactive" for a few typed prompts; jobs.evaluation.queue_for).
 The database row of each says whether it runs or waits and since when, so one ordered line per queue is:
 what runs now, then what waits, oldest first (a worker takes messages in arrival order, one at a time).
 Other users' work is counted but never named.

@@ -25,9 +25,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 # One training job per worker process (concurrency 1, prefetch 1); datasets are processed by a second worker.
-.venv/bin/celery -A tunedeck worker -Q gpu -c 1 -n "gpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-gpu.log" 2>&1 &
+.venv/bin/celery -A tunedeck.celery worker -Q gpu -c 1 -n "gpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-gpu.log" 2>&1 &
 pids+=($!)
-.venv/bin/celery -A tunedeck worker -Q default -c 1 -n "cpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu.log" 2>&1 &
+.venv/bin/celery -A tunedeck.celery worker -Q default -c 1 -n "cpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu.log" 2>&1 &
 pids+=($!)
 # Short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts) have their
 # own queue and worker, so they run while a training job holds the gpu worker.

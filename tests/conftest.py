@@ -17,6 +17,14 @@ import helpers  # noqa: E402
 from helpers import wait_for  # noqa: E402  (re-exported: tests import it from conftest)
 
 
+def pytest_report_header(config):
+    """Which CPU path bitsandbytes takes here: the 4-bit tests exercise both, but a reader of CI's log should see
+    which one this machine would take on its own."""
+    from finetune.fourbit import cpu_kernel_path
+
+    return f"bitsandbytes 4-bit CPU path on this machine: {cpu_kernel_path()}"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu need CUDA: skipped here (CI has none), run through the device tool on an H100."""
     try:

@@ -85,7 +85,7 @@ def start_worker(name, log_path, queues="gpu", *, database_url=None, broker_url=
     celery = str(Path(sys.executable).with_name("celery"))
     log = open(log_path, "ab")
     proc = subprocess.Popen(
-        [celery, "-A", "tunedeck", "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
+        [celery, "-A", "tunedeck.celery", "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
          "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

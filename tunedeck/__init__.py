@@ -1,5 +1,6 @@
 """The Django project. Named `tunedeck`, not `platform`: a top-level `platform` package would hide Python's
-standard `platform` module, and torch, celery and django fail at import when that happens."""
-from .celery import app as celery_app
+standard `platform` module, and torch, celery and django fail at import when that happens.
 
-__all__ = ["celery_app"]
+Importing this package loads nothing: the `tunedeck` command-line client lives here and must start without Django
+or Celery. The Celery app is tunedeck/celery.py (workers: `celery -A tunedeck.celery worker`); Django creates it
+in jobs.apps.JobsConfig.ready()."""

@@ -968,23 +968,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="tunedeck 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add_commands in (_account_commands, _dataset_commands, _job_commands, _version_commands,
+                         _deployment_commands):
+        add_commands(sub)
+    return parser
 
-    def command(name, func, help_text, json_flag=False):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="print the API's JSON instead of a summary")
-        return p
 
-    p = command("login", cmd_login, "get an API token for a user and store it")
+def _command(sub, name, func, help_text, json_flag=False) -> argparse.ArgumentParser:
+    """One subcommand; --json prints the API's answer as it is instead of a summary."""
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(func=func)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the API's JSON instead of a summary")
+    return p
+
+
+def _account_commands(sub):
+    p = _command(sub, "login", cmd_login, "get an API token for a user and store it")
     p.add_argument("--url", help="the server, e.g. http://127.0.0.1:8000 (default: $TUNEDECK_URL or the stored one)")
     p.add_argument("--username", "-u")
     p.add_argument("--password", help="default: $TUNEDECK_PASSWORD, else asked for")
-    command("logout", cmd_logout, "revoke the stored token and forget it")
+    _command(sub, "logout", cmd_logout, "revoke the stored token and forget it")
+    _command(sub, "base-models", cmd_base_models, "list the base models you can fine-tune", json_flag=True)
 
-    command("base-models", cmd_base_models, "list the base models you can fine-tune", json_flag=True)
 
-    p = command("upload", cmd_upload, "upload a dataset file (JSONL, JSON, CSV, Parquet)", json_flag=True)
+def _dataset_commands(sub):
+    p = _command(sub, "upload", cmd_upload, "upload a dataset file (JSONL, JSON, CSV, Parquet)", json_flag=True)
     p.add_argument("file")
     p.add_argument("--name")
     p.add_argument("--base-model", type=positive_int, help="base model id for token statistics (default: default)")
@@ -995,15 +1004,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for validation; exit 1 if the dataset is invalid")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    command("datasets", cmd_datasets, "list your datasets", json_flag=True)
-    p = command("dataset", cmd_dataset, "show a dataset: status, schema, rows, token statistics, problems",
-                json_flag=True)
+    _command(sub, "datasets", cmd_datasets, "list your datasets", json_flag=True)
+    p = _command(sub, "dataset", cmd_dataset, "show a dataset: status, schema, rows, token statistics, problems",
+                 json_flag=True)
     p.add_argument("id", type=positive_int)
     p.add_argument("--delete", action="store_true", help="delete it (refused while a job uses it)")
 
+
+def _job_commands(sub):
+    # plan and train take the same choices; train also names the adapter and can follow the job.
     for name, func, text in (("plan", cmd_plan, "show the training plan, its memory breakdown and the reasons"),
                              ("train", cmd_train, "start a fine-tuning job")):
-        p = command(name, func, text, json_flag=True)
+        p = _command(sub, name, func, text, json_flag=True)
         p.add_argument("--dataset", "-d", type=positive_int, required=True)
         p.add_argument("--base-model", type=positive_int, help="default: the server's default model")
         p.add_argument("--method", "-m", default="auto", choices=METHODS)
@@ -1014,39 +1026,42 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--watch", "-w", action="store_true", help="follow the job until it ends")
             p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
-    p = command("watch", cmd_watch, "follow a job: progress bar and live loss; exit 0 if it succeeds",
-                json_flag=True)
+    p = _command(sub, "watch", cmd_watch, "follow a job: progress bar and live loss; exit 0 if it succeeds",
+                 json_flag=True)
     p.add_argument("job", type=positive_int)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
-    p = command("jobs", cmd_jobs, "list your jobs", json_flag=True)
+    p = _command(sub, "jobs", cmd_jobs, "list your jobs", json_flag=True)
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    p = command("cancel", cmd_cancel, "cancel a job", json_flag=True)
+    p = _command(sub, "cancel", cmd_cancel, "cancel a job", json_flag=True)
     p.add_argument("job", type=positive_int)
 
-    command("versions", cmd_versions, "list adapter versions", json_flag=True)
-    p = command("compare", cmd_compare, "compare 2 to 4 adapter versions side by side", json_flag=True)
+
+def _version_commands(sub):
+    _command(sub, "versions", cmd_versions, "list adapter versions", json_flag=True)
+    p = _command(sub, "compare", cmd_compare, "compare 2 to 4 adapter versions side by side", json_flag=True)
     p.add_argument("ids", type=positive_int, nargs="+", metavar="ID")
     p.add_argument("--generations", type=int, default=5, help="how many prompts' generations to show")
-    p = command("download", cmd_download, "download an adapter version as a zip")
+    p = _command(sub, "download", cmd_download, "download an adapter version as a zip")
     p.add_argument("version", type=positive_int)
     p.add_argument("-o", "--output", help="file (or folder) to write; default: the server's file name")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    p = command("deploy", cmd_deploy, "deploy an adapter version for inference", json_flag=True)
+
+def _deployment_commands(sub):
+    p = _command(sub, "deploy", cmd_deploy, "deploy an adapter version for inference", json_flag=True)
     p.add_argument("version", type=positive_int)
     p.add_argument("--no-merge", action="store_true", help="serve the adapter on the base model instead of merging")
     p.add_argument("--name", help="deployment name (the `model` in API calls); default chosen by the server")
     p.add_argument("--wait", action="store_true", help="wait until it is live; exit 1 if it fails")
     p.add_argument("--timeout", type=float, default=1800, help=argparse.SUPPRESS)
 
-    p = command("chat", cmd_chat, "chat with a deployment (interactive without -m)")
+    p = _command(sub, "chat", cmd_chat, "chat with a deployment (interactive without -m)")
     p.add_argument("deployment", metavar="DEPLOYMENT_NAME")
     p.add_argument("-m", "--message", help="send one message, print the answer and exit")
     p.add_argument("--system", help="a system prompt")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming it")
-    return parser
 
 
 def main(argv=None) -> int:

@@ -152,14 +152,15 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-# Three queues: "gpu" for long work on the accelerator (training, full evaluations, merges), "interactive" for
-# short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts), consumed
-# by its own worker process so they never wait behind a training run, and "default" for dataset processing.
+# The one place that says which queue a task goes to (docs/internals.md, "Tasks and queues"); jobs/queue.py sends
+# by task name. Training, merges and full evaluations need the GPU worker; dataset checks go to the default queue;
+# short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts) go to
+# "interactive", consumed by its own worker process so they never wait behind a training run.
 INTERACTIVE_QUEUE = "interactive"
 CELERY_TASK_ROUTES = {
     "jobs.tasks.train_job": {"queue": "gpu"},
     "jobs.tasks.deploy_version": {"queue": "gpu"},
-    "jobs.eval_tasks.evaluate_versions_task": {"queue": "gpu"},
+    "jobs.tasks.evaluate_versions_task": {"queue": "gpu"},
     "jobs.tasks.evaluate_interactive": {"queue": INTERACTIVE_QUEUE},
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -2,23 +2,20 @@
 
 Every lookup starts from the requesting user's own objects, so another user's ids are 404.
 """
-import zipfile
 from pathlib import Path
 
-from django.http import Http404, StreamingHttpResponse
-from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .. import deploy
+from ..archives import zip_response
 from ..models import AdapterVersion, Deployment
 from ..services import InputError
 from .errors import error_response
 from .serializers import DeploymentSerializer
 
-BIGINT = 2**63 - 1
 STATUS_FOR_CODE = {"not_found": 404, "gone": 410, "no_previous_version": 409, "name_taken": 409}
 
 
@@ -38,15 +35,6 @@ class DeployRequestSerializer(serializers.Serializer):
 DeployResponse = inline_serializer("DeployResponse", {"deployment": DeploymentSerializer()})
 
 
-def owned(model, user, pk, **select):
-    if pk > BIGINT:
-        raise Http404
-    queryset = model.objects.owned_by(user)
-    if select.get("related"):
-        queryset = queryset.select_related(*select["related"])
-    return get_object_or_404(queryset, pk=pk)
-
-
 def input_error(exc: InputError):
     details = {"field": exc.field} if exc.field else None
     return error_response(exc.code, str(exc), STATUS_FOR_CODE.get(exc.code, 400), details)
@@ -55,7 +43,7 @@ def input_error(exc: InputError):
 class VersionDeploy(APIView):
     @extend_schema(request=DeployRequestSerializer, responses={202: DeployResponse})
     def post(self, request, pk):
-        version = owned(AdapterVersion, request.user, pk, related=["line", "base_model"])
+        version = AdapterVersion.objects.owned_by(request.user).select_related("line", "base_model").get_or_404(pk)
         body = DeployRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
@@ -80,14 +68,14 @@ class DeploymentList(generics.ListAPIView):
 class DeploymentStop(APIView):
     @extend_schema(request=None, responses={200: DeploymentSerializer})
     def post(self, request, pk):
-        deployment = deploy.stop(owned(Deployment, request.user, pk))
+        deployment = deploy.stop(Deployment.objects.owned_by(request.user).get_or_404(pk))
         return Response(DeploymentSerializer(deployment, context={"request": request}).data)
 
 
 class DeploymentRollback(APIView):
     @extend_schema(request=None, responses={202: DeploymentSerializer})
     def post(self, request, pk):
-        deployment = owned(Deployment, request.user, pk)
+        deployment = Deployment.objects.owned_by(request.user).get_or_404(pk)
         try:
             deployment = deploy.rollback(deployment)
         except InputError as exc:
@@ -99,73 +87,8 @@ class DeploymentRollback(APIView):
 class DeploymentExport(APIView):
     @extend_schema(responses={(200, "application/zip"): bytes})
     def get(self, request, pk):
-        deployment = owned(Deployment, request.user, pk)
-        problem = export_problem(deployment)
+        deployment = Deployment.objects.owned_by(request.user).get_or_404(pk)
+        problem = deploy.export_problem(deployment)
         if problem:
             return error_response(*problem)
         return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")
-
-
-def export_problem(deployment: Deployment):
-    """(code, message, http status) when the deployment has no merged model to download, else None."""
-    if not deployment.path:
-        if deployment.status in (Deployment.Status.MERGING, Deployment.Status.LOADING) and deployment.merge:
-            return "not_ready", "The merge has not finished yet; try again when the deployment is live.", 409
-        return (
-            "not_merged",
-            "This deployment serves the adapter unmerged, so there is no merged model to export; download the "
-            f"adapter instead (/api/v1/adapter-versions/{deployment.version_id}/download).",
-            409,
-        )
-    if not Path(deployment.path).is_dir():
-        return "gone", "The merged model files are missing on the server.", 410
-    return None
-
-
-class _Sink:
-    """A write-only file for zipfile that hands out what was written since the last call."""
-
-    def __init__(self):
-        self.parts: list[bytes] = []
-        self.offset = 0
-
-    def write(self, data):
-        self.parts.append(bytes(data))
-        self.offset += len(data)
-        return len(data)
-
-    def tell(self):
-        return self.offset
-
-    def seek(self, *args):  # zipfile then writes data descriptors instead of seeking back
-        raise OSError("not seekable")
-
-    def flush(self):
-        pass
-
-    def take(self) -> bytes:
-        data, self.parts = b"".join(self.parts), []
-        return data
-
-
-def stream_zip(folder: Path, chunk_bytes: int = 1 << 20):
-    """Yields a zip of `folder` piece by piece, never holding a whole (multi-GB) weight file in memory."""
-    sink = _Sink()
-    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for path in sorted(folder.rglob("*")):
-            if not path.is_file() or path.is_symlink():
-                continue
-            info = zipfile.ZipInfo.from_file(path, str(path.relative_to(folder)))
-            with path.open("rb") as source, archive.open(info, "w", force_zip64=True) as target:
-                while block := source.read(chunk_bytes):
-                    target.write(block)
-                    yield sink.take()
-            yield sink.take()
-    yield sink.take()
-
-
-def zip_response(folder: Path, filename: str) -> StreamingHttpResponse:
-    filename = filename.replace("/", "_").replace('"', "")
-    response = StreamingHttpResponse(stream_zip(folder), content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response

@@ -14,6 +14,7 @@ from rest_framework.views import set_rollback
 
 from finetune.errors import TunedeckError
 
+from ..models import ObjectNotFound
 from ..services import InputError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ def exception_handler(exc, context):
     if isinstance(exc, TunedeckError):
         set_rollback()
         return error_response("invalid", str(exc), status.HTTP_400_BAD_REQUEST)
-    if isinstance(exc, Http404):
+    if isinstance(exc, ObjectNotFound):
+        exc = exceptions.NotFound(str(exc))
+    elif isinstance(exc, Http404):
         request = context.get("request")
         where = f" at {request.path}" if request is not None else ""
         exc = exceptions.NotFound(f"Not found: no such object{where} for this user.")

@@ -1,104 +1,24 @@
-"""Adapter version actions: mark the line's champion, delete (refused while deployed), evaluate on a prompt set
-against the base model. The pages call the same plain functions (set_champion, delete_version)."""
+"""REST API for adapter version actions: mark the line's champion, delete (refused while deployed), evaluate on a
+prompt set against the base model. The logic is in jobs/versions.py and jobs/evaluation.py, shared with the pages."""
 from __future__ import annotations
 
-import logging
-import shutil
-from pathlib import Path
-
-from django.conf import settings
-from django.db import transaction
-from django.db.models import ProtectedError
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .. import eval_tasks
-from ..models import AdapterLine, AdapterVersion, Deployment
+from .. import evaluation
+from ..models import AdapterVersion
+from ..versions import VersionInUse, delete_version, owned_versions, parse_version_ids, set_champion
 from . import serializers as s
 from .errors import ErrorSerializer, error_response
-from .views import MAX_ID, AdapterVersionDetail, _owned_or_404
-
-log = logging.getLogger(__name__)
-
-INACTIVE = [Deployment.Status.STOPPED, Deployment.Status.FAILED]
-
-
-class VersionInUse(Exception):
-    """The version has a deployment that is not stopped or failed."""
-
-    def __init__(self, message, deployments):
-        super().__init__(message)
-        self.deployments = deployments
-
-
-def set_champion(version: AdapterVersion, *, unset: bool = False) -> AdapterLine:
-    """Makes the version its line's champion (or, with unset, clears it if it is the champion)."""
-    with transaction.atomic():
-        line = AdapterLine.objects.select_for_update().get(pk=version.line_id)
-        if unset:
-            if line.champion_id == version.pk:
-                line.champion = None
-                line.save(update_fields=["champion"])
-        elif line.champion_id != version.pk:
-            line.champion = version
-            line.save(update_fields=["champion"])
-    version.line = line
-    return line
-
-
-def _inside(path: str, root: Path) -> Path | None:
-    if not path:
-        return None
-    try:
-        resolved = Path(path).resolve()
-        resolved.relative_to(Path(root).resolve())
-    except (OSError, ValueError):
-        return None
-    return resolved if resolved != Path(root).resolve() else None
-
-
-def delete_version(version: AdapterVersion) -> None:
-    """Deletes the version, its stopped/failed deployments and, after commit, their files on disk. Refused
-    (VersionInUse) while a deployment of it is merging, loading or live."""
-    with transaction.atomic():
-        locked = AdapterVersion.objects.select_for_update().filter(pk=version.pk).first()
-        if locked is None:
-            return
-        deployments = list(Deployment.objects.select_for_update().filter(version=locked))
-        active = [d for d in deployments if d.status not in INACTIVE]
-        if active:
-            names = ", ".join(f"{d.name} ({d.status})" for d in active)
-            raise VersionInUse(f"{version.label} is deployed: {names}. Stop the deployment first.", active)
-        folders = [p for p in (_inside(d.path, settings.DEPLOYMENT_DIR) for d in deployments) if p]
-        adapter = _inside(locked.path, settings.ADAPTER_DIR)
-        if adapter:
-            folders.append(adapter)
-        try:
-            Deployment.objects.filter(pk__in=[d.pk for d in deployments]).delete()
-            locked.delete()
-        except ProtectedError as exc:  # a deployment created meanwhile
-            raise VersionInUse(f"{version.label} has just been deployed; stop the deployment first.", []) from exc
-        transaction.on_commit(lambda: _remove_folders(folders))
-
-
-def _remove_folders(folders):
-    for folder in folders:
-        try:
-            shutil.rmtree(folder, ignore_errors=False)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("could not remove %s: %s", folder, exc)
-
+from .views import AdapterVersionDetail
 
 # ------------------------------------------------------------------------------------------------ API
 
 
 def _owned_version(request, pk):
-    return _owned_or_404(AdapterVersion.objects.owned_by(request.user).select_related("line"), pk,
-                         "adapter version")
+    return AdapterVersion.objects.owned_by(request.user).select_related("line").get_or_404(pk)
 
 
 class AdapterVersionDetailDelete(AdapterVersionDetail):
@@ -139,34 +59,12 @@ class EvaluateRequestSerializer(serializers.Serializer):
     ids = serializers.JSONField(help_text="1 to 4 version ids, as a list or a comma-separated string")
     prompts = serializers.JSONField(required=False, help_text="strings or {prompt, reference} objects; "
                                     "default: the first version's validation prompts with their answers")
-    max_new_tokens = serializers.IntegerField(required=False, min_value=1, max_value=eval_tasks.MAX_NEW_TOKENS)
+    max_new_tokens = serializers.IntegerField(required=False, min_value=1, max_value=evaluation.MAX_NEW_TOKENS)
     force = serializers.BooleanField(required=False, default=False, help_text="run again even if results exist")
 
 
-def _parse_ids(raw) -> list[int]:
-    if isinstance(raw, str):
-        raw = [x for x in raw.split(",") if x.strip()]
-    if isinstance(raw, int):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise eval_tasks.EvaluationInputError("ids must be a list of version ids.")
-    ids = []
-    for x in raw:
-        try:
-            value = int(x)
-        except (TypeError, ValueError):
-            raise eval_tasks.EvaluationInputError("ids must be version ids, e.g. [3, 5].") from None
-        if isinstance(x, bool) or not 0 < value <= MAX_ID:
-            raise eval_tasks.EvaluationInputError("ids must be positive version ids.")
-        if value not in ids:
-            ids.append(value)
-    if not 1 <= len(ids) <= 4:
-        raise eval_tasks.EvaluationInputError("Evaluate 1 to 4 versions at a time.")
-    return ids
-
-
 def _evaluation_payload(versions, set_id) -> dict:
-    entries = [eval_tasks.entry_of(v, set_id) for v in versions]
+    entries = [evaluation.entry_of(v, set_id) for v in versions]
     first = next((e for e in entries if e), {}) or {}
     baseline = next((e.get("baseline") for e in entries if e and e.get("baseline")), None)
     statuses = [(e or {}).get("status") for e in entries]
@@ -189,12 +87,6 @@ def _evaluation_payload(versions, set_id) -> dict:
 
 
 class AdapterVersionEvaluate(APIView):
-    def _versions(self, request, ids):
-        found = {v.pk: v for v in AdapterVersion.objects.owned_by(request.user)
-                 .select_related("line", "dataset").filter(pk__in=ids)}
-        missing = [i for i in ids if i not in found]
-        return [found[i] for i in ids if i in found], missing
-
     @extend_schema(request=EvaluateRequestSerializer, responses={202: dict,
                                                                  400: OpenApiResponse(ErrorSerializer, "Bad input"),
                                                                  404: OpenApiResponse(ErrorSerializer, "Not found")},
@@ -203,21 +95,12 @@ class AdapterVersionEvaluate(APIView):
         body = EvaluateRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
-        try:
-            ids = _parse_ids(data["ids"])
-            versions, missing = self._versions(request, ids)
-            if missing:
-                return error_response("not_found", f"No adapter version {missing[0]}.", status.HTTP_404_NOT_FOUND)
-            new_tokens = eval_tasks.clean_new_tokens(data.get("max_new_tokens"))
-            if data.get("prompts") not in (None, []):
-                prompts = eval_tasks.clean_prompts(data["prompts"])
-                kind, name = ("prompt" if len(prompts) == 1 else "custom"), "API prompts"
-            else:
-                prompts, kind = eval_tasks.validation_prompts(versions[0]), "validation"
-                name = f"validation prompts of {versions[0].dataset.name}"
-        except eval_tasks.EvaluationInputError as exc:
-            return error_response("invalid", str(exc), status.HTTP_400_BAD_REQUEST)
-        set_id = eval_tasks.queue_evaluation(versions, prompts, name=name, kind=kind, max_new_tokens=new_tokens,
+        ids = parse_version_ids(data["ids"], action="evaluate")
+        versions = owned_versions(request.user, ids, "line", "dataset")
+        new_tokens = evaluation.clean_new_tokens(data.get("max_new_tokens"))
+        prompts, name, kind = evaluation.choose_prompts(versions[0], data.get("prompts"), typed_name="API prompts",
+                                                        one_typed_kind="prompt")
+        set_id = evaluation.queue_evaluation(versions, prompts, name=name, kind=kind, max_new_tokens=new_tokens,
                                              force=data.get("force", False))
         fresh = AdapterVersion.objects.filter(pk__in=ids).select_related("line")
         ordered = {v.pk: v for v in fresh}
@@ -229,18 +112,12 @@ class AdapterVersionEvaluate(APIView):
                    responses={200: dict, 404: OpenApiResponse(ErrorSerializer, "Not found")},
                    summary="Results of an evaluation so far")
     def get(self, request):
-        try:
-            ids = _parse_ids(request.query_params.get("ids", ""))
-        except eval_tasks.EvaluationInputError as exc:
-            return error_response("invalid", str(exc), status.HTTP_400_BAD_REQUEST, {"field": "ids"})
-        versions, missing = self._versions(request, ids)
-        if missing:
-            return error_response("not_found", f"No adapter version {missing[0]}.", status.HTTP_404_NOT_FOUND)
+        ids = parse_version_ids(request.query_params.get("ids", ""), action="evaluate")
+        versions = owned_versions(request.user, ids, "line", "dataset")
         set_id = request.query_params.get("set") or request.query_params.get("id") or ""
         if not set_id:
-            set_id = eval_tasks.evaluation_of(versions[0]).get("latest") or ""
-        if not any(eval_tasks.entry_of(v, set_id) for v in versions):
+            set_id = evaluation.evaluation_of(versions[0]).get("latest") or ""
+        if not any(evaluation.entry_of(v, set_id) for v in versions):
             return error_response("not_found", f"No evaluation {set_id!r} for these versions.",
                                   status.HTTP_404_NOT_FOUND)
         return Response({"evaluation": _evaluation_payload(versions, set_id)})
-

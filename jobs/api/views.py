@@ -1,8 +1,6 @@
 """REST API v1. Every query starts from the requesting user's own objects, so another user's ids are 404."""
-import io
 import logging
 import shutil
-import zipfile
 from pathlib import Path
 
 from django.conf import settings
@@ -14,7 +12,6 @@ from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
-from rest_framework.exceptions import NotFound
 from rest_framework.decorators import (
     api_view,
     authentication_classes,
@@ -29,32 +26,23 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from .. import services
+from ..archives import zip_folder
+from ..compare import compare_versions
 from ..models import AdapterVersion, ApiToken, BaseModel, Dataset, Deployment, FineTuneJob, JobStatus, Worker
+from ..versions import owned_versions, parse_version_ids
 from . import serializers as s
 from .errors import ErrorSerializer, error_response
 
 log = logging.getLogger(__name__)
 
-# Ids are PostgreSQL bigints; a larger number names no object (and must not reach the database as one).
-MAX_ID = 2**63 - 1
-
-
-def _owned_or_404(queryset, pk, label):
-    obj = queryset.filter(pk=pk).first() if 0 < int(pk) <= MAX_ID else None
-    if obj is None:
-        raise NotFound(f"No {label} {pk}.")
-    return obj
-
-
 class SafeLookup:
-    """Detail views: an id too large for the database is a 404 like any other unknown id."""
+    """Detail views look up through the one owned-object lookup (OwnedQuerySet.get_or_404): another user's id
+    and an id too large for the database are a 404 like any other unknown id."""
 
     def get_object(self):
-        obj = _owned_or_404(self.get_queryset(), self.kwargs["pk"], self.object_label)
+        obj = self.get_queryset().get_or_404(self.kwargs["pk"])
         self.check_object_permissions(self.request, obj)
         return obj
-
-    object_label = "object"
 
 
 class LoginThrottle(AnonRateThrottle):
@@ -88,11 +76,7 @@ def _visible_base_model(user, pk):
         if model is None:
             raise services.InputError("No base model is registered; give base_model.", field="base_model")
         return model
-    return _owned_or_404(BaseModel.visible_to(user), pk, "base model")
-
-
-def _owned_dataset(user, pk):
-    return _owned_or_404(Dataset.objects.owned_by(user), pk, "dataset")
+    return BaseModel.visible_to(user).get_or_404(pk)
 
 
 # ---------------------------------------------------------------- tokens
@@ -106,7 +90,7 @@ class TokenList(generics.ListCreateAPIView):
     serializer_class = s.ApiTokenSerializer
 
     def get_queryset(self):
-        return ApiToken.objects.filter(user=self.request.user).order_by("-created_at", "-id")
+        return ApiToken.objects.owned_by(self.request.user).order_by("-created_at", "-id")
 
     @extend_schema(request=s.ApiTokenCreateSerializer, responses={201: s.ApiTokenCreatedSerializer},
                    summary="Create an API token (the response is the only time it is shown)")
@@ -119,15 +103,14 @@ class TokenList(generics.ListCreateAPIView):
 
 
 class TokenDetail(SafeLookup, generics.RetrieveDestroyAPIView):
-    object_label = 'API token'
     serializer_class = s.ApiTokenSerializer
 
     def get_queryset(self):
-        return ApiToken.objects.filter(user=self.request.user)
+        return ApiToken.objects.owned_by(self.request.user)
 
     @extend_schema(responses={204: None}, summary="Revoke an API token (it stops working at once)")
     def delete(self, request, pk):
-        token = _owned_or_404(self.get_queryset(), pk, "API token")
+        token = self.get_queryset().get_or_404(pk)
         if token.revoked_at is None:
             token.revoked_at = timezone.now()
             token.save(update_fields=["revoked_at"])
@@ -150,7 +133,6 @@ class BaseModelList(generics.ListCreateAPIView):
 
 
 class BaseModelDetail(SafeLookup, generics.RetrieveAPIView):
-    object_label = 'base model'
     serializer_class = s.BaseModelSerializer
 
     def get_queryset(self):
@@ -206,7 +188,6 @@ class DatasetList(generics.ListCreateAPIView):
 
 
 class DatasetDetail(SafeLookup, generics.RetrieveDestroyAPIView):
-    object_label = 'dataset'
     serializer_class = s.DatasetDetailSerializer
     error_statuses = ("409",)
 
@@ -216,7 +197,7 @@ class DatasetDetail(SafeLookup, generics.RetrieveDestroyAPIView):
     @extend_schema(responses={204: None},
                    summary="Delete a dataset version and its files (refused while it is validating or in use)")
     def delete(self, request, pk):
-        dataset = _owned_or_404(self.get_queryset(), pk, "dataset")
+        dataset = self.get_queryset().get_or_404(pk)
         if dataset.status == Dataset.Status.VALIDATING:
             return error_response("conflict", "The dataset is still being validated; delete it when it is done.",
                                   status.HTTP_409_CONFLICT)
@@ -246,7 +227,7 @@ class DatasetDropInvalid(APIView):
     @extend_schema(request=None, responses={202: s.DatasetSerializer},
                    summary="Re-check an invalid dataset with its bad rows dropped (a new dataset version)")
     def post(self, request, pk):
-        dataset = _owned_dataset(request.user, pk)
+        dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
         new = services.reprocess_dataset_dropping_invalid(request.user, dataset)
         return Response(s.DatasetSerializer(new).data, status=status.HTTP_202_ACCEPTED)
 
@@ -265,7 +246,7 @@ class PlanView(APIView):
         base_model = _visible_base_model(request.user, data.get("base_model"))
         dataset = None
         if data.get("dataset") is not None:
-            dataset = _owned_dataset(request.user, data["dataset"])
+            dataset = Dataset.objects.owned_by(request.user).get_or_404(data["dataset"])
         plan = services.make_plan(base_model, dataset, data.get("method", "auto"), data.get("overrides"), data.get("gpu"))
         return Response(plan)
 
@@ -294,7 +275,7 @@ class JobList(generics.ListCreateAPIView):
         body.is_valid(raise_exception=True)
         data = body.validated_data
         base_model = _visible_base_model(request.user, data.get("base_model"))
-        dataset = _owned_dataset(request.user, data["dataset"])
+        dataset = Dataset.objects.owned_by(request.user).get_or_404(data["dataset"])
         job = services.create_job(
             request.user, base_model, dataset, data.get("method", "auto"), data.get("overrides"),
             data.get("adapter_name", ""),
@@ -303,15 +284,14 @@ class JobList(generics.ListCreateAPIView):
 
 
 class JobDetail(SafeLookup, generics.RetrieveAPIView):
-    object_label = 'job'
     serializer_class = s.JobSerializer
 
     def get_queryset(self):
         return FineTuneJob.objects.owned_by(self.request.user).select_related("adapter_version")
 
 
-def _owned_job(user, pk):
-    return _owned_or_404(FineTuneJob.objects.owned_by(user).select_related("adapter_version"), pk, "job")
+def _jobs(user):
+    return FineTuneJob.objects.owned_by(user).select_related("adapter_version")
 
 
 class JobClone(APIView):
@@ -319,7 +299,7 @@ class JobClone(APIView):
     @extend_schema(request=s.JobCloneSerializer, responses={201: s.JobSerializer},
                    summary="A new job with this job's settings, changed by the fields given")
     def post(self, request, pk):
-        source = _owned_job(request.user, pk)
+        source = _jobs(request.user).get_or_404(pk)
         body = s.JobCloneSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
@@ -331,8 +311,8 @@ class JobClone(APIView):
             overrides.update(extra)
         base_model = _visible_base_model(request.user, data["base_model"]) if data.get("base_model") else None
         if base_model is None:
-            base_model = _owned_or_404(BaseModel.visible_to(request.user), source.base_model_id, "base model")
-        dataset = _owned_dataset(request.user, data.get("dataset", source.dataset_id))
+            base_model = BaseModel.visible_to(request.user).get_or_404(source.base_model_id)
+        dataset = Dataset.objects.owned_by(request.user).get_or_404(data.get("dataset", source.dataset_id))
         adapter_name = data.get("adapter_name") or source.adapter_name
         job = services.create_job(request.user, base_model, dataset, data.get("method", source.method), overrides,
                                   adapter_name)
@@ -343,16 +323,16 @@ class JobCancel(APIView):
     @extend_schema(request=None, responses={202: s.JobSerializer},
                    summary="Cancel a job (queued: at once; running: at the worker's next check)")
     def post(self, request, pk):
-        job = services.request_cancel(_owned_job(request.user, pk))
-        return Response(s.JobSerializer(_owned_job(request.user, job.pk)).data, status=status.HTTP_202_ACCEPTED)
+        job = services.request_cancel(_jobs(request.user).get_or_404(pk))
+        return Response(s.JobSerializer(_jobs(request.user).get_or_404(job.pk)).data, status=status.HTTP_202_ACCEPTED)
 
 
 class JobRetry(APIView):
     @extend_schema(request=None, responses={202: s.JobSerializer},
                    summary="Requeue a failed or cancelled job; it resumes from its last checkpoint")
     def post(self, request, pk):
-        job = services.retry_job(_owned_job(request.user, pk))
-        return Response(s.JobSerializer(_owned_job(request.user, job.pk)).data, status=status.HTTP_202_ACCEPTED)
+        job = services.retry_job(_jobs(request.user).get_or_404(pk))
+        return Response(s.JobSerializer(_jobs(request.user).get_or_404(job.pk)).data, status=status.HTTP_202_ACCEPTED)
 
 
 class JobMetrics(APIView):
@@ -364,7 +344,7 @@ class JobMetrics(APIView):
     def get(self, request, pk):
         from ..metrics import downsampled_points
 
-        job = _owned_job(request.user, pk)
+        job = _jobs(request.user).get_or_404(pk)
         try:
             max_points = max(10, min(5000, int(request.query_params.get("max_points", 500))))
         except ValueError:
@@ -384,21 +364,10 @@ class AdapterVersionList(generics.ListAPIView):
 
 
 class AdapterVersionDetail(SafeLookup, generics.RetrieveAPIView):
-    object_label = 'adapter version'
     serializer_class = s.AdapterVersionSerializer
 
     def get_queryset(self):
         return AdapterVersion.objects.owned_by(self.request.user).select_related("line")
-
-
-def zip_folder(folder: Path) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                archive.write(path, path.relative_to(folder))
-    buffer.seek(0)
-    return buffer
 
 
 class AdapterVersionDownload(APIView):
@@ -407,8 +376,7 @@ class AdapterVersionDownload(APIView):
     @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY},
                    summary="The peft adapter folder as a zip")
     def get(self, request, pk):
-        version = _owned_or_404(AdapterVersion.objects.owned_by(request.user).select_related("line"), pk,
-                                "adapter version")
+        version = AdapterVersion.objects.owned_by(request.user).select_related("line").get_or_404(pk)
         folder = Path(version.path)
         if not folder.is_dir():
             return error_response("gone", "The adapter files are missing on the server.", status.HTTP_410_GONE)
@@ -423,28 +391,11 @@ class AdapterVersionCompare(APIView):
                    responses={200: s.CompareSerializer},
                    summary="Versions side by side: settings, metrics (best marked) and generations per prompt")
     def get(self, request):
-        raw = request.query_params.get("ids", "")
-        try:
-            ids = [int(x) for x in raw.split(",") if x.strip()]
-        except ValueError:
-            raise services.InputError("ids must be comma-separated version ids, e.g. ids=1,2.", field="ids") from None
-        if not 1 <= len(ids) <= 4:
-            raise services.InputError("Compare 1 to 4 versions at a time.", field="ids")
-        if not all(0 < i <= MAX_ID for i in ids):
-            raise services.InputError("ids must be positive version ids.", field="ids")
-        versions = {v.pk: v for v in AdapterVersion.objects.owned_by(request.user).select_related("line", "job")
-                    .filter(pk__in=ids)}
-        missing = [i for i in ids if i not in versions]
-        if missing:
-            return error_response("not_found", f"No adapter version {missing[0]}.", status.HTTP_404_NOT_FOUND)
-        ordered = [versions[i] for i in ids]
-        from ..compare import compare_versions
-
-        return Response(compare_versions(ordered))
+        ids = parse_version_ids(request.query_params.get("ids", ""), action="compare")
+        return Response(compare_versions(owned_versions(request.user, ids, "line", "job")))
 
 
 class DeploymentDetail(SafeLookup, generics.RetrieveAPIView):
-    object_label = 'deployment'
     serializer_class = s.DeploymentSerializer
 
     def get_queryset(self):

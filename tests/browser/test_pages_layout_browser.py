@@ -71,7 +71,7 @@ def _version(user, dataset, base_model, tmp_path, seed, rank):
 
 
 def _queued_evaluation(versions, queue):
-    """A custom evaluation waiting in a queue, written as eval_tasks.queue_evaluation writes it (no message)."""
+    """A custom evaluation waiting in a queue, written as evaluation.queue_evaluation writes it (no message)."""
     entry = {"name": "your prompts", "kind": "custom", "status": "queued", "queue": queue, "max_new_tokens": 32,
              "queued_at": timezone.now().isoformat(),
              "prompts": [{"prompt": "What is the refund policy for annual plans?", "reference": "30 days"}]}

@@ -44,8 +44,9 @@ def server(adapters, tiny_model_dir):
     return server
 
 
-def _reference_text(base_dir, adapter_dir, messages, max_tokens=12, quantize_4bit=False):
-    """Greedy generation with the adapter loaded alone on a fresh base: what the server must reproduce."""
+def _reference_text(base_dir, adapter_dir, messages, max_tokens=12, quantize_4bit=False, by_forward=False):
+    """Greedy generation with the adapter loaded alone on a fresh base: what the server must reproduce.
+    by_forward: argmax of the full forward pass token by token, not `generate` (which ignores a prefix)."""
     base, tokenizer = load_model_and_tokenizer(base_dir, device="cpu", quantize_4bit=quantize_4bit)
     model = attach_adapter(base, adapter_dir) if adapter_dir else base
     ids = tokenizer.apply_chat_template(
@@ -53,7 +54,14 @@ def _reference_text(base_dir, adapter_dir, messages, max_tokens=12, quantize_4bi
     )
     stops = stop_token_ids(tokenizer, base.generation_config)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops)
+        if by_forward:
+            out = ids["input_ids"]
+            for _ in range(max_tokens):
+                out = torch.cat([out, model(input_ids=out).logits[:, -1:].argmax(-1)], dim=1)
+                if int(out[0, -1]) in stops:
+                    break
+        else:
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops)
     new = [t for t in out[0, ids["input_ids"].shape[1] :].tolist() if t not in stops]
     return tokenizer.decode(new, skip_special_tokens=True)
 
@@ -126,8 +134,10 @@ def test_prefix_adapter_is_served_unmerged(adapters, tiny_model_dir):
     server.add_adapter("one", adapters["one"], base_path=tiny_model_dir)
     server.add_merged("base", tiny_model_dir)
     prefixed = _ask(server, "prefix")["text"]
-    assert prefixed == _reference_text(tiny_model_dir, adapters["prefix"], QUESTION)
+    assert prefixed == _reference_text(tiny_model_dir, adapters["prefix"], QUESTION, by_forward=True)
+    # transformers' generate skips peft's prefix injection: served through it, a prefix deployment was the base.
     assert prefixed != _ask(server, "base")["text"]
+    assert prefixed != _reference_text(tiny_model_dir, None, QUESTION, by_forward=True)
     assert _ask(server, "one")["text"] == _reference_text(tiny_model_dir, adapters["one"], QUESTION)
 
 

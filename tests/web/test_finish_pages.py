@@ -7,7 +7,7 @@ import json
 import pytest
 from django.utils import timezone
 
-from jobs import deploy, eval_tasks, services, waiting
+from jobs import deploy, evaluation, services, waiting
 from jobs.models import ApiToken, Dataset, Deployment, FineTuneJob, JobStatus, Worker
 from tests.web.test_versions import train_version
 
@@ -49,15 +49,15 @@ def test_queue_places_say_what_each_thing_waits_for(user, other_user, tiny_base_
     assert waiting.place("gpu", f"job:{running.pk}", user) is None, "running work has no place in the queue"
 
     # A prompt typed in the box goes to the interactive queue, where training never is.
-    set_id = eval_tasks.queue_evaluation([version], [{"prompt": "hi", "reference": None}], name="prompt box",
+    set_id = evaluation.queue_evaluation([version], [{"prompt": "hi", "reference": None}], name="prompt box",
                                          kind="prompt")
     version.refresh_from_db()
-    entry = eval_tasks.entry_of(version, set_id)
+    entry = evaluation.entry_of(version, set_id)
     assert entry["queue"] == "interactive"
     spot = waiting.place("interactive", f"evaluation:{set_id}:{entry['queued_at']}", user)
     assert spot["position"] == 1 and spot["waiting_for"] == ["a free worker on the interactive queue"]
-    many = [{"prompt": f"p{i}", "reference": None} for i in range(eval_tasks.INTERACTIVE_MAX_PROMPTS + 1)]
-    assert eval_tasks.queue_for(many, "custom") == "gpu" and eval_tasks.queue_for(many[:2], "custom") == "interactive"
+    many = [{"prompt": f"p{i}", "reference": None} for i in range(evaluation.INTERACTIVE_MAX_PROMPTS + 1)]
+    assert evaluation.queue_for(many, "custom") == "gpu" and evaluation.queue_for(many[:2], "custom") == "interactive"
 
 
 def test_deploy_says_queued_until_its_merge_starts(client, user, version):
@@ -82,9 +82,9 @@ def test_deploy_says_queued_until_its_merge_starts(client, user, version):
 
 
 def test_workers_page_shows_a_running_evaluation(client, user, version):
-    set_id = eval_tasks.queue_evaluation([version], [{"prompt": "hi", "reference": None}], name="prompt box",
+    set_id = evaluation.queue_evaluation([version], [{"prompt": "hi", "reference": None}], name="prompt box",
                                          kind="prompt")
-    eval_tasks._update_entry(version.pk, set_id, lambda e: e.update(status="running", worker="interactive@box",
+    evaluation._update_entry(version.pk, set_id, lambda e: e.update(status="running", worker="interactive@box",
                                                                     started_at=timezone.now().isoformat()))
     Worker.objects.create(hostname="interactive@box", queues="interactive", last_heartbeat=timezone.now(),
                           inventory={})

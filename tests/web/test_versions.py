@@ -12,7 +12,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from finetune.evaluate import score_answers
-from jobs import eval_tasks, services
+from jobs import evaluation, services
 from jobs.compare import compare_versions
 from jobs.models import AdapterVersion, Dataset, Deployment, FineTuneJob, JobStatus, MetricPoint
 from tests.finetune.adapter_factory import make_adapter
@@ -109,13 +109,13 @@ def test_scores_of_known_outputs():
 
 def test_evaluation_of_versions_and_the_base_model(two_versions):
     v1, v2 = two_versions
-    prompts = eval_tasks.validation_prompts(v1)
+    prompts = evaluation.validation_prompts(v1)
     assert prompts == [{"prompt": "ping", "reference": "pong"}, {"prompt": "cat", "reference": "chat"}]
-    set_id = eval_tasks.queue_evaluation([v1, v2], prompts, name="validation", kind="validation", max_new_tokens=4)
+    set_id = evaluation.queue_evaluation([v1, v2], prompts, name="validation", kind="validation", max_new_tokens=4)
     v1.refresh_from_db()
-    assert eval_tasks.entry_of(v1, set_id)["status"] == "queued"
+    assert evaluation.entry_of(v1, set_id)["status"] == "queued"
     # The worker's side of the task, run here (the Celery task is a thin wrapper around it).
-    statuses = eval_tasks.run_evaluation([v1.pk, v2.pk], set_id)
+    statuses = evaluation.run_evaluation([v1.pk, v2.pk], set_id)
     assert statuses == {v1.pk: "done", v2.pk: "done"}
     data = compare_versions(AdapterVersion.objects.filter(pk__in=[v1.pk, v2.pk]).select_related("line")
                             .order_by("version"), set_id)
@@ -130,7 +130,7 @@ def test_evaluation_of_versions_and_the_base_model(two_versions):
     v1.refresh_from_db()
     assert v1.metrics["eval_loss"] == 1.4, "training metrics untouched by the evaluation"
     # The same prompts again: nothing to do, same set id.
-    assert eval_tasks.queue_evaluation([v1], prompts, name="validation", max_new_tokens=4) == set_id
+    assert evaluation.queue_evaluation([v1], prompts, name="validation", max_new_tokens=4) == set_id
 
 
 def test_compare_settings_diff_and_best_metric(two_versions):
@@ -179,10 +179,10 @@ def test_prompt_box_queues_one_prompt_on_every_version(client, user, two_version
     assert 'data-status="queued"' in html and "support v1" in html and "base model" in html
     set_id = html.split("set=")[1].split('"')[0]
     v1.refresh_from_db()
-    assert eval_tasks.entry_of(v1, set_id)["queue"] == "interactive", "never behind a training job"
+    assert evaluation.entry_of(v1, set_id)["queue"] == "interactive", "never behind a training job"
     from django.conf import settings
     assert settings.CELERY_TASK_ROUTES["jobs.tasks.evaluate_interactive"] == {"queue": "interactive"}
-    eval_tasks.run_evaluation([v1.pk, v2.pk], set_id)
+    evaluation.run_evaluation([v1.pk, v2.pk], set_id)
     done = client.get(f"/versions/compare/prompt?ids={v1.pk},{v2.pk}&set={set_id}").content.decode()
     assert 'data-status="done"' in done and "hx-get" not in done and done.count("<pre>") == 3
     empty = client.post("/versions/compare/prompt", {"ids": f"{v1.pk},{v2.pk}", "prompt": "  "})

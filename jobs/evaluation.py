@@ -1,7 +1,7 @@
 """Evaluation of adapter versions on a fixed prompt set, with the bare base model as a baseline.
 
 Web side (no torch): build a prompt set, record it as queued on each version, queue the Celery task.
-Worker side: `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
+Worker side (task jobs.tasks.evaluate_versions_task): `run_evaluation` loads the versions, calls finetune.evaluate and writes results as they come.
 
 Results live in AdapterVersion.metrics["evaluation"] (the training metrics next to it are never touched):
 
@@ -24,13 +24,13 @@ import json
 import logging
 from datetime import datetime, timedelta
 
-from celery import shared_task
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
-log = logging.getLogger(__name__)
+from . import queue
+from .services import InputError
 
-__all__ = ["evaluate_versions_task", "evaluate_interactive"]
+log = logging.getLogger(__name__)
 
 QUEUE = "gpu"  # a full prompt set: long generation work, behind training like any other gpu work
 INTERACTIVE_MAX_PROMPTS = 4  # this few typed prompts (or the prompt box) go to the interactive queue
@@ -45,8 +45,9 @@ STALE_AFTER = timedelta(minutes=30)
 ACTIVE = ("queued", "running")
 
 
-class EvaluationInputError(ValueError):
-    pass
+class EvaluationInputError(InputError):
+    """Bad evaluation input (prompts, max_new_tokens, no validation prompts): an InputError like any other, so
+    pages and the API catch one type."""
 
 
 # ------------------------------------------------------------------------------------------------ prompt sets
@@ -82,15 +83,26 @@ def clean_prompts(items) -> list[dict]:
     return prompts
 
 
-def parse_prompt_lines(text: str) -> list[dict]:
-    """The page's textarea: one prompt per line, optionally 'prompt ||| reference answer'."""
+def prompt_lines(text: str) -> list[dict]:
+    """The page's textarea, not yet checked: one prompt per line, optionally 'prompt ||| reference answer'."""
     items = []
     for line in (text or "").splitlines():
         if not line.strip():
             continue
         prompt, _, reference = line.partition("|||")
         items.append({"prompt": prompt.strip(), "reference": reference.strip() or None})
-    return clean_prompts(items)
+    return items
+
+
+def choose_prompts(version, typed=None, *, typed_name="your prompts", one_typed_kind="custom"):
+    """The one answer to "the user's prompts or the validation set" for pages and API: returns (prompts, name,
+    kind). `typed` is what the user gave (the page's textarea through prompt_lines, or the API's list of strings
+    or {prompt, reference} objects); none given means the validation prompts of `version`'s dataset, with their
+    held-out answers as references. Raises EvaluationInputError."""
+    if typed in (None, []):
+        return validation_prompts(version), f"validation prompts of {version.dataset.name}", "validation"
+    prompts = clean_prompts(typed)
+    return prompts, typed_name, one_typed_kind if len(prompts) == 1 else "custom"
 
 
 def validation_prompts(version, limit: int = VALIDATION_PROMPTS) -> list[dict]:
@@ -219,7 +231,9 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
     from .models import AdapterVersion
 
     set_id = set_id_for(prompts, max_new_tokens)
-    queue, queued_at = queue_for(prompts, kind), _now()
+    target_queue, queued_at = queue_for(prompts, kind), _now()
+    # Routing stays in settings: the interactive queue has its own task name (jobs.queue).
+    send = queue.send_evaluation if target_queue == QUEUE else queue.send_interactive_evaluation
     ids = sorted({v.pk for v in versions})
     to_run = []
     with transaction.atomic():
@@ -248,7 +262,7 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
                 "prompts": prompts,
                 "max_new_tokens": max_new_tokens,
                 "queued_at": queued_at,
-                "queue": queue,
+                "queue": target_queue,
             }
             if not force and version.base_model_id in baselines:
                 new_entry["baseline"] = baselines[version.base_model_id]
@@ -260,14 +274,8 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
             version.save(update_fields=["metrics"])
             to_run.append(version.pk)
         if to_run:
-            transaction.on_commit(lambda: enqueue_evaluation(to_run, set_id, queue))
+            transaction.on_commit(lambda: send(to_run, set_id))
     return set_id
-
-
-def enqueue_evaluation(version_ids: list[int], set_id: str, queue: str = QUEUE):
-    """The queue is chosen by task: settings.CELERY_TASK_ROUTES sends each task name to its queue."""
-    task = evaluate_versions_task if queue == QUEUE else evaluate_interactive
-    task.delay(list(version_ids), set_id)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -354,21 +362,9 @@ def run_evaluation(version_ids: list[int], set_id: str) -> dict:
     return statuses
 
 
+
 def _worker_name() -> str:
     """The Celery worker running this (the Workers page shows it busy), or "" outside a task."""
     from celery import current_task
 
     return (getattr(current_task.request, "hostname", "") or "") if current_task else ""
-
-
-@shared_task(acks_late=True, ignore_result=True)
-def evaluate_versions_task(version_ids: list[int], set_id: str):
-    close_old_connections()
-    run_evaluation(version_ids, set_id)
-
-
-@shared_task(name="jobs.tasks.evaluate_interactive", acks_late=True, ignore_result=True)
-def evaluate_interactive(version_ids: list[int], set_id: str):
-    """The same work for a few prompts a user waits for; routed to the interactive queue by its name."""
-    close_old_connections()
-    run_evaluation(version_ids, set_id)

@@ -1,0 +1,191 @@
+"""The layering rules of docs/internals.md, read off the source with `ast` (nothing is imported):
+
+- no import loop between the project's modules, counting imports inside functions too (a loop that only closes
+  at run time still ties the modules together and breaks as soon as one import moves to the top);
+- autotune/ and finetune/ never import Django, Celery or the web side (jobs/, tunedeck/), at any depth;
+- a module the web process loads never imports torch, transformers or peft while it is being imported, directly or
+  through the project modules it imports at module level. The modules only workers load are listed below.
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tunedeck", "jobs", "autotune", "finetune")
+PURE_PACKAGES = ("autotune", "finetune")
+WEB_PACKAGES = ("tunedeck", "jobs")
+NOT_FOR_PURE = ("django", "celery", "rest_framework", "drf_spectacular", "jobs", "tunedeck")
+HEAVY = ("torch", "transformers", "peft")
+
+# Modules of jobs/ that only worker processes import; the web process never loads them, so they may import the
+# training libraries at module level (today none does; each imports them inside the functions that train).
+WORKER_ONLY = {
+    "jobs.tasks": "loaded by Celery workers (autodiscovery); the web sends tasks by name through jobs.queue",
+    "jobs.runner": "the training side of a job, called only by jobs.tasks.train_job",
+    "jobs.inference_server": "the inference server process (manage.py serve_inference), the one that serves models",
+    "jobs.management.commands.serve_inference": "starts the inference server process",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "migrations" not in path.parts:
+                modules[module_name(path)] = path
+    return modules
+
+
+def _absolute(module: str, is_package: bool, level: int, target: str | None) -> str:
+    if not level:
+        return target or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def imports_of(module: str, path: Path, *, module_level_only: bool) -> set[str]:
+    """Dotted names this module imports; `from pkg import name` yields pkg.name too, in case it is a module."""
+    tree = ast.parse(path.read_text(), str(path))
+    is_package = path.name == "__init__.py"
+    found = set()
+
+    def visit(node, inside_function):
+        for child in ast.iter_child_nodes(node):
+            nested = inside_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if module_level_only and nested:
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                source = _absolute(module, is_package, child.level, child.module)
+                found.add(source)
+                found.update(f"{source}.{alias.name}" for alias in child.names)
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def project_edges(modules, *, module_level_only=False) -> dict[str, set[str]]:
+    """module -> the project modules it imports (a `from pkg import module` counts as importing that module)."""
+    edges = {}
+    for module, path in modules.items():
+        targets = set()
+        for name in imports_of(module, path, module_level_only=module_level_only):
+            if name in modules:
+                targets.add(name)
+            elif name.rpartition(".")[0] in modules and name.rpartition(".")[0] not in targets:
+                targets.add(name.rpartition(".")[0])  # `from jobs.models import X`: the module jobs.models
+        # `from pkg import sub` also lists pkg; keep it only when no submodule of it was named.
+        edges[module] = {t for t in targets if t != module and not any(o.startswith(t + ".") for o in targets)}
+    return edges
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def connect(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_the_checker_finds_a_loop_and_ignores_a_chain():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_checker_reads_relative_and_lazy_imports(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from . import queue\nfrom .models import X\n\ndef f():\n    from .tasks import t\n")
+    assert imports_of("jobs.m", source, module_level_only=False) >= {"jobs.queue", "jobs.models", "jobs.tasks"}
+    assert "jobs.tasks" not in imports_of("jobs.m", source, module_level_only=True)
+
+
+def test_no_import_loop_between_modules():
+    modules = project_modules()
+    assert {"jobs.tasks", "jobs.queue", "jobs.services", "tunedeck.cli"} <= set(modules)
+    assert import_cycles(project_edges(modules)) == []
+
+
+def test_autotune_and_finetune_never_import_the_web_side():
+    modules = project_modules()
+    wrong = []
+    for module, path in modules.items():
+        if _top(module) in PURE_PACKAGES:
+            for name in imports_of(module, path, module_level_only=False):
+                if _top(name) in NOT_FOR_PURE:
+                    wrong.append(f"{module} imports {name}")
+    assert wrong == []
+
+
+def test_web_modules_never_load_torch_transformers_or_peft_at_import():
+    modules = project_modules()
+    assert set(WORKER_ONLY) <= set(modules), "a worker-only module was renamed: update WORKER_ONLY"
+    edges = project_edges(modules, module_level_only=True)
+    heavy_imports = {m: {n for n in imports_of(m, p, module_level_only=True) if _top(n) in HEAVY}
+                     for m, p in modules.items()}
+    wrong = []
+    for module in modules:
+        if _top(module) not in WEB_PACKAGES or module in WORKER_ONLY:
+            continue
+        seen, todo = set(), [(module, [module])]
+        while todo:
+            current, route = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            for name in sorted(heavy_imports[current]):
+                wrong.append(" -> ".join(route) + f" imports {name}")
+            todo.extend((nxt, route + [nxt]) for nxt in edges[current])
+    assert wrong == []
+
+
+def test_web_modules_do_not_import_worker_only_modules_at_import():
+    modules = project_modules()
+    edges = project_edges(modules, module_level_only=True)
+    wrong = [f"{m} imports {t}" for m in modules if _top(m) in WEB_PACKAGES and m not in WORKER_ONLY
+             for t in edges[m] if t in WORKER_ONLY]
+    assert wrong == []
+
+
+def test_the_command_line_client_starts_without_django_or_celery():
+    code = "import tunedeck.cli, sys; assert 'django' not in sys.modules and 'celery' not in sys.modules, " \
+           "sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'celery'))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
