@@ -262,6 +262,10 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
             details.update(merged=False)
         if not _update(deployment.pk, revision, status=Status.LOADING, path=path, details=details, error=""):
             return None
+        if path:  # downloads for llama.cpp and Ollama, written while the inference server loads the model
+            from .gguf_exports import write_for_deployment
+
+            write_for_deployment(deployment.pk, revision, path, deployment.name)
         return Status.LOADING
     except TunedeckError as exc:
         mark_failed(deployment.pk, revision, str(exc))
@@ -371,7 +375,7 @@ def export_commands(deployment: Deployment) -> dict:
     adapter_path = version.path
     rank = int((version.plan or {}).get("rank") or 16)
     max_lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
-    lora_like = version.method in ("lora", "qlora", "dpo") and deployment.details.get("peft_type", "LORA") in (
+    lora_like = version.method in ("lora", "qlora", "dpo", "kto") and deployment.details.get("peft_type", "LORA") in (
         "LORA",
         "",
     )

@@ -113,6 +113,17 @@ def deployment_export(request, pk):
 
 
 @login_required
+def deployment_gguf(request, pk, kind):
+    from .gguf_exports import gguf_problem, gguf_response
+
+    deployment = _deployment(request.user, pk)
+    problem = gguf_problem(deployment, kind)
+    if problem:
+        raise Http404(problem[1])
+    return gguf_response(deployment, kind)
+
+
+@login_required
 def playground(request, pk):
     deployment = _deployment(request.user, pk)
     live = (

@@ -324,11 +324,21 @@ class CompareSerializer(serializers.Serializer):
 
 class DeploymentSerializer(serializers.ModelSerializer):
     endpoint = serializers.SerializerMethodField()
+    engine = serializers.SerializerMethodField()
     queue = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
-        fields = ["id", "name", "status", "merge", "version", "error", "endpoint", "details", "created_at", "queue"]
+        fields = ["id", "name", "status", "merge", "version", "error", "endpoint", "engine", "details",
+                  "created_at", "queue"]
+
+    def get_engine(self, obj) -> dict | None:
+        """Which engine serves it (vllm or builtin), why, any fallback warning, and loading progress."""
+        details = obj.details or {}
+        if not details.get("engine"):
+            return None
+        return {"name": details["engine"], "reason": details.get("engine_reason", ""),
+                "warning": details.get("engine_warning", ""), "progress": details.get("engine_progress")}
 
     def get_queue(self, obj) -> dict | None:
         """Set while status is merging but the merge still waits for a gpu worker (the page says "queued")."""
