@@ -690,8 +690,8 @@ def shortfall(plan, target) -> str:
 
 
 def gb(n: int | float) -> str:
-    """Bytes for a sentence: GB with one decimal, MB below 1 GB (tiny test models)."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 or n == 0 else f"{n / 1e6:.1f} MB"
+    """Bytes for a sentence in the units the pages use: GiB with one decimal, MiB below 1 GiB (tiny models)."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 or n == 0 else f"{n / 2**20:.1f} MiB"
 
 
 def billions(n: int) -> str:

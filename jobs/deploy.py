@@ -233,6 +233,12 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
         return None
     version = deployment.version
     details = dict(deployment.details)
+    if deployment.status == Status.MERGING:
+        # From here the page says "merging" instead of "queued (position N)"; the Workers page shows us busy.
+        details.update(merge_started_at=timezone.now().isoformat(), merge_revision=revision,
+                       merge_worker=_worker_name())
+        if not _update(deployment.pk, revision, details=details):
+            return None
     try:
         from finetune.merge import AdapterNotMergeable, describe_adapter
 
@@ -267,6 +273,12 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
         log.exception("deployment %s crashed", deployment.pk)
         mark_failed(deployment.pk, revision, f"{type(exc).__name__}: {exc}")
     return Status.FAILED
+
+
+def _worker_name() -> str:
+    from celery import current_task
+
+    return (getattr(current_task.request, "hostname", "") or "") if current_task else ""
 
 
 def _merge(deployment: Deployment, version: AdapterVersion, description: dict) -> tuple[str, dict]:
@@ -354,7 +366,8 @@ def internal_token() -> str:
 
 
 def export_commands(deployment: Deployment) -> dict:
-    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base."""
+    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base. vLLM gets
+    port 8001 (TGI 8080): 8000 is Tunedeck's own default port."""
     version = deployment.version
     name = deployment.name
     archive = f"{name}-merged.zip"
@@ -368,7 +381,7 @@ def export_commands(deployment: Deployment) -> dict:
     )
     merged = {
         "unpack": f"unzip {archive} -d {name}",
-        "vllm": f"vllm serve ./{name} --served-model-name {name} --port 8000",
+        "vllm": f"vllm serve ./{name} --served-model-name {name} --port 8001",
         "tgi": (
             f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/{name}:/data/{name} "
             f"ghcr.io/huggingface/text-generation-inference:latest --model-id /data/{name}"
@@ -382,7 +395,7 @@ def export_commands(deployment: Deployment) -> dict:
         ),
         "vllm": (
             f"vllm serve {base_path} --enable-lora --max-lora-rank {max_lora_rank} "
-            f"--lora-modules {name}={adapter_path} --port 8000"
+            f"--lora-modules {name}={adapter_path} --port 8001"
         ),
         "tgi": (
             f"docker run --gpus all --shm-size 1g -p 8080:80 -v {base_path}:/data/base -v {adapter_path}:/data/"

@@ -9,6 +9,7 @@ PROCESS_DATASET = "jobs.tasks.process_dataset_task"
 DEPLOY = "jobs.tasks.deploy_version"
 EVALUATE = "jobs.tasks.evaluate_versions_task"
 SEARCH_TRIALS = "jobs.tasks.search_trials_task"  # issue 20
+EVALUATE_INTERACTIVE = "jobs.tasks.evaluate_interactive"  # routed to the "interactive" queue
 
 
 def send(task_name: str, *args, queue: str | None = None) -> None:
@@ -47,3 +48,8 @@ def send_evaluation(version_ids: list[int], set_id: str) -> None:
 
 def send_search_trials(job_id: int) -> None:  # issue 20: a helper running trials of the job's search
     send(SEARCH_TRIALS, job_id)
+
+
+def send_interactive_evaluation(version_ids: list[int], set_id: str) -> None:
+    """A few prompts a user waits for: its own queue and worker, never behind a training run."""
+    send(EVALUATE_INTERACTIVE, list(version_ids), set_id)

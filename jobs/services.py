@@ -145,6 +145,18 @@ def _clean_fraction(value) -> float:
     return fraction
 
 
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
+
+
+def dataset_name_from_file(filename) -> str:
+    """'support-chats.jsonl.gz' -> 'support-chats': the name a user would give it."""
+    name = Path(filename or "dataset").name
+    for suffix in DATA_SUFFIXES:  # in this order, so .jsonl.gz loses both
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return name[:200] or "dataset"
+
+
 def create_dataset(
     user,
     uploaded,
@@ -199,7 +211,7 @@ def create_dataset(
             val_source = str(version_dir / "validation-source")
             os.replace(val_tmp, val_source)
             val_tmp = None
-        display = name.strip() or Path(uploaded.name or "dataset").name[:200]
+        display = name.strip() or dataset_name_from_file(uploaded.name)
         with transaction.atomic():
             dataset = Dataset.objects.create(
                 owner=user,

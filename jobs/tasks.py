@@ -50,3 +50,10 @@ def deploy_version(deployment_id: int, revision: int):
 def evaluate_versions_task(version_ids: list[int], set_id: str):
     close_old_connections()
     run_evaluation(version_ids, set_id)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def evaluate_interactive(version_ids: list[int], set_id: str):
+    """The same work for a few prompts a user waits for; settings route this name to the interactive queue."""
+    close_old_connections()
+    run_evaluation(version_ids, set_id)

@@ -62,6 +62,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served as static files (no CDN)
     "jobs",
 ]
 
@@ -163,12 +164,16 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # The one place that says which queue a task goes to (docs/internals.md, "Tasks and queues"); jobs/queue.py sends
-# by task name. Training, merges and evaluation need the GPU worker; dataset checks go to the default queue.
+# by task name. Training, merges and full evaluations need the GPU worker; dataset checks go to the default queue;
+# short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts) go to
+# "interactive", consumed by its own worker process so they never wait behind a training run.
+INTERACTIVE_QUEUE = "interactive"
 CELERY_TASK_ROUTES = {
     "jobs.tasks.train_job": {"queue": "gpu"},
     "jobs.tasks.deploy_version": {"queue": "gpu"},
     "jobs.tasks.evaluate_versions_task": {"queue": "gpu"},
     "jobs.tasks.search_trials_task": {"queue": "gpu"},  # issue 20: search trials train too
+    "jobs.tasks.evaluate_interactive": {"queue": INTERACTIVE_QUEUE},
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.
@@ -219,6 +224,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Parameter-efficient fine-tuning of open LLMs.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from drf-spectacular-sidecar's static files: the docs work on an air-gapped install.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No deep-link anchors inside the operation buttons (nested interactive controls for screen readers).
+    "SWAGGER_UI_SETTINGS": {"deepLinking": False, "persistAuthorization": True},
     "ENUM_NAME_OVERRIDES": {
         "JobStatusEnum": "jobs.models.JobStatus",
         "DatasetStatusEnum": "jobs.models.Dataset.Status",

@@ -40,7 +40,7 @@ def test_every_reason_carries_a_number():
 def test_method_reason_names_the_gpu_and_the_memory():
     reason = plan_for()["reasons"][0]
     assert reason.startswith("LoRA")
-    assert "NVIDIA H100 80GB HBM3" in reason and "16.1 GB" in reason and "79.1 GB free" in reason
+    assert "NVIDIA H100 80GB HBM3" in reason and "15.0 GiB" in reason and "73.7 GiB free" in reason
 
 
 def test_qlora_when_lora_does_not_fit():
@@ -71,7 +71,7 @@ def test_nothing_fits_returns_the_smallest_plan_with_the_shortfall():
         ("qlora", 1, True, 64)
     assert plan["warnings"] and "missing" in plan["warnings"][0]
     missing = plan["memory"]["total_bytes"] - plan["memory"]["capacity_bytes"]
-    assert f"{missing / 1e9:.1f} GB is missing" in plan["warnings"][0]
+    assert f"{missing / 2**30:.1f} GiB is missing" in plan["warnings"][0]
 
 
 def test_sequence_is_shortened_before_giving_up():
