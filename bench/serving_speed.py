@@ -1,8 +1,18 @@
-"""Serving speed: a merged deployment vs the same adapter unmerged on its base, and multi-LoRA throughput.
+"""Serving speed: the built-in server vs vLLM under concurrent load; merged vs unmerged; multi-LoRA throughput.
 
+    .venv/bin/python bench/serving_speed.py --model PATH --sections engines,vllm-lora   # built-in vs vLLM
     .venv/bin/python bench/serving_speed.py                 # tiny random Llama, CPU (and CUDA if present)
     .venv/bin/python bench/serving_speed.py --model PATH    # e.g. the converted SmolLM2 folder
     .venv/bin/python bench/serving_speed.py --devices cpu --max-tokens 48 --requests 16
+
+Section "engines" (needs .venv-vllm, scripts/setup-vllm.sh): the same merged model served by the built-in engine
+(finetune.serving.ModelServer, called in-process from N threads, so it pays no HTTP) and by a vLLM server started
+through finetune.vllm_engine.VllmSupervisor (streamed over HTTP, as the inference server relays it), at 1/4/16/64
+concurrent streaming chat requests, greedy, the same prompt and max tokens: tokens/s, requests/s, p50/p99 latency
+and median time to first token. The engine that goes first alternates from one concurrency level to the next.
+Section "vllm-lora": 1/4/16 random LoRA adapters loaded at run time onto one vLLM base server, requests sent
+round-robin across them at --lora-concurrency; throughput relative to one adapter.
+Section "builtin" (the default without --sections) is the in-process table below.
 
 Measures, per device, through finetune.serving.ModelServer's streaming API (what the OpenAI endpoint uses):
 time to first token (first text delta), decode tokens/s after it, and for 1, 4 and 16 LoRA adapters on one
@@ -14,10 +24,14 @@ on what they learned.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +55,12 @@ def parse_args():
     parser.add_argument("--requests", type=int, default=16, help="timed requests per multi-LoRA measurement")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--adapter-counts", default="1,4,16")
+    parser.add_argument("--sections", default="builtin", help="comma-separated: builtin, engines, vllm-lora")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="engines: concurrent request levels")
+    parser.add_argument("--waves", type=int, default=1,
+                        help="engines: requests per level = max(4, waves * concurrency)")
+    parser.add_argument("--lora-concurrency", type=int, default=16)
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     return parser.parse_args()
 
 
@@ -167,17 +187,184 @@ def main() -> None:
     import torch
 
     torch.manual_seed(0)
+    sections = {s.strip() for s in args.sections.split(",")}
     with tempfile.TemporaryDirectory(prefix="tunedeck-bench-") as tmp:
         workdir = Path(tmp)
         base_dir = Path(args.model) if args.model else tiny_base(workdir)
         count = max(int(c) for c in args.adapter_counts.split(","))
         adapters = [make_random_lora(base_dir, workdir / f"adapter-{i}", args.rank, i) for i in range(count)]
+        print(f"load average at start: {os.getloadavg()}", flush=True)
+        if "engines" in sections:
+            engines_section(base_dir, adapters[0], workdir, args)
+        if "vllm-lora" in sections:
+            vllm_lora_section(base_dir, adapters, workdir, args)
+        print(f"load average at end: {os.getloadavg()}", flush=True)
+        if "builtin" not in sections:
+            return
         rows = []
         for device in devices_to_test(args.devices):
             rows += bench_device(device, base_dir, adapters, workdir, args)
         label = str(base_dir) if args.model else "tiny random Llama (hidden 256, 4 layers)"
         threads = torch.get_num_threads()
         print_table(rows, f"{label}; {args.max_tokens} new tokens, LoRA rank {args.rank}, {threads} threads")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# built-in vs vLLM under concurrent load
+# ---------------------------------------------------------------------------------------------------------
+
+
+def builtin_request(server, name: str, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first = None
+    final = None
+    for item in server.stream_chat(name, QUESTION, max_tokens=max_tokens, temperature=0):
+        if isinstance(item, str):
+            first = first or time.perf_counter()
+        else:
+            final = item
+    ended = time.perf_counter()
+    return {"ttft": (first or ended) - started, "latency": ended - started, "tokens": final["completion_tokens"]}
+
+
+def vllm_request(route, model: str, max_tokens: int) -> dict:
+    body = {"model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(route.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {route.api_key}"})
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    with urllib.request.urlopen(request, timeout=1800) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if first is None and any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    return {"ttft": (first or ended) - started, "latency": ended - started, "tokens": tokens}
+
+
+def under_load(send, requests: int, concurrency: int) -> dict:
+    """`requests` calls of send(i) from `concurrency` threads; aggregate throughput and latency percentiles."""
+    results: list = []
+    lock = threading.Lock()
+    next_index = iter(range(requests))
+
+    def worker():
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            outcome = send(i)
+            with lock:
+                results.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    latencies = sorted(r["latency"] for r in results)
+    return {
+        "requests": len(results),
+        "tokens": sum(r["tokens"] for r in results),
+        "tok_s": sum(r["tokens"] for r in results) / wall,
+        "req_s": len(results) / wall,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "ttft": statistics.median(r["ttft"] for r in results),
+    }
+
+
+def start_vllm(model_dir: Path, workdir: Path, args, *, adapters=None):
+    from finetune.vllm_engine import EngineSettings, VllmSupervisor
+
+    ready = threading.Event()
+    failed: list = []
+    settings = EngineSettings(python=args.vllm_python, log_dir=workdir / "logs", max_adapters=16, max_loras=16,
+                              startup_timeout=1200)
+    supervisor = VllmSupervisor(settings, on_ready=lambda name: ready.set(),
+                                on_failed=lambda name, reason: (failed.append(reason), ready.set()))
+    started = time.perf_counter()
+    if adapters is None:
+        supervisor.add_merged("merged", model_dir)
+    else:
+        for i, adapter in enumerate(adapters):
+            supervisor.add_adapter(f"lora-{i}", model_dir, adapter)
+    supervisor.start()
+    ready.wait()
+    if failed:
+        supervisor.stop()
+        raise SystemExit(f"vLLM did not start: {failed[0]}")
+    print(f"vLLM server ready after {time.perf_counter() - started:.0f}s", flush=True)
+    return supervisor
+
+
+def engines_section(base_dir: Path, adapter: Path, workdir: Path, args) -> None:
+    from finetune.merge import merge_adapter
+    from finetune.serving import ModelServer
+
+    merged_dir = workdir / "merged-engines"
+    merge_adapter(base_dir, adapter, merged_dir, device="cpu")
+    builtin = ModelServer(device="cpu")
+    builtin.add_merged("merged", merged_dir)
+    builtin_request(builtin, "merged", 2)  # loads it
+    supervisor = start_vllm(merged_dir, workdir, args)
+    try:
+        route = supervisor.route("merged")
+        vllm_request(route, "merged", 2)  # warm-up
+        sends = {
+            "built-in": lambda i: builtin_request(builtin, "merged", args.max_tokens),
+            "vLLM": lambda i: vllm_request(route, "merged", args.max_tokens),
+        }
+        rows = []
+        for level, concurrency in enumerate(int(c) for c in args.concurrency.split(",")):
+            order = ["built-in", "vLLM"] if level % 2 == 0 else ["vLLM", "built-in"]
+            requests = max(4, args.waves * concurrency)
+            measured = {engine: under_load(sends[engine], requests, concurrency) for engine in order}
+            for engine in ("built-in", "vLLM"):
+                rows.append((engine, concurrency, measured[engine], measured["built-in"]))
+                print_engine_row(*rows[-1])
+    finally:
+        supervisor.stop()
+
+
+def print_engine_row(engine, concurrency, result, baseline) -> None:
+    ratio = result["tok_s"] / baseline["tok_s"]
+    print(f"{engine:<9} c={concurrency:<3} requests={result['requests']:<3} tokens={result['tokens']:<5} "
+          f"tok/s={result['tok_s']:7.1f} req/s={result['req_s']:6.2f} p50={result['p50']:6.2f}s "
+          f"p99={result['p99']:6.2f}s ttft={result['ttft']:6.2f}s  tok/s vs built-in {ratio:5.2f}x "
+          f"p50 vs built-in {result['p50'] / baseline['p50']:5.2f}x", flush=True)
+
+
+def vllm_lora_section(base_dir: Path, adapters: list, workdir: Path, args) -> None:
+    counts = [int(c) for c in args.adapter_counts.split(",")]
+    supervisor = start_vllm(base_dir, workdir, args, adapters=adapters[: max(counts)])
+    try:
+        first = None
+        for count in counts:
+            routes = [supervisor.route(f"lora-{i}") for i in range(count)]
+            for i, route in enumerate(routes):
+                vllm_request(route, f"lora-{i}", 2)  # warm-up: every adapter in vLLM's cache
+            requests = max(args.requests, args.lora_concurrency)
+            def send(i, routes=routes, count=count):
+                return vllm_request(routes[i % count], f"lora-{i % count}", args.max_tokens)
+
+            result = under_load(send, requests, args.lora_concurrency)
+            first = first or result
+            print(f"vLLM multi-LoRA adapters={count:<3} c={args.lora_concurrency} tok/s={result['tok_s']:7.1f} "
+                  f"p50={result['p50']:6.2f}s ttft={result['ttft']:6.2f}s vs 1 adapter "
+                  f"{result['tok_s'] / first['tok_s']:5.2f}x", flush=True)
+    finally:
+        supervisor.stop()
 
 
 if __name__ == "__main__":

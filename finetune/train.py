@@ -21,6 +21,7 @@ from . import fastloss, fourbit
 from .data import iter_examples
 from .errors import OutOfMemory, TrainingError
 from .method_traits import method_traits
+from .optim import build_optimizer
 from .methods import ALL_METHODS, save_adapter, wrap_for_training
 from .tokenize import IGNORE, encode_example, encode_preference, render_prompt
 
@@ -57,6 +58,7 @@ class TrainSpec:
     num_virtual_tokens: int = 20
     adapter_bottleneck: int = 64
     dpo_beta: float = 0.1
+    kto_beta: float = 0.1
     packing: bool = False
     completion_only: bool = True
     eval_every_steps: int | None = None
@@ -116,7 +118,7 @@ def load_encoded(path, tokenizer, spec: TrainSpec, limit: int | None = None):
         if limit is not None and len(examples) >= limit:
             break
         stats["rows"] += 1
-        if method_traits(spec.method).preference:
+        if method_traits(spec.method).paired:
             if "chosen" not in example:
                 raise TrainingError("DPO needs a preference dataset (prompt, chosen, rejected columns).")
             pair = encode_preference(example, tokenizer, spec.max_seq_len)
@@ -128,12 +130,20 @@ def load_encoded(path, tokenizer, spec: TrainSpec, limit: int | None = None):
             examples.append(pair)
             stats["tokens"] += len(pair["chosen"]["input_ids"]) + len(pair["rejected"]["input_ids"])
             continue
+        if spec.method == "kto" and "label" not in example:
+            raise TrainingError("KTO needs a dataset whose rows are labelled desirable or undesirable (a kto_tag or "
+                                "label column of true/false).")
+        if spec.method != "kto" and "label" in example:
+            raise TrainingError("This dataset labels its answers desirable or undesirable (kto_tag/label): train it "
+                                "with method kto, or every undesirable answer would be learned as a good one.")
         encoded = encode_example(example, tokenizer, spec.max_seq_len, completion_only=spec.completion_only)
         stats["truncated"] += int(encoded.truncated)
         if encoded.trained_tokens == 0:
             stats["skipped_no_labels"] += 1
             continue
         examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+        if spec.method == "kto":
+            examples[-1]["desirable"] = bool(example["label"])
         stats["tokens"] += len(encoded.input_ids)
         stats["trained_tokens"] += encoded.trained_tokens
     return examples, stats
@@ -372,6 +382,38 @@ def dpo_loss(model, batch: list[dict], beta: float, pad_id: int, device):
     return losses.sum(), n, tokens, {"reward_accuracy": accuracy, "reward_margin": float(beta * margin.mean())}
 
 
+def preference_loss(model, batch: list[dict], spec, pad_id: int, device):
+    """The loss of the methods that compare the adapter with its base (adapter disabled): dpo and kto."""
+    if spec.method == "kto":
+        return kto_loss(model, batch, spec.kto_beta, pad_id, device)
+    return dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+
+
+def kto_loss(model, batch: list[dict], beta: float, pad_id: int, device):
+    """Kahneman-Tversky Optimisation (Ethayarajh et al. 2024, as TRL's KTOTrainer computes it) on unpaired
+    desirable/undesirable answers. The reference is the base itself with the LoRA switched off, as in dpo_loss.
+    The reference point z0 (the policy's KL from the reference) is estimated by the batch mean of the answers'
+    log-ratios, clamped at 0 and not back-propagated (the paper's batch estimate; TRL uses mismatched pairs).
+    Desirable: 1 - sigmoid(beta (r - z0)); undesirable: 1 - sigmoid(beta (z0 - r)), r = log pi/pi_ref."""
+    import torch
+
+    ids, labels, mask = collate(batch, pad_id, device)
+    policy = _answer_logprobs(model, ids, labels, mask)
+    with torch.no_grad(), model.disable_adapter():
+        reference = _answer_logprobs(model, ids, labels, mask)
+    ratios = policy - reference
+    kl = ratios.detach().mean().clamp(min=0)
+    desirable = torch.tensor([bool(b["desirable"]) for b in batch], device=ratios.device)
+    losses = torch.where(desirable, 1 - torch.sigmoid(beta * (ratios - kl)), 1 - torch.sigmoid(beta * (kl - ratios)))
+    right = torch.where(desirable, ratios > kl, ratios < kl)
+    rewards = (beta * ratios).detach()
+    info = {"reward_accuracy": float(right.float().mean()), "kl": float(kl)}
+    if bool(desirable.any()) and bool((~desirable).any()):
+        info["reward_margin"] = float(rewards[desirable].mean() - rewards[~desirable].mean())
+    tokens = int((labels[:, 1:] != IGNORE).sum())
+    return losses.sum(), len(batch), tokens, info
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 
@@ -387,7 +429,7 @@ def evaluate(model, examples: list[dict], spec: TrainSpec, pad_id: int) -> dict:
         for start in range(0, len(examples), spec.micro_batch):
             batch = examples[start : start + spec.micro_batch]
             if method_traits(spec.method).preference:
-                loss, n, _, info = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+                loss, n, _, info = preference_loss(model, batch, spec, pad_id, device)
                 extra.setdefault("reward_accuracy", []).append(info["reward_accuracy"])
             else:
                 ids, labels, mask = collate(batch, pad_id, device)
@@ -510,7 +552,7 @@ def measure_step_peak(model, spec: TrainSpec, batch: list[dict], optimizer, pad_
     optimizer.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if method_traits(spec.method).preference:
-            loss, _, _, _ = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+            loss, _, _, _ = preference_loss(model, batch, spec, pad_id, device)
         else:
             ids, labels, mask = collate(batch, pad_id, device)
             loss, _ = token_loss_sum(model, ids, labels, mask, packed_positions(batch, ids.shape[1], device))
@@ -764,8 +806,8 @@ def setup_run(spec: TrainSpec, on_event) -> Run:
     total_steps = int(spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch)))
     trainable, total_params = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(params, {**spec.plan, "learning_rate": spec.learning_rate,
+                                         "weight_decay": spec.weight_decay}, device)
 
     # Before any checkpoint is restored: the measurement clears the optimizer state it creates.
     _act_on_fit_check(fit_check(model, spec, train_rows, optimizer, pad_id, device), spec, on_event)
@@ -866,7 +908,7 @@ def _loss_denominator(spec: TrainSpec, micro: list[list[dict]]) -> int:
 def _micro_batch_loss(run: Run, batch: list[dict]):
     """(summed loss, items it sums over, tokens in the batch, extra metrics) for one micro-batch."""
     if method_traits(run.spec.method).preference:
-        return dpo_loss(run.model, batch, run.spec.dpo_beta, run.pad_id, run.device)
+        return preference_loss(run.model, batch, run.spec, run.pad_id, run.device)
     ids, labels, mask = collate(batch, run.pad_id, run.device)
     positions = packed_positions(batch, ids.shape[1], run.device)
     loss, n = token_loss_sum(run.model, ids, labels, mask, positions)

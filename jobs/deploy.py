@@ -233,6 +233,12 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
         return None
     version = deployment.version
     details = dict(deployment.details)
+    if deployment.status == Status.MERGING:
+        # From here the page says "merging" instead of "queued (position N)"; the Workers page shows us busy.
+        details.update(merge_started_at=timezone.now().isoformat(), merge_revision=revision,
+                       merge_worker=_worker_name())
+        if not _update(deployment.pk, revision, details=details):
+            return None
     try:
         from finetune.merge import AdapterNotMergeable, describe_adapter
 
@@ -256,6 +262,10 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
             details.update(merged=False)
         if not _update(deployment.pk, revision, status=Status.LOADING, path=path, details=details, error=""):
             return None
+        if path:  # downloads for llama.cpp and Ollama, written while the inference server loads the model
+            from .gguf_exports import write_for_deployment
+
+            write_for_deployment(deployment.pk, revision, path, deployment.name)
         return Status.LOADING
     except TunedeckError as exc:
         mark_failed(deployment.pk, revision, str(exc))
@@ -263,6 +273,12 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
         log.exception("deployment %s crashed", deployment.pk)
         mark_failed(deployment.pk, revision, f"{type(exc).__name__}: {exc}")
     return Status.FAILED
+
+
+def _worker_name() -> str:
+    from celery import current_task
+
+    return (getattr(current_task.request, "hostname", "") or "") if current_task else ""
 
 
 def _merge(deployment: Deployment, version: AdapterVersion, description: dict) -> tuple[str, dict]:
@@ -350,7 +366,8 @@ def internal_token() -> str:
 
 
 def export_commands(deployment: Deployment) -> dict:
-    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base."""
+    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base. vLLM gets
+    port 8001 (TGI 8080): 8000 is Tunedeck's own default port."""
     version = deployment.version
     name = deployment.name
     archive = f"{name}-merged.zip"
@@ -358,13 +375,13 @@ def export_commands(deployment: Deployment) -> dict:
     adapter_path = version.path
     rank = int((version.plan or {}).get("rank") or 16)
     max_lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
-    lora_like = version.method in ("lora", "qlora", "dpo") and deployment.details.get("peft_type", "LORA") in (
+    lora_like = version.method in ("lora", "qlora", "dpo", "kto") and deployment.details.get("peft_type", "LORA") in (
         "LORA",
         "",
     )
     merged = {
         "unpack": f"unzip {archive} -d {name}",
-        "vllm": f"vllm serve ./{name} --served-model-name {name} --port 8000",
+        "vllm": f"vllm serve ./{name} --served-model-name {name} --port 8001",
         "tgi": (
             f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/{name}:/data/{name} "
             f"ghcr.io/huggingface/text-generation-inference:latest --model-id /data/{name}"
@@ -378,7 +395,7 @@ def export_commands(deployment: Deployment) -> dict:
         ),
         "vllm": (
             f"vllm serve {base_path} --enable-lora --max-lora-rank {max_lora_rank} "
-            f"--lora-modules {name}={adapter_path} --port 8000"
+            f"--lora-modules {name}={adapter_path} --port 8001"
         ),
         "tgi": (
             f"docker run --gpus all --shm-size 1g -p 8080:80 -v {base_path}:/data/base -v {adapter_path}:/data/"

@@ -10,7 +10,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from . import deploy
+from . import deploy, waiting
 from .archives import zip_response
 from .models import AdapterVersion, Deployment
 from .openai_views import OpenAIError, clean_messages, error_response, proxy
@@ -43,9 +43,13 @@ def version_deploy(request, pk):
 
 @login_required
 def deployment_list(request):
-    deployments = Deployment.objects.owned_by(request.user).select_related("version__line", "version__base_model")
+    deployments = list(Deployment.objects.owned_by(request.user).select_related("version__line", "version__base_model"))
+    for d in deployments:
+        d.queue_spot = _queue_spot(d, request.user)
+    # The rows poll only while something is on its way, so an open Stop confirmation is never swapped away.
+    in_progress = any(d.status in (Deployment.Status.MERGING, Deployment.Status.LOADING) for d in deployments)
     template = "jobs/_deployment_rows.html" if request.htmx else "jobs/deployments.html"
-    return render(request, template, {"deployments": deployments})
+    return render(request, template, {"deployments": deployments, "any_in_progress": in_progress})
 
 
 @login_required
@@ -56,6 +60,7 @@ def deployment_detail(request, pk):
         "previous": deploy.previous_version(deployment),
         "endpoint": request.build_absolute_uri("/v1"),
         "stalled": deploy.loading_stalled(deployment),
+        "queue_spot": _queue_spot(deployment, request.user),
     }
     if request.htmx:
         response = render(request, "jobs/_deployment_status.html", context)
@@ -71,11 +76,18 @@ def deployment_detail(request, pk):
     return render(request, "jobs/deployment_detail.html", context)
 
 
+def _queue_spot(deployment, user):
+    """While its merge waits for a gpu worker: its place in that queue (the page says "queued", not "merging")."""
+    if deployment.status != Deployment.Status.MERGING or waiting.merge_started(deployment):
+        return None
+    return waiting.place(waiting.GPU, f"deployment:{deployment.pk}:{deployment.revision}", user)
+
+
 @login_required
 @require_POST
 def deployment_stop(request, pk):
     deployment = deploy.stop(_deployment(request.user, pk))
-    messages.info(request, f"Stopped {deployment.name}.")
+    messages.success(request, f"Stopped {deployment.name}: it no longer answers on the API. Deploy again to serve it.")
     return _back(request, "deployments")
 
 
@@ -98,6 +110,17 @@ def deployment_export(request, pk):
     if problem:
         raise Http404(problem[1])
     return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")
+
+
+@login_required
+def deployment_gguf(request, pk, kind):
+    from .gguf_exports import gguf_problem, gguf_response
+
+    deployment = _deployment(request.user, pk)
+    problem = gguf_problem(deployment, kind)
+    if problem:
+        raise Http404(problem[1])
+    return gguf_response(deployment, kind)
 
 
 @login_required
@@ -126,7 +149,9 @@ def playground_stream(request, pk):
     except ValueError:
         return error_response(400, "Send a JSON object.", "invalid_json")
     try:
-        payload = {"model": deployment.name, "messages": clean_messages(body.get("messages")), "stream": True}
+        # include_usage: the last chunk counts the generated tokens, for the page's tokens/s.
+        payload = {"model": deployment.name, "messages": clean_messages(body.get("messages")), "stream": True,
+                   "stream_options": {"include_usage": True}}
     except OpenAIError as exc:
         return exc.response()
     for key, low, high in (("max_tokens", 1, 2048), ("temperature", 0, 2)):

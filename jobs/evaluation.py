@@ -32,6 +32,8 @@ from .services import InputError
 
 log = logging.getLogger(__name__)
 
+QUEUE = "gpu"  # a full prompt set: long generation work, behind training like any other gpu work
+INTERACTIVE_MAX_PROMPTS = 4  # this few typed prompts (or the prompt box) go to the interactive queue
 VALIDATION_PROMPTS = 8
 MAX_PROMPTS = 50
 MAX_PROMPT_CHARS = 4000
@@ -213,6 +215,15 @@ def _prune(sets: dict, keep_id: str):
                 sets.pop(key, None)
 
 
+def queue_for(prompts: list[dict], kind: str) -> str:
+    """Short generations a user waits for never queue behind training: the prompt box, and a few typed prompts."""
+    from django.conf import settings
+
+    if kind == "prompt" or (kind == "custom" and len(prompts) <= INTERACTIVE_MAX_PROMPTS):
+        return getattr(settings, "INTERACTIVE_QUEUE", "interactive")
+    return QUEUE
+
+
 def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "custom",
                      max_new_tokens: int = DEFAULT_NEW_TOKENS, force: bool = False) -> str:
     """Records the set as queued on every version that lacks fresh results for it and queues one task for
@@ -220,6 +231,9 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
     from .models import AdapterVersion
 
     set_id = set_id_for(prompts, max_new_tokens)
+    target_queue, queued_at = queue_for(prompts, kind), _now()
+    # Routing stays in settings: the interactive queue has its own task name (jobs.queue).
+    send = queue.send_evaluation if target_queue == QUEUE else queue.send_interactive_evaluation
     ids = sorted({v.pk for v in versions})
     to_run = []
     with transaction.atomic():
@@ -247,7 +261,8 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
                 "status": "queued",
                 "prompts": prompts,
                 "max_new_tokens": max_new_tokens,
-                "queued_at": _now(),
+                "queued_at": queued_at,
+                "queue": target_queue,
             }
             if not force and version.base_model_id in baselines:
                 new_entry["baseline"] = baselines[version.base_model_id]
@@ -259,7 +274,7 @@ def queue_evaluation(versions, prompts: list[dict], *, name: str, kind: str = "c
             version.save(update_fields=["metrics"])
             to_run.append(version.pk)
         if to_run:
-            transaction.on_commit(lambda: queue.send_evaluation(to_run, set_id))
+            transaction.on_commit(lambda: send(to_run, set_id))
     return set_id
 
 
@@ -295,10 +310,10 @@ def run_evaluation(version_ids: list[int], set_id: str) -> dict:
     versions = [v for v in AdapterVersion.objects.select_related("base_model", "line").filter(pk__in=version_ids)
                 if entry_of(v, set_id) is not None]
     environment = library_versions()
-    started = _now()
+    started, worker = _now(), _worker_name()
     for v in versions:
         _update_entry(v.pk, set_id, lambda e: e.update(status="running", started_at=started, error="",
-                                                      environment=environment))
+                                                      environment=environment, worker=worker))
     statuses = {}
     by_base: dict[int, list] = {}
     for v in sorted(versions, key=lambda v: v.pk):
@@ -346,3 +361,10 @@ def run_evaluation(version_ids: list[int], set_id: str) -> dict:
                     statuses[v.pk] = "failed"
     return statuses
 
+
+
+def _worker_name() -> str:
+    """The Celery worker running this (the Workers page shows it busy), or "" outside a task."""
+    from celery import current_task
+
+    return (getattr(current_task.request, "hostname", "") or "") if current_task else ""

@@ -31,7 +31,7 @@ from django.db import connections
 
 from finetune.errors import TunedeckError
 
-from . import deploy
+from . import deploy, serving_engines
 from .periodic import run_every
 
 log = logging.getLogger("tunedeck.inference")
@@ -42,12 +42,21 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 class InferenceService:
     """The ModelServer plus what keeps it in step with the deployments in the database."""
 
-    def __init__(self, *, device: str = "auto", max_adapters: int = 8, poll_seconds: float = 1.0):
+    def __init__(self, *, device: str = "auto", max_adapters: int = 8, poll_seconds: float = 1.0,
+                 use_vllm: bool = True):
         from finetune.serving import ModelServer
+        from finetune.vllm_engine import VllmSupervisor
 
         self.server = ModelServer(max_adapters=max_adapters, device=device)
         self.poll_seconds = poll_seconds
         self.registered: dict[str, tuple] = {}  # deployment name -> spec key it was registered with
+        self.specs: dict[str, dict] = {}  # deployment name -> the spec it was registered with
+        self.notes: dict[str, dict] = {}  # deployment name -> which engine serves it and why
+        self.engine_reasons: dict[str, str] = {}  # built-in deployments -> why not vLLM
+        self.fallbacks: dict[tuple, str] = {}  # spec key -> why its vLLM server failed (served built-in)
+        self.engine_settings = serving_engines.engine_settings(device, max_adapters) if use_vllm else None
+        self.vllm = VllmSupervisor(self.engine_settings, on_ready=self._vllm_ready,
+                                   on_failed=self._vllm_failed) if use_vllm else None
         self._sync_lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,11 +64,15 @@ class InferenceService:
     # --- keeping in step with the database ----------------------------------------------------------------
 
     def start(self) -> None:
+        if self.vllm is not None:
+            self.vllm.start()
         self._thread = threading.Thread(target=self._poll, name="tunedeck-inference-sync", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
+        if self.vllm is not None:
+            self.vllm.stop()
 
     def _poll(self) -> None:
         run_every(self.poll_seconds, self.sync, self._stopped, "syncing deployments", log=log)
@@ -73,9 +86,14 @@ class InferenceService:
             for name, spec in wanted.items():
                 if name not in self.registered:
                     self._register(spec)
+                elif spec["status"] == deploy.Status.LOADING:
+                    self._still_loading(spec)
 
     def _register(self, spec: dict) -> None:
         name = spec["name"]
+        self.specs[name] = spec
+        if self._register_on_vllm(spec):
+            return
         try:
             if spec["kind"] == "merged":
                 self.server.add_merged(name, spec["model_dir"])
@@ -94,12 +112,81 @@ class InferenceService:
             return
         if spec["status"] == deploy.Status.LOADING:
             deploy.mark_live(spec["id"], spec["revision"])
+            self._note(spec)
         log.info("serving %s (%s) after %.1fs", name, spec["kind"], time.monotonic() - started)
+
+    def _register_on_vllm(self, spec: dict) -> bool:
+        """Hands the deployment to a vLLM server when its method allows (True), else notes why not (False)."""
+        from finetune.vllm_engine import VllmUnavailable, choose_engine
+
+        merged = spec["kind"] == "merged"
+        choice = choose_engine(
+            spec["kind"], spec["model_dir"] if merged else spec["base_path"], spec["adapter_dir"],
+            vllm_python=self.engine_settings.python if self.engine_settings else None,
+            device=self.engine_settings.device if self.engine_settings else "cpu")
+        if self.vllm is None and choice["engine"] == "vllm":
+            choice = {"engine": "builtin", "reason": "vLLM is switched off for this inference server", "warning": ""}
+        failed = self.fallbacks.get(spec["key"])
+        if failed and choice["engine"] == "vllm":
+            choice = {"engine": "builtin", "reason": "its vLLM server failed",
+                      "warning": f"vLLM could not serve it, so the built-in server does: {failed}"[:2000]}
+        if choice["engine"] == "vllm":
+            try:
+                if merged:
+                    self.vllm.add_merged(spec["name"], spec["model_dir"])
+                else:
+                    self.vllm.add_adapter(spec["name"], spec["base_path"], spec["adapter_dir"])
+            except (VllmUnavailable, OSError) as exc:
+                choice = {"engine": "builtin", "reason": "its vLLM server failed",
+                          "warning": f"vLLM could not serve it, so the built-in server does: {exc}"}
+        self.notes[spec["name"]] = {"engine": choice["engine"], "engine_reason": choice["reason"],
+                                    "engine_warning": choice["warning"] or None}
+        self._note(spec, engine_progress=None)
+        if choice["engine"] != "vllm":
+            self.engine_reasons[spec["name"]] = choice["reason"]
+            return False
+        self.registered[spec["name"]] = spec["key"]
+        return True
+
+    def _still_loading(self, spec: dict) -> None:
+        name = spec["name"]
+        if self.vllm is not None and name in self.vllm and not self.vllm.is_ready(name):
+            self._note(spec, engine_progress=self.vllm.progress(name))
+            return
+        # Served already, yet `loading`: the deploy task rewrote the row after the load went live. Say it again.
+        if deploy.mark_live(spec["id"], spec["revision"]):
+            self._note(spec, engine_progress=None)
+
+    def _note(self, spec: dict, **extra) -> None:
+        """Writes which engine serves it (again: the deploy task may have rewritten the details meanwhile)."""
+        serving_engines.note(spec["id"], spec["revision"], **self.notes.get(spec["name"], {}), **extra)
+
+    def _vllm_ready(self, name: str) -> None:
+        spec = self.specs.get(name)
+        if spec is not None:
+            if deploy.mark_live(spec["id"], spec["revision"]):
+                log.info("serving %s on vLLM", name)
+            self._note(spec, engine_progress=None)  # after: a deploy task rewriting the row meanwhile is redone
+        connections.close_all()  # the monitor thread's own connection
+
+    def _vllm_failed(self, name: str, reason: str) -> None:
+        """Falls back to the built-in server at the next sync (never a failed deployment)."""
+        spec = self.specs.get(name)
+        log.warning("vLLM failed for %s: %s; falling back to the built-in server", name, reason)
+        if spec is not None:
+            self.fallbacks[spec["key"]] = reason
+            self.registered.pop(name, None)
+        connections.close_all()
 
     def _unregister(self, name: str) -> None:
         from finetune.serving import UnknownModel
 
         self.registered.pop(name, None)
+        self.engine_reasons.pop(name, None)
+        if self.vllm is not None and name in self.vllm:
+            self.vllm.remove(name)
+            log.info("stopped serving %s", name)
+            return
         try:
             self.server.remove(name)
         except UnknownModel:
@@ -207,6 +294,13 @@ class Handler(BaseHTTPRequestHandler):
         if not self.service.ensure(name):
             return self._error(404, f"The model {name!r} does not exist or is not live.", "model_not_found",
                                param="model")
+        if self.service.vllm is not None and name in self.service.vllm:
+            return self._relay(kind, name, body)
+        refused = serving_engines.refused_parameter(body)
+        if refused:
+            reason = self.service.engine_reasons.get(name, "built-in server")
+            return self._error(400, serving_engines.refusal_message(refused, reason), "unsupported_parameter",
+                               param=refused)
         params = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
         server = self.service.server
         stream = bool(body.get("stream"))
@@ -231,6 +325,22 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("generation failed for %s", name)
             return self._error(500, f"{type(exc).__name__}: {exc}", "model_error", err_type="server_error")
         return self._stream(kind, name, first, items, body)
+
+    def _relay(self, kind, name, body):
+        from finetune.vllm_engine import VllmUnavailable
+
+        try:
+            route = self.service.vllm.route(name)
+        except VllmUnavailable as exc:
+            return self._error(503, str(exc), "model_loading", err_type="service_unavailable")
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        try:
+            return serving_engines.relay(self, route, path, body)
+        except OSError as exc:  # the server died mid-request; the monitor restarts it
+            if isinstance(exc, (BrokenPipeError, ConnectionResetError)) and self.wfile.closed:
+                raise ClientGone() from exc
+            return self._error(503, f"The vLLM server of {name!r} is restarting: {exc}", "model_loading",
+                               err_type="service_unavailable")
 
     def _stream(self, kind, name, first, items, body):
         self.send_response(200)

@@ -112,6 +112,9 @@ class Dataset(models.Model):
     train_path = models.CharField(max_length=1000, blank=True)
     validation_path = models.CharField(max_length=1000, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # The processing worker's lease: set when it starts, renewed while it works; a stale one means it died.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
 
     objects = OwnedQuerySet.as_manager()
 
@@ -362,3 +365,30 @@ class Worker(models.Model):
     def is_alive(self, now=None):
         now = now or timezone.now()
         return (now - self.last_heartbeat).total_seconds() < 3 * settings.WORKER_HEARTBEAT_SECONDS
+
+
+# ---- issue 20 (search stage): one row per Optuna trial of a job's search, written by jobs/search.py ----
+class SearchTrial(models.Model):
+    class State(models.TextChoices):
+        RUNNING = "running"
+        COMPLETE = "complete"
+        PRUNED = "pruned"
+        FAILED = "failed"
+
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="search_trials")
+    number = models.IntegerField()  # the Optuna trial number, 0-based
+    params = models.JSONField(default=dict)
+    state = models.CharField(max_length=20, choices=State.choices, default=State.RUNNING)
+    score = models.FloatField(null=True)
+    metric = models.CharField(max_length=40, blank=True)  # exact_match, token_f1 or eval_loss
+    curve = models.JSONField(default=list, blank=True)  # [[step, eval_loss], ...]
+    duration = models.FloatField(default=0.0)  # seconds
+    reason = models.TextField(blank=True)  # why pruned or failed
+    worker = models.CharField(max_length=200, blank=True)
+    winner = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["number"]
+        constraints = [models.UniqueConstraint(fields=["job", "number"], name="one_row_per_search_trial")]

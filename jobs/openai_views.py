@@ -169,15 +169,12 @@ def _number(body, key, low, high, *, integer=False, low_open=False):
 
 
 def _common(body: dict) -> dict:
-    """The fields both endpoints share, checked; unknown OpenAI fields (user, penalties, ...) are ignored."""
+    """The fields both endpoints share, checked; fields that change nothing here (user, metadata) are dropped."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise OpenAIError(400, "'model' is required: the name of one of your live deployments.", "invalid_model",
                           param="model")
-    n = body.get("n")
-    if n not in (None, 1):
-        raise OpenAIError(400, "Only n=1 is supported.", "invalid_value", param="n")
-    payload = {"model": model.strip()}
+    payload = {"model": model.strip(), **_engine_options(body)}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         payload["max_tokens"] = _number({"max_tokens": max_tokens}, "max_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
@@ -206,6 +203,44 @@ def _common(body: dict) -> dict:
     return payload
 
 
+MAX_CHOICES = 16
+
+
+def _engine_options(body: dict) -> dict:
+    """The OpenAI fields vLLM honours, checked for shape and passed on; the inference server refuses (400) the ones
+    the deployment's engine cannot honour, so none is ever silently ignored."""
+    options = {}
+    for key, low, high, integer in (("n", 1, MAX_CHOICES, True), ("top_logprobs", 0, 20, True),
+                                    ("presence_penalty", -2, 2, False), ("frequency_penalty", -2, 2, False)):
+        value = _number(body, key, low, high, integer=integer)
+        if value is not None:
+            options[key] = value
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        # chat: true/false; completions: how many alternatives per token (0-20)
+        if not isinstance(logprobs, bool):
+            logprobs = _number(body, "logprobs", 0, 20, integer=True)
+        options["logprobs"] = logprobs
+    for key, kind, what in (("response_format", dict, "an object such as {\"type\": \"json_object\"}"),
+                            ("tools", list, "a list of tool definitions"),
+                            ("tool_choice", (str, dict), "'none', 'auto', 'required' or a tool object"),
+                            ("logit_bias", dict, "an object of token id -> bias")):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind):
+            raise OpenAIError(400, f"'{key}' must be {what}.", "invalid_value", param=key)
+        options[key] = value
+    if isinstance(options.get("response_format"), dict) and options["response_format"].get("type") not in (
+            "text", "json_object", "json_schema"):
+        raise OpenAIError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
+                          "invalid_value", param="response_format")
+    for key in ("echo", "parallel_tool_calls"):
+        if isinstance(body.get(key), bool):
+            options[key] = body[key]
+    return options
+
+
 def clean_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise OpenAIError(400, "'messages' must be a non-empty list of {role, content} objects.",
@@ -227,7 +262,12 @@ def clean_messages(messages) -> list[dict]:
             raise OpenAIError(400, f"messages[{i}].content must be a string or a list of text parts.",
                               "invalid_messages", param=f"messages[{i}].content")
         role = "system" if message["role"] == "developer" else message["role"]
-        cleaned.append({"role": role, "content": content})
+        entry = {"role": role, "content": content}
+        # Tool-calling turns keep their links (the engine's chat template renders them).
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if message.get(key) is not None:
+                entry[key] = message[key]
+        cleaned.append(entry)
     return cleaned
 
 

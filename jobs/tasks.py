@@ -11,6 +11,7 @@ from .deploy import run_deploy
 from .evaluation import run_evaluation
 from .models import Dataset
 from .runner import run_training
+from .search import run_helper_trials
 from .services import process_dataset
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ def train_job(self, job_id: int):
     run_training(job_id, self.request.hostname or socket.gethostname())
 
 
+# issue 20 (search): a helper running trials of a job's search on another training worker (jobs/search.py)
+@shared_task(bind=True, acks_late=True, ignore_result=True)
+def search_trials_task(self, job_id: int):
+    close_old_connections()
+    run_helper_trials(job_id, self.request.hostname or socket.gethostname())
+
+
 @shared_task(acks_late=True, ignore_result=True)
 def deploy_version(deployment_id: int, revision: int):
     close_old_connections()
@@ -40,5 +48,12 @@ def deploy_version(deployment_id: int, revision: int):
 
 @shared_task(acks_late=True, ignore_result=True)
 def evaluate_versions_task(version_ids: list[int], set_id: str):
+    close_old_connections()
+    run_evaluation(version_ids, set_id)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def evaluate_interactive(version_ids: list[int], set_id: str):
+    """The same work for a few prompts a user waits for; settings route this name to the interactive queue."""
     close_old_connections()
     run_evaluation(version_ids, set_id)

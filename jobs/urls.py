@@ -8,6 +8,8 @@ urlpatterns = [
     path("datasets/", views.dataset_list, name="datasets"),
     path("datasets/<int:pk>/", views.dataset_detail, name="dataset-detail"),
     path("datasets/<int:pk>/drop-invalid", views.dataset_drop_invalid, name="dataset-drop-invalid"),
+    path("datasets/<int:pk>/retry", views.dataset_retry, name="dataset-retry"),
+    path("datasets/<int:pk>/delete", views.dataset_delete, name="dataset-delete"),
     path("jobs/", views.job_list, name="jobs"),
     path("jobs/new/", views.job_new, name="job-new"),
     path("jobs/plan-preview", views.plan_preview, name="plan-preview"),
@@ -42,6 +44,15 @@ urlpatterns += [
     path("deployments/<int:pk>/stop", deploy_views.deployment_stop, name="deployment-stop"),
     path("deployments/<int:pk>/rollback", deploy_views.deployment_rollback, name="deployment-rollback"),
     path("deployments/<int:pk>/export", deploy_views.deployment_export, name="deployment-export"),
+    path("deployments/<int:pk>/gguf/<str:kind>", deploy_views.deployment_gguf, name="deployment-gguf"),
     path("deployments/<int:pk>/chat/", deploy_views.playground, name="deployment-chat"),
     path("deployments/<int:pk>/chat/stream", deploy_views.playground_stream, name="deployment-chat-stream"),
+]
+
+# Search trials (issue 20, jobs/search_views.py).
+from . import search_views  # noqa: E402
+
+urlpatterns += [
+    path("jobs/<int:pk>/trials", search_views.job_trials, name="job-trials"),
+    path("jobs/<int:pk>/trials.json", search_views.job_trials_json, name="job-trials-json"),
 ]

@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import evaluation, services
+from . import evaluation, plan_display, services, waiting
 from .archives import zip_folder
 from .compare import compare_versions, prompt_run, version_curve
 from .metrics import DEFAULT_POINTS, as_series, downsampled_points, recent_points
@@ -106,12 +106,34 @@ def dashboard(request):
         "datasets": Dataset.objects.owned_by(user)[:5],
         "versions": AdapterVersion.objects.owned_by(user).select_related("line")[:5],
         "workers": Worker.objects.all()[:10],
+        "deployments": Deployment.objects.owned_by(user).select_related("version__line").order_by("-updated_at")[:5],
         "running": counts.get(JobStatus.RUNNING, 0),
         "queued": counts.get(JobStatus.QUEUED, 0),
     }
+    context["guide"] = _first_run_guide(user, context)
     if request.htmx:
         return render(request, "jobs/_job_table.html", context)
     return render(request, "jobs/dashboard.html", context)
+
+
+def _first_run_guide(user, context):
+    """Upload -> train -> deploy, ticked off as the user gets there; None once something is deployed."""
+    has_deployment = bool(context["deployments"])
+    if has_deployment:
+        return None
+    has_dataset = Dataset.objects.owned_by(user).filter(status=Dataset.Status.READY).exists()
+    has_job = FineTuneJob.objects.owned_by(user).exists()
+    has_version = bool(context["versions"])
+    return [
+        {"done": has_dataset, "text": "Upload a dataset (JSONL, CSV, Parquet…)", "url": reverse("datasets"),
+         "action": "Upload"},
+        {"done": has_job, "text": "Train an adapter on it; the plan picks the method and settings for your GPU",
+         "url": reverse("job-new"), "action": "New job"},
+        {"done": has_version, "text": "Check the adapter version: metrics, generations, compare",
+         "url": reverse("versions"), "action": "Adapters"},
+        {"done": has_deployment, "text": "Deploy it and chat with it, or call it on the OpenAI-compatible API",
+         "url": reverse("deployments"), "action": "Deployments"},
+    ]
 
 
 # ---------------------------------------------------------------- datasets
@@ -137,6 +159,10 @@ def dataset_list(request):
                     schema=request.POST.get("schema", ""),
                     column_map=request.POST.get("column_map", ""),
                 )
+                if not created and request.POST.get("name", "").strip():
+                    messages.info(request, "This file was uploaded before with the same settings; reusing it "
+                                           "under the new name.")
+                    return redirect("dataset-detail", pk=dataset.pk)
                 if not created:
                     messages.info(request, "This file was uploaded before with the same settings; reusing it.")
                 return redirect("dataset-detail", pk=dataset.pk)
@@ -170,22 +196,51 @@ def dataset_drop_invalid(request, pk):
     return redirect("dataset-detail", pk=new.pk)
 
 
+@login_required
+@require_POST
+def dataset_retry(request, pk):
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
+    try:
+        services.retry_dataset(dataset)
+    except InputError as exc:
+        messages.error(request, str(exc))
+    return redirect("dataset-detail", pk=dataset.pk)
+
+
+@login_required
+@require_POST
+def dataset_delete(request, pk):
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
+    try:
+        services.delete_dataset(dataset)
+    except InputError as exc:
+        messages.error(request, str(exc))
+        return redirect("dataset-detail", pk=dataset.pk)
+    messages.info(request, f"Dataset {dataset.name!r} deleted.")
+    return redirect("datasets")
+
+
 def _histogram_bars(stats):
+    """Bins of the token-length histogram with their heights and ranges, and the axis labels around them."""
     hist = (stats or {}).get("histogram") or {}
     counts, edges = hist.get("counts") or [], hist.get("edges") or []
     if not counts:
-        return []
+        return None
     top = max(counts) or 1
-    return [
-        {"count": c, "height": round(100 * c / top, 1), "low": edges[i] if i < len(edges) else "",
-         "high": edges[i + 1] if i + 1 < len(edges) else ""}
-        for i, c in enumerate(counts)
-    ]
+
+    def edge(i):
+        return round(edges[i]) if i < len(edges) and isinstance(edges[i], (int, float)) else ""
+
+    bins = [{"count": c, "height": round(100 * c / top, 1), "low": edge(i), "high": edge(i + 1)}
+            for i, c in enumerate(counts)]
+    middle = len(bins) // 2
+    return {"bins": bins, "top": top, "x_labels": [bins[0]["low"], bins[middle]["low"], bins[-1]["high"]]}
 
 
 # ---------------------------------------------------------------- jobs
 
 FORM_OVERRIDES = ("rank", "alpha", "micro_batch", "grad_accum", "max_seq_len", "learning_rate", "epochs", "max_steps",
+                  "search", "search_minutes", "search_trials",  # issue 20 (search)
                   "gradient_checkpointing")
 FORM_INPUTS = FORM_OVERRIDES[:-1]  # the fields job_new.html has inputs for; the rest go to "Other overrides"
 
@@ -254,12 +309,17 @@ def job_new(request):
         cloned = FineTuneJob.objects.owned_by(request.user).get_or_404(clone_of)
         values = _clone_values(cloned)
     error = None
+    needs_confirmation = None
     if request.method == "POST":
         try:
             base_model, dataset = _form_objects(request, values)
-            job = services.create_job(request.user, base_model, dataset, values["method"], _all_overrides(values),
-                                      values["adapter_name"])
-            return redirect("job-detail", pk=job.pk)
+            overrides = _all_overrides(values)
+            needs_confirmation = _unconfirmed_overshoot(request, base_model, dataset, values, overrides)
+            if needs_confirmation is None:
+                job = services.create_job(request.user, base_model, dataset, values["method"], overrides,
+                                          values["adapter_name"])
+                return redirect("job-detail", pk=job.pk)
+            error = needs_confirmation
         except InputError as exc:
             error = str(exc)
     context = {
@@ -269,8 +329,24 @@ def job_new(request):
         "base_models": BaseModel.visible_to(request.user),
         "methods": ["auto", *METHODS],
         "error": error,
+        "needs_confirmation": needs_confirmation,
     }
     return render(request, "jobs/job_new.html", context, status=400 if error else 200)
+
+
+def _unconfirmed_overshoot(request, base_model, dataset, values, overrides):
+    """A plan the estimator says cannot fit is queued only when the user ticked "queue it anyway"."""
+    if request.POST.get("confirm_overshoot") == "1":
+        return None
+    plan = services.make_plan(base_model, dataset, values["method"], overrides)
+    if plan.get("fits", True):
+        return None
+    memory = plan_display.memory_bars(plan)
+    from .templatetags.humanize_bytes import human_bytes
+
+    return (f"This plan needs about {human_bytes(memory['total'])} but the worker has "
+            f"{human_bytes(memory['capacity'])} ({memory['used_pct']}%); it will most likely run out of memory. "
+            "Change the settings, or tick \"Queue it anyway\" and press Train again.")
 
 
 @login_required
@@ -280,22 +356,17 @@ def plan_preview(request):
     try:
         base_model, dataset = _form_objects(request, values)
         plan = services.make_plan(base_model, dataset, values["method"], _all_overrides(values))
-        return render(request, "jobs/_plan.html", {"plan": plan, "memory": _memory_bars(plan)})
     except (InputError, Http404) as exc:
         return render(request, "jobs/_plan.html", {"plan_error": str(exc) or "Not found."})
+    return render(request, "jobs/_plan.html", _plan_context(plan, dataset, base_model))
 
 
-def _memory_bars(plan):
-    memory = plan.get("memory") or {}
-    capacity = memory.get("capacity_bytes") or 0
-    total = memory.get("total_bytes") or 0
-    scale = max(capacity, total) or 1
-    bars = [
-        {"name": name.replace("_", " "), "bytes": value, "width": round(100 * value / scale, 2)}
-        for name, value in (memory.get("breakdown") or {}).items()
-        if isinstance(value, (int, float)) and value > 0
-    ]
-    return {"bars": bars, "capacity": capacity, "total": total, "used_pct": round(100 * total / scale, 1)}
+def _plan_context(plan, dataset, base_model):
+    estimate = plan_display.time_estimate(plan, dataset, base_model)
+    # The selector's own warnings already say what is missing; the page adds no second copy of it.
+    return {"plan": plan, "memory": plan_display.memory_bars(plan), "estimate": estimate,
+            "estimate_display": format_duration(estimate["seconds"]) if estimate else "",
+            "auto": {k: plan.get(k) for k in FORM_INPUTS}}
 
 
 @login_required
@@ -366,10 +437,31 @@ def _job_context(job):
             "ratio": round(used / estimate, 2) if used and estimate else None,
         },
         "fit_check": _fit_check_view(metrics.get("fit_check")),
+        "waiting": waiting.place(waiting.GPU, f"job:{job.pk}", job.owner) if job.status == JobStatus.QUEUED else None,
+        "train_loss": _train_loss_tile(job, metrics),
+        "steps_plan": _steps_plan(job),
+        "resumable": bool(job.started_at) and (job.step or 0) > 0,
         "log_lines": log_lines,
         "log_source": log_source,
         "poll_ms": 1000 if job.status == JobStatus.RUNNING else 2000,
     }
+
+
+def _train_loss_tile(job, metrics):
+    """While training the trainer reports the last step's loss; the finished run stores the smoothed run loss
+    (and the last step's as final_step_loss). The tile says which one it shows."""
+    if job.status == JobStatus.SUCCEEDED and metrics.get("final_step_loss") is not None:
+        return {"label": "Train loss (smoothed over the run)", "value": metrics.get("train_loss"),
+                "last": metrics.get("final_step_loss")}
+    return {"label": "Train loss (last step)", "value": metrics.get("train_loss"), "last": None}
+
+
+def _steps_plan(job):
+    """Epochs as the plan asked and as max_steps lets them run: "3 epochs" with max_steps 10 is 0.3 epoch."""
+    plan = job.plan or {}
+    steps, epochs = plan_display.planned_steps(plan, job.dataset.train_rows if job.dataset_id else 0)
+    return {"steps": job.total_steps or steps, "epochs": epochs, "planned_epochs": plan.get("epochs"),
+            "cut_by_max_steps": bool(plan.get("max_steps")) and epochs != plan.get("epochs")}
 
 
 def _fit_check_view(check):
@@ -390,6 +482,9 @@ def job_detail(request, pk):
     context = _job_context(job)
     if request.htmx:
         return render(request, "jobs/_job_live.html", context)
+    from .search import trials_payload  # issue 20 (search)
+
+    context["search"] = trials_payload(job)
     return render(request, "jobs/job_detail.html", context)
 
 
@@ -467,8 +562,10 @@ def version_list(request):
 
 
 def _scalar_metrics(metrics):
+    from .compare import _metric_sort_key  # the compare page's order: the quality metrics first
+
     rows = []
-    for key, value in sorted((metrics or {}).items()):
+    for key, value in sorted((metrics or {}).items(), key=lambda kv: _metric_sort_key(kv[0])):
         if key == "evaluation" or isinstance(value, (dict, list)):
             continue
         rows.append({"name": key, "value": value, "is_float": isinstance(value, float)})
@@ -493,8 +590,17 @@ def _evaluation_view(version, set_id=None):
             "baseline_loss": initial if isinstance(initial, (int, float)) else None,
             "baseline_perplexity": math.exp(min(initial, 50)) if isinstance(initial, (int, float)) else None,
             "active": evaluation.is_active(entry),
+            "waiting": _evaluation_waiting(entry, set_id, version.owner),
             "sets": [{"id": k, "name": e.get("name"), "status": e.get("status")}
                      for k, e in ev["sets"].items() if e.get("kind") != "prompt"]}
+
+
+def _evaluation_waiting(entry, set_id, user):
+    """Where a queued evaluation stands in its queue (None once it runs or is done)."""
+    if (entry or {}).get("status") != "queued":
+        return None
+    key = f"evaluation:{set_id}:{entry.get('queued_at')}"
+    return waiting.place(entry.get("queue") or waiting.GPU, key, user)
 
 
 @login_required
@@ -504,22 +610,51 @@ def version_detail(request, pk):
     shown_evaluation = _evaluation_view(version, request.GET.get("set"))
     if request.htmx and request.GET.get("part") == "evaluation":
         return render(request, "jobs/_version_evaluation.html", {"version": version, "evaluation": shown_evaluation})
+    return render(request, "jobs/version_detail.html", _version_context(version, shown_evaluation))
+
+
+def _version_context(version, shown_evaluation, *, form=None):
     lineage = version.lineage or {}
     siblings = list(version.line.versions.order_by("-version").values("pk", "version"))
-    context = {
+    entry = (shown_evaluation or {}).get("entry") or {}
+    if form is None:  # the evaluation form shows the prompts of the set on screen when they were typed
+        form = {"prompts": _prompt_lines(entry.get("prompts")) if entry.get("kind") == "custom" else "",
+                "max_new_tokens": entry.get("max_new_tokens") or evaluation.DEFAULT_NEW_TOKENS}
+    deployments = list(version.deployments.filter(ACTIVE_DEPLOYMENT))
+    return {
         "version": version,
         "is_champion": version.line.champion_id == version.pk,
         "lineage": lineage,
         "libraries": sorted((lineage.get("libraries") or {}).items()),
         "metric_rows": _scalar_metrics(version.metrics),
         "evaluation": shown_evaluation,
-        "deployments": list(version.deployments.filter(ACTIVE_DEPLOYMENT)),
+        "eval_form": form,
+        "deployments": deployments,
+        "deploy_name": deployments[0].name if deployments else _default_deploy_name(version),
         "siblings": siblings,
         "compare_ids": ",".join(str(s["pk"]) for s in siblings[:4]) if len(siblings) > 1 else "",
         "plan_json": json.dumps(version.plan, indent=2, sort_keys=True),
         "curves": [_curve_for_chart(version)],
     }
-    return render(request, "jobs/version_detail.html", context)
+
+
+def _default_deploy_name(version):
+    """The name Deploy would pick: the user's deployment of this line, else the line's name made URL-safe."""
+    existing = (Deployment.objects.filter(owner_id=version.owner_id, version__line_id=version.line_id)
+                .order_by("-updated_at").values_list("name", flat=True).first())
+    if existing:
+        return existing
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", version.line.name).strip("-.")[:80] or "model"
+
+
+def _prompt_lines(prompts) -> str:
+    lines = []
+    for p in prompts or []:
+        text = (p.get("prompt") or "").replace("\n", " ")
+        lines.append(f"{text} ||| {p['reference']}" if p.get("reference") else text)
+    return "\n".join(lines)
 
 
 def _curve_json(label, points):
@@ -585,15 +720,19 @@ def _versions_from_ids(request, raw_ids, *, at_least=1):
 @require_POST
 def version_evaluate(request, pk):
     version = AdapterVersion.objects.owned_by(request.user).select_related("line", "dataset").get_or_404(pk)
+    raw = request.POST.get("prompts", "")
     try:
         new_tokens = evaluation.clean_new_tokens(request.POST.get("max_new_tokens"))
-        typed = evaluation.prompt_lines(request.POST.get("prompts", ""))
+        typed = evaluation.prompt_lines(raw)
         prompts, name, kind = evaluation.choose_prompts(version, typed)
         set_id = evaluation.queue_evaluation([version], prompts, name=name, kind=kind, max_new_tokens=new_tokens,
                                              force=request.POST.get("force") == "1")
     except InputError as exc:
+        # The page again, with what was typed still in the form and the problem above it.
         messages.error(request, str(exc))
-        return redirect("version-detail", pk=pk)
+        form = {"prompts": raw, "max_new_tokens": request.POST.get("max_new_tokens", "")}
+        context = _version_context(version, _evaluation_view(version), form=form)
+        return render(request, "jobs/version_detail.html", context, status=400)
     return redirect(reverse("version-detail", args=[pk]) + f"?set={set_id}#evaluation")
 
 
@@ -604,34 +743,24 @@ def compare_page(request):
     except InputError as exc:
         return render(request, "jobs/compare.html", {"error": str(exc)}, status=400)
     versions.sort(key=lambda v: (v.line.name, v.version))  # v1 left of v2, whatever order they were ticked in
-    if not request.GET.get("set"):
-        _start_validation_evaluation(versions)
+    # Opening the page starts nothing: a full evaluation is queued only when asked for (below the table), so
+    # the page's own prompt box never finds a job it did not ask for ahead of it.
     polling_evaluation = bool(request.htmx and request.GET.get("part") == "evaluation")
     data = compare_versions(versions, request.GET.get("set") or None, curves=not polling_evaluation)
+    if data["evaluation"]:
+        data["evaluation"]["waiting"] = _evaluation_waiting(
+            evaluation.entry_of(versions[0], data["evaluation"]["set_id"]), data["evaluation"]["set_id"], request.user)
     ids = ",".join(str(v.pk) for v in versions)
     if polling_evaluation:
         return render(request, "jobs/_compare_evaluation.html", {"data": data, "ids": ids, "versions": versions})
     curves = [_curve_json(v["label"], v["curve"]) for v in data["versions"]]
+    shown = data["evaluation"] or {}
+    typed = _prompt_lines([{"prompt": r["prompt"], "reference": r["reference"]} for r in shown.get("rows") or []]) \
+        if shown.get("kind") == "custom" else ""
     return render(request, "jobs/compare.html", {
         "data": data, "versions": versions, "ids": ids, "curves": curves,
-        "columns": len(versions) + 1,
+        "columns": len(versions) + 1, "typed_prompts": typed,
     })
-
-
-def _start_validation_evaluation(versions):
-    """Opening a comparison queues the versions (and the base model) on the validation prompts of the first
-    version's dataset, unless every one has that set already: the set's id is a hash of its prompts, so this is
-    a lookup after the first time, and the generations side by side fill in while the page polls."""
-    try:
-        prompts, name, kind = evaluation.choose_prompts(versions[0])
-        wanted = evaluation.set_id_for(prompts, evaluation.DEFAULT_NEW_TOKENS)
-        if all(evaluation.entry_of(v, wanted) for v in versions):
-            return
-        evaluation.queue_evaluation(versions, prompts, name=name, kind=kind)
-    except InputError:
-        return  # no validation prompts: the page offers the prompt-set form instead
-    for v in versions:
-        v.refresh_from_db(fields=["metrics"])
 
 
 @login_required
@@ -672,6 +801,7 @@ def compare_prompt(request):
     run = prompt_run(versions, set_id)
     if run is None:
         raise Http404("No such prompt run.")
+    run["waiting"] = _evaluation_waiting(evaluation.entry_of(versions[0], set_id), set_id, request.user)
     return render(request, "jobs/_compare_prompt.html", {
         "run": run, "versions": versions, "ids": ",".join(str(v.pk) for v in versions),
         "columns": list(zip(versions, run["outputs"], run["errors"], run["statuses"])),
@@ -685,6 +815,7 @@ def compare_prompt(request):
 def worker_list(request):
     now = timezone.now()
     workers = list(Worker.objects.select_related("current_job"))
+    busy = waiting.busy_workers()  # evaluations and merges running now, by worker
     for w in workers:
         w.alive = w.is_alive(now)
         w.silent_for = format_duration((now - w.last_heartbeat).total_seconds())
@@ -695,6 +826,7 @@ def worker_list(request):
             w.gpu_rows.append({**gpu, "used_bytes": used,
                                "used_pct": round(100 * used / total, 1) if used is not None and total else None})
         w.job_is_mine = bool(w.current_job and w.current_job.owner_id == request.user.pk)
+        w.other_work = [item.describe(request.user) for item in busy.get(w.hostname, [])]
     template = "jobs/_workers_table.html" if request.htmx else "jobs/workers.html"
     return render(request, template, {"workers": workers, "heartbeat_seconds": _heartbeat_seconds()})
 
@@ -711,8 +843,11 @@ def token_list(request):
     if request.method == "POST":
         if request.POST.get("revoke"):
             token = ApiToken.objects.owned_by(request.user).get_or_404(request.POST["revoke"])
-            token.revoked_at = timezone.now()
-            token.save(update_fields=["revoked_at"])
+            if token.revoked_at is None:
+                token.revoked_at = timezone.now()
+                token.save(update_fields=["revoked_at"])
+            messages.success(request, f"Revoked {token.name} ({token.prefix}…): requests with it now get 401.")
+            return redirect("tokens")
         else:
             name = (request.POST.get("name") or "token").strip()[:100] or "token"
             _, new_token = ApiToken.issue(request.user, name=name)

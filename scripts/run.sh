@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up and runs Tunedeck: installs into .venv, migrates, imports the default base model, creates the demo
-# user, starts a training worker, a dataset worker and the inference server, and serves the web app. Ctrl-C stops
+# user, starts a training worker, a dataset worker, an interactive worker and the inference server, and serves the web app. Ctrl-C stops
 # everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,13 @@ trap cleanup EXIT INT TERM
 .venv/bin/celery -A tunedeck.celery worker -Q gpu -c 1 -n "gpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-gpu.log" 2>&1 &
 pids+=($!)
 .venv/bin/celery -A tunedeck.celery worker -Q default -c 1 -n "cpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu.log" 2>&1 &
+pids+=($!)
+# Large dataset files (over TUNEDECK_DATASET_LARGE_BYTES) have a worker of their own, so small uploads never wait.
+.venv/bin/celery -A tunedeck.celery worker -Q datasets-large -c 1 -n "cpu-large@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu-large.log" 2>&1 &
+pids+=($!)
+# Short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts) have their
+# own queue and worker, so they run while a training job holds the gpu worker.
+.venv/bin/celery -A tunedeck.celery worker -Q interactive -c 1 -n "interactive@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-interactive.log" 2>&1 &
 pids+=($!)
 # The inference server keeps deployed models loaded; the web server's /v1 endpoints proxy to it.
 INFERENCE_PORT=${INFERENCE_PORT:-8100}

@@ -20,6 +20,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$lock" -nt "$stamp
   .venv/bin/python scripts/check_lock.py "$lock"
   touch "$stamp"
 fi
+# vLLM in its own environment (optional; without it the built-in server serves every deployment).
+if [ "${TUNEDECK_WITH_VLLM:-0}" = 1 ]; then
+  scripts/setup-vllm.sh
+fi
 # Browser libraries for the pages' charts (package.json -> node_modules, gitignored; served by Django as static
 # files). Skipped when node_modules is newer than package.json and package-lock.json.
 if command -v npm >/dev/null 2>&1; then

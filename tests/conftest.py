@@ -93,8 +93,8 @@ def token_for():
     return issue
 
 
-def start_worker(name, log_path, queues="gpu,default", extra_env=None):
-    """The session's worker: both queues and the normal lease (the reliability tests use a fast one)."""
+def start_worker(name, log_path, queues="gpu,default,datasets-large,interactive", extra_env=None):
+    """The session's worker: every queue and the normal lease (the reliability tests use a fast one)."""
     return helpers.start_worker(name, log_path, queues, lease={}, extra_env=extra_env)
 
 
@@ -125,7 +125,7 @@ def purge_broker():
     from tunedeck.celery import app
 
     with app.connection_for_write() as conn:
-        for queue in ("gpu", "default"):
+        for queue in ("gpu", "default", "datasets-large", "interactive"):
             try:
                 conn.default_channel.queue_purge(queue)
             except Exception:  # noqa: BLE001 - a queue that does not exist yet has nothing to purge
@@ -139,7 +139,7 @@ def worker_log_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def celery_worker(django_db_setup, django_db_blocker, worker_log_dir):
-    """One real Celery worker process for the session, consuming both queues."""
+    """One real Celery worker process for the session, consuming every queue."""
     with django_db_blocker.unblock():
         purge_broker()
         name = f"test-{uuid.uuid4().hex[:6]}"

@@ -62,6 +62,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served as static files (no CDN)
     "jobs",
 ]
 
@@ -136,6 +137,17 @@ CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 DEPLOYMENT_DIR = DATA_DIR / "deployments"
 # The inference server (`manage.py serve_inference`) that the OpenAI-compatible /v1 endpoints proxy to.
 TUNEDECK_INFERENCE_URL = os.environ.get("TUNEDECK_INFERENCE_URL", "http://127.0.0.1:8100")
+# vLLM, in its own environment (scripts/setup-vllm.sh): the inference server starts one vLLM server per merged
+# model or shared base on 127.0.0.1. Without this interpreter every deployment is served by the built-in server.
+TUNEDECK_VLLM_PYTHON = os.environ.get("TUNEDECK_VLLM_PYTHON", str(BASE_DIR / ".venv-vllm" / "bin" / "python"))
+TUNEDECK_VLLM_KV_CACHE_GB = float(os.environ.get("TUNEDECK_VLLM_KV_CACHE_GB", "1"))  # per server
+TUNEDECK_VLLM_MAX_MODEL_LEN = int(os.environ.get("TUNEDECK_VLLM_MAX_MODEL_LEN", "2048"))
+TUNEDECK_VLLM_MAX_LORAS = int(os.environ.get("TUNEDECK_VLLM_MAX_LORAS", "16"))  # adapters in one batch
+TUNEDECK_VLLM_MAX_LORA_RANK = int(os.environ.get("TUNEDECK_VLLM_MAX_LORA_RANK", "64"))
+TUNEDECK_VLLM_STARTUP_SECONDS = float(os.environ.get("TUNEDECK_VLLM_STARTUP_SECONDS", "600"))
+TUNEDECK_VLLM_DTYPE = os.environ.get("TUNEDECK_VLLM_DTYPE", "auto")
+# Where the inference server tells the workers' GPU probe how much memory starting vLLM servers will take.
+os.environ.setdefault("TUNEDECK_SERVING_RESERVED_FILE", str(DATA_DIR / "serving-reserved.json"))
 
 # Uploads stream to disk in chunks and are refused as soon as they pass the limit.
 MAX_UPLOAD_BYTES = int(os.environ.get("TUNEDECK_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024)))
@@ -152,11 +164,16 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # The one place that says which queue a task goes to (docs/internals.md, "Tasks and queues"); jobs/queue.py sends
-# by task name. Training, merges and evaluation need the GPU worker; dataset checks go to the default queue.
+# by task name. Training, merges and full evaluations need the GPU worker; dataset checks go to the default queue;
+# short generations a user waits for (the compare page's prompt box, a few typed evaluation prompts) go to
+# "interactive", consumed by its own worker process so they never wait behind a training run.
+INTERACTIVE_QUEUE = "interactive"
 CELERY_TASK_ROUTES = {
     "jobs.tasks.train_job": {"queue": "gpu"},
     "jobs.tasks.deploy_version": {"queue": "gpu"},
     "jobs.tasks.evaluate_versions_task": {"queue": "gpu"},
+    "jobs.tasks.search_trials_task": {"queue": "gpu"},  # issue 20: search trials train too
+    "jobs.tasks.evaluate_interactive": {"queue": INTERACTIVE_QUEUE},
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.
@@ -176,6 +193,20 @@ JOB_LEASE_SECONDS = float(os.environ.get("TUNEDECK_LEASE_SECONDS", "60"))
 # restarted without persistence loses queued messages. Duplicates are no-ops (the lease), so this is only cost.
 JOB_RESEND_SECONDS = float(os.environ.get("TUNEDECK_RESEND_SECONDS", "900"))
 
+# Datasets: files over DATASET_LARGE_BYTES are processed on their own queue (scripts/run.sh starts a worker for
+# it), so a large upload never delays small ones. One file may have at most DATASET_MAX_ROWS rows and take at most
+# DATASET_MAX_SECONDS to check; token statistics stop counting after DATASET_TOKEN_STATS_SECONDS (and say so).
+# A processing worker renews its lease every quarter of DATASET_LEASE_SECONDS; a
+# dataset whose lease goes stale is processed again, at most DATASET_MAX_ATTEMPTS times, then marked invalid.
+DATASET_QUEUE = "default"
+DATASET_LARGE_QUEUE = "datasets-large"
+DATASET_LARGE_BYTES = int(os.environ.get("TUNEDECK_DATASET_LARGE_BYTES", str(4 * 1024 * 1024)))
+DATASET_MAX_ROWS = int(os.environ.get("TUNEDECK_DATASET_MAX_ROWS", "5000000"))
+DATASET_MAX_SECONDS = float(os.environ.get("TUNEDECK_DATASET_MAX_SECONDS", "1800"))
+DATASET_TOKEN_STATS_SECONDS = float(os.environ.get("TUNEDECK_DATASET_TOKEN_STATS_SECONDS", "600"))
+DATASET_LEASE_SECONDS = float(os.environ.get("TUNEDECK_DATASET_LEASE_SECONDS", "120"))
+DATASET_MAX_ATTEMPTS = 2
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "jobs.api.auth.BearerTokenAuthentication",
@@ -193,6 +224,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Parameter-efficient fine-tuning of open LLMs.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from drf-spectacular-sidecar's static files: the docs work on an air-gapped install.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No deep-link anchors inside the operation buttons (nested interactive controls for screen readers).
+    "SWAGGER_UI_SETTINGS": {"deepLinking": False, "persistAuthorization": True},
     "ENUM_NAME_OVERRIDES": {
         "JobStatusEnum": "jobs.models.JobStatus",
         "DatasetStatusEnum": "jobs.models.Dataset.Status",

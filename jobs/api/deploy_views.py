@@ -92,3 +92,16 @@ class DeploymentExport(APIView):
         if problem:
             return error_response(*problem)
         return zip_response(Path(deployment.path), f"{deployment.name}-merged.zip")
+
+
+class DeploymentGGUF(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    def get(self, request, pk, kind):
+        """The merged model as GGUF (kind f16 or q8_0) for llama.cpp/Ollama, or its Ollama Modelfile."""
+        from ..gguf_exports import gguf_problem, gguf_response
+
+        deployment = Deployment.objects.owned_by(request.user).get_or_404(pk)
+        problem = gguf_problem(deployment, kind)
+        if problem:
+            return error_response(*problem)
+        return gguf_response(deployment, kind)

@@ -208,15 +208,29 @@ class PlanSerializer(serializers.Serializer):
     dtype = serializers.CharField(required=False)
 
 
+def _queue_place(queue, key, request) -> dict | None:
+    """{"queue", "position", "ahead", "waiting_for"} while the work waits in its Celery queue (jobs.waiting)."""
+    from ..waiting import place
+
+    spot = place(queue, key, getattr(request, "user", None))
+    return {k: spot[k] for k in ("queue", "position", "ahead", "waiting_for")} if spot else None
+
+
 class JobSerializer(serializers.ModelSerializer):
     adapter_version = serializers.SerializerMethodField()
     metrics = serializers.SerializerMethodField()
+    queue = serializers.SerializerMethodField()
 
     class Meta:
         model = FineTuneJob
         fields = ["id", "status", "progress", "step", "total_steps", "metrics", "error", "adapter_version",
                   "adapter_name", "method", "base_model", "dataset", "plan", "overrides", "cancel_requested",
-                  "worker", "attempts", "created_at", "started_at", "finished_at"]
+                  "worker", "attempts", "created_at", "started_at", "finished_at", "queue"]
+
+    def get_queue(self, obj) -> dict | None:
+        if obj.status != "queued":
+            return None
+        return _queue_place("gpu", f"job:{obj.pk}", self.context.get("request"))
 
     def get_adapter_version(self, obj) -> int | None:
         version = getattr(obj, "adapter_version", None)
@@ -310,10 +324,29 @@ class CompareSerializer(serializers.Serializer):
 
 class DeploymentSerializer(serializers.ModelSerializer):
     endpoint = serializers.SerializerMethodField()
+    engine = serializers.SerializerMethodField()
+    queue = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
-        fields = ["id", "name", "status", "merge", "version", "error", "endpoint", "details", "created_at"]
+        fields = ["id", "name", "status", "merge", "version", "error", "endpoint", "engine", "details",
+                  "created_at", "queue"]
+
+    def get_engine(self, obj) -> dict | None:
+        """Which engine serves it (vllm or builtin), why, any fallback warning, and loading progress."""
+        details = obj.details or {}
+        if not details.get("engine"):
+            return None
+        return {"name": details["engine"], "reason": details.get("engine_reason", ""),
+                "warning": details.get("engine_warning", ""), "progress": details.get("engine_progress")}
+
+    def get_queue(self, obj) -> dict | None:
+        """Set while status is merging but the merge still waits for a gpu worker (the page says "queued")."""
+        from ..waiting import merge_started
+
+        if obj.status != Deployment.Status.MERGING or merge_started(obj):
+            return None
+        return _queue_place("gpu", f"deployment:{obj.pk}:{obj.revision}", self.context.get("request"))
 
     def get_endpoint(self, obj) -> str:
         request = self.context.get("request")

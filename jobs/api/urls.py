@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import search_views, views
 
 urlpatterns = [
     path("auth/token", views.issue_token, name="api-token"),
@@ -9,6 +9,7 @@ urlpatterns = [
     path("datasets", views.DatasetList.as_view(), name="api-datasets"),
     path("datasets/<int:pk>", views.DatasetDetail.as_view(), name="api-dataset"),
     path("datasets/<int:pk>/drop-invalid", views.DatasetDropInvalid.as_view(), name="api-dataset-drop-invalid"),
+    path("datasets/<int:pk>/retry", views.DatasetRetry.as_view(), name="api-dataset-retry"),
     path("plans", views.PlanView.as_view(), name="api-plans"),
     path("jobs", views.JobList.as_view(), name="api-jobs"),
     path("jobs/<int:pk>", views.JobDetail.as_view(), name="api-job"),
@@ -16,6 +17,7 @@ urlpatterns = [
     path("jobs/<int:pk>/retry", views.JobRetry.as_view(), name="api-job-retry"),
     path("jobs/<int:pk>/clone", views.JobClone.as_view(), name="api-job-clone"),
     path("jobs/<int:pk>/metrics", views.JobMetrics.as_view(), name="api-job-metrics"),
+    path("jobs/<int:pk>/trials", search_views.JobTrials.as_view(), name="api-job-trials"),  # issue 20
     path("adapter-versions", views.AdapterVersionList.as_view(), name="api-versions"),
     path("adapter-versions/compare", views.AdapterVersionCompare.as_view(), name="api-versions-compare"),
     path("adapter-versions/<int:pk>", views.AdapterVersionDetail.as_view(), name="api-version"),
@@ -35,6 +37,7 @@ urlpatterns += [
     path("deployments/<int:pk>/stop", deploy_views.DeploymentStop.as_view(), name="api-deployment-stop"),
     path("deployments/<int:pk>/rollback", deploy_views.DeploymentRollback.as_view(), name="api-deployment-rollback"),
     path("deployments/<int:pk>/export", deploy_views.DeploymentExport.as_view(), name="api-deployment-export"),
+    path("deployments/<int:pk>/gguf/<str:kind>", deploy_views.DeploymentGGUF.as_view(), name="api-deployment-gguf"),
 ]
 
 # Adapter version actions (issue 7). Put first: DELETE on adapter-versions/<pk> must reach the view that allows it

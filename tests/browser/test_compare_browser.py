@@ -46,8 +46,10 @@ def test_compare_two_trained_versions_with_the_baseline(page, live_server, user,
     assert page.locator("#compare-columns tr.differs[data-field='rank']").count() == 1
     page.wait_for_function("Number(document.querySelector('#compare-loss-chart').dataset.series || 0) >= 2")
 
-    # Opening the comparison queued both versions and the base model on the validation prompts; the section
-    # polls until the worker has generated every column.
+    # Opening the comparison starts nothing; the user asks for the validation prompts on both versions and the
+    # base model, and the section polls until the worker has generated every column.
+    assert page.locator("#compare-evaluation-empty").count() == 1
+    page.click("#compare-evaluate-button")
     page.wait_for_selector("#compare-evaluation[data-status='done']", timeout=180_000)
     rows = page.locator("#compare-evaluation tbody tr")
     assert rows.count() >= 1

@@ -42,6 +42,9 @@ def test_deploy_a_version_and_chat_with_it(
     # "pong" is four tokens of the tiny tokenizer: it arrived as separate server-sent events, one delta each.
     assert int(answer.get_attribute("data-deltas")) >= 2
     assert answer.get_attribute("data-finish-reason") == "stop"
+    # After the answer: its latency and speed, counted from the stream's usage chunk (issue 23).
+    stats = page.locator(".chat-stats[data-done=true]").last.inner_text()
+    assert "first token after" in stats and "tokens/s" in stats and " tokens in " in stats, stats
 
     # The conversation goes on with its history; the list page offers the chat too.
     page.fill("#chat-input", "ping")

@@ -93,7 +93,7 @@ def test_jobs_list_shows_every_column_and_filters_by_status(client, user, other_
     assert "line-" in page and "theirs" not in page, "another user's jobs never show"
     queued = jobs[0]
     assert f'data-job="{queued.pk}"' in page
-    assert '<span class="queue-pos">#2</span>' in page, "behind the other user's older queued job"
+    assert ">position 2</span>" in page, "behind the other user's older queued job"
     assert "2m 05s" in page, "remaining time from the trainer's eta"
     running = client.get("/jobs/?status=running").content.decode()
     assert f'data-job="{jobs[1].pk}"' in running and f'data-job="{queued.pk}"' not in running

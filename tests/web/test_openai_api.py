@@ -157,3 +157,42 @@ def test_qlora_version_deploys_merged_into_the_dequantised_base(
     assert merged == unmerged
     wait_for(lambda: any(m["quantized_4bit"] for m in served_models(serving)),
              timeout=5, what="the unmerged QLoRA deployment on a 4-bit base")
+
+
+def test_builtin_engine_refuses_what_it_cannot_do_and_exports_gguf(
+    alice, live_server, user, tiny_base_model, trained_adapters, serving, celery_worker
+):
+    """The tiny model (head size 16) is served by the built-in server, which says so and refuses, naming the
+    parameter, what it would otherwise ignore; its merged model downloads as GGUF with an Ollama Modelfile."""
+    import requests
+
+    version = make_version(user, tiny_base_model, trained_adapters["pong"], "refuser")
+    _, deployment = deploy(alice, version.pk, celery_worker, merge=True)
+    assert deployment["status"] == "live", deployment
+    assert deployment["engine"]["name"] == "builtin" and "head size 16" in deployment["engine"]["reason"]
+    client = client_for(live_server, alice.token)
+    for extra, param in (({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}},
+                         "response_format"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+                         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="refuser", messages=PING, max_tokens=4, **extra)
+        assert refused.value.param == param and f"'{param}' is not supported by the built-in server" in (
+            refused.value.message)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="refuser", prompt=PING_PROMPT, max_tokens=4, logprobs=2)
+    assert refused.value.param == "logprobs"
+    # Neutral values are what not sending them means: accepted.
+    plain = client.chat.completions.create(model="refuser", messages=PING, max_tokens=8, temperature=0, n=1,
+                                           logprobs=False, presence_penalty=0, response_format={"type": "text"})
+    assert plain.choices[0].message.content == "pong"
+
+    url = f"{alice.base}/deployments/{deployment['id']}"
+    details = wait_for(lambda: alice.get(url).json()["details"].get("gguf"), timeout=120, what="GGUF files")
+    assert details["f16"].endswith("-f16.gguf") and details["q8_0"].endswith("-q8_0.gguf")
+    f16 = alice.get(f"{url}/gguf/f16")
+    assert f16.status_code == 200 and f16.content[:4] == b"GGUF"
+    assert 'attachment; filename="refuser-f16.gguf"' in f16.headers["Content-Disposition"]
+    assert "<|im_start|>" in alice.get(f"{url}/gguf/modelfile").text
+    assert alice.get(f"{url}/gguf/q4").status_code == 404
+    other = requests.get(f"{url}/gguf/f16", timeout=10)  # no token
+    assert other.status_code in (401, 403)

@@ -157,10 +157,11 @@ def test_compare_page(client, user, other_user, two_versions):
     assert 'class="differs" data-field="rank"' in page
     assert '<td class="best">1.1' in page
     assert 'id="compare-curves"' in page and 'id="prompt-form"' in page
-    # Opening the comparison queued both versions and the base model on the validation prompts.
-    assert 'id="compare-evaluation"' in page and "validation prompts of support" in page
+    # Opening the comparison starts nothing: the prompt box never waits behind an evaluation nobody asked for.
+    assert 'id="compare-evaluation-empty"' in page and "validation prompts of support" in page
     v1.refresh_from_db()
-    assert v1.metrics["evaluation"]["sets"]
+    assert "evaluation" not in v1.metrics
+    assert "<th scope=\"row\">Learning rate</th><td>1.0e-03</td>" in page and ">learning_rate<" not in page
     assert client.get(f"/versions/compare/?ids={v1.pk}").status_code == 400
     assert client.get("/versions/compare/?ids=1,2,3,4,5").status_code == 400
     assert client.get("/versions/compare/?ids=x,y").status_code == 400
@@ -177,6 +178,10 @@ def test_prompt_box_queues_one_prompt_on_every_version(client, user, two_version
     html = response.content.decode()
     assert 'data-status="queued"' in html and "support v1" in html and "base model" in html
     set_id = html.split("set=")[1].split('"')[0]
+    v1.refresh_from_db()
+    assert evaluation.entry_of(v1, set_id)["queue"] == "interactive", "never behind a training job"
+    from django.conf import settings
+    assert settings.CELERY_TASK_ROUTES["jobs.tasks.evaluate_interactive"] == {"queue": "interactive"}
     evaluation.run_evaluation([v1.pk, v2.pk], set_id)
     done = client.get(f"/versions/compare/prompt?ids={v1.pk},{v2.pk}&set={set_id}").content.decode()
     assert 'data-status="done"' in done and "hx-get" not in done and done.count("<pre>") == 3

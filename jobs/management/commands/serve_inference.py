@@ -18,15 +18,18 @@ class Command(BaseCommand):
         parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
         parser.add_argument("--max-adapters", type=int, default=8, help="adapters kept loaded per base model")
         parser.add_argument("--poll", type=float, default=1.0, help="seconds between deployment checks")
+        parser.add_argument("--no-vllm", action="store_true",
+                            help="serve everything with the built-in server, even where vLLM is installed")
 
-    def handle(self, host, port, device, max_adapters, poll, **options):
+    def handle(self, host, port, device, max_adapters, poll, no_vllm=False, **options):
         from jobs.inference_server import InferenceService, make_server
 
         logging.getLogger("tunedeck.inference").setLevel(logging.INFO)
         # Imported now, not on the first deployment: its load (and its `live`) then takes seconds, not tens.
         import peft  # noqa: F401
         import transformers  # noqa: F401
-        service = InferenceService(device=device, max_adapters=max_adapters, poll_seconds=poll)
+        service = InferenceService(device=device, max_adapters=max_adapters, poll_seconds=poll,
+                                   use_vllm=not no_vllm)
         httpd = make_server(service, host, port)
         service.start()
 

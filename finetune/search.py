@@ -1,0 +1,482 @@
+"""The search stage before the final training: an Optuna study of short trial runs. Pure Python, no Django.
+
+    budget = plan_budget(plan, rows=..., mean_tokens=..., tokens_per_second=..., source=...)
+    study = open_study(storage_url, name, metric)
+    run_trials(study, setup, budget, observer=..., should_stop=...)   # any number of workers, one study
+    plan = apply_winner(plan, study)                                  # the final training's plan, with reasons
+
+How it works, and why:
+
+- A trial is a short run (setup.trial_steps optimizer steps) on the training split with finetune.train.train; it
+  reports validation loss every setup.eval_every steps (trial.report), and a successive-halving pruner stops the
+  trials whose validation loss is behind the others' at the same step (should_stop answers True, training returns
+  "cancelled", the trial is pruned). A loss that is not finite is pruned at once.
+- A finished trial is scored on the validation split: when the rows have reference answers, by greedy generations
+  on up to setup.score_examples validation prompts, with exact match when the references are short (labels,
+  classes) and token F1 otherwise (finetune/evalmetrics.py); else by the final validation loss.
+- Searched (TPE sampler): learning rate on a log scale, rank, alpha/rank, target set (attention only or every
+  linear layer), LoRA or DoRA (only when both fit), the micro-batch (powers of two up to the plan's effective
+  batch). Every candidate is first checked by autotune.estimate against the plan's memory capacity; one that does
+  not fit is pruned with the reason and never runs, so no trial can run out of memory.
+- The budget is wall time and/or a number of trials, shared by every worker through the study's storage: a
+  worker starts a trial only while trials started < max_trials and the time since the study began < seconds.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+
+from .evalmetrics import exact_match, token_f1
+
+DEFAULT_BUDGET_FRACTION = 0.25  # of the estimated final training time
+MIN_TRIALS = 4  # fewer than this and TPE is only random sampling: search is off by default
+FULL_TRIALS = 5  # a trial is as long as the budget allows for this many unpruned trials ...
+MIN_TRIAL_STEPS, MAX_TRIAL_STEPS = 8, 60  # ... within these bounds
+TRIAL_OVERHEAD_SECONDS = 6.0  # loading the model, evaluating, generating: measured on the 2-core CPU, 135M model
+SHORT_REFERENCE_WORDS = 4  # median reference length up to this: exact match; longer: token F1
+RANKS = (4, 8, 16, 32)
+ALPHA_RATIOS = (1.0, 2.0, 4.0)
+LEARNING_RATE_RANGE = (5e-5, 3e-3)
+TARGET_SETS = ("all-linear", "attention")
+SEARCHED_METHODS = ("lora", "dora")
+
+STATE_RUNNING, STATE_COMPLETE, STATE_PRUNED, STATE_FAILED = "running", "complete", "pruned", "failed"
+MAXIMISED = {"exact_match", "token_f1"}
+PARAM_LABELS = {"learning_rate": "learning rate", "rank": "rank", "alpha_ratio": "alpha/rank",
+                "target_set": "target modules", "method": "method", "micro_batch": "micro-batch"}
+
+
+@dataclass
+class SearchSetup:
+    """What every trial needs: the rules' plan (with memory capacity) and where the data and model are."""
+
+    plan: dict
+    model_config: dict
+    base_model_path: str
+    train_file: str
+    eval_file: str
+    work_dir: str
+    trial_steps: int
+    eval_every: int
+    score_examples: int = 16
+    max_new_tokens: int | None = None  # None: enough for the longest validation reference (generation is slow)
+    eval_examples: int = 48  # validation rows for the loss curve of a trial
+    seed: int = 42
+    trust_remote_code: bool = False
+    learning_rates: tuple = LEARNING_RATE_RANGE  # (low, high), searched on a log scale
+    fixed: dict = field(default_factory=dict)  # parameters the user set (overrides): not searched
+
+
+@dataclass
+class Budget:
+    max_trials: int | None = None
+    seconds: float | None = None
+    trial_seconds: float = 0.0  # expected length of one trial: none starts that would end far past the budget
+
+    @classmethod
+    def from_plan(cls, budget: dict) -> Budget:
+        return cls(budget.get("max_trials"), budget.get("seconds"), float(budget.get("trial_seconds_estimate") or 0))
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the host stores it (jobs.SearchTrial mirrors these fields)."""
+
+    number: int
+    params: dict
+    state: str = STATE_RUNNING
+    score: float | None = None
+    metric: str = ""
+    curve: list = field(default_factory=list)  # [[step, eval_loss], ...]
+    duration: float = 0.0
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Observer:
+    """Hooks for the host (the job layer writes rows); the default does nothing."""
+
+    def started(self, record: TrialRecord): ...
+
+    def point(self, record: TrialRecord): ...
+
+    def finished(self, record: TrialRecord): ...
+
+
+# ------------------------------------------------------------------------ budget
+
+
+def plan_budget(plan: dict, *, rows: int, mean_tokens: float, tokens_per_second: float | None, source: str,
+                minutes: float | None = None, trials: int | None = None, enabled: bool | None = None,
+                on_by_default: bool = True) -> dict:
+    """The search budget a person reads before clicking Train: what the final run should take, what the search
+    may take (25 % of that unless set in minutes or trials), and whether search is on."""
+    effective = max(1, int(plan.get("micro_batch") or 1) * int(plan.get("grad_accum") or 1))
+    epochs = float(plan.get("epochs") or 1)
+    final_steps = int(plan.get("max_steps") or max(1, math.ceil(rows * epochs / effective)))
+    step_seconds = effective * max(1.0, mean_tokens) / tokens_per_second if tokens_per_second else None
+    final_seconds = final_steps * step_seconds if step_seconds else None
+    seconds = minutes * 60 if minutes else (final_seconds * DEFAULT_BUDGET_FRACTION if final_seconds else None)
+    trial_steps = MIN_TRIAL_STEPS
+    if seconds and step_seconds:  # long enough for FULL_TRIALS unpruned trials (pruning makes room for more)
+        trial_steps = int((seconds / FULL_TRIALS - TRIAL_OVERHEAD_SECONDS) / step_seconds)
+    trial_steps = min(MAX_TRIAL_STEPS, max(MIN_TRIAL_STEPS, trial_steps, 0))
+    trial_seconds = trial_steps * step_seconds + TRIAL_OVERHEAD_SECONDS if step_seconds else None
+    affordable = int(seconds // trial_seconds) if seconds and trial_seconds else 0
+    fits = affordable >= MIN_TRIALS or bool(trials) or bool(minutes)
+    on = (fits and on_by_default) if enabled is None and not (trials or minutes) else enabled is not False
+    searched = plan.get("method") in (*SEARCHED_METHODS, "qlora")
+    budget = {
+        "enabled": bool(on and searched and rows > 0),
+        "method_searched": searched,
+        "max_trials": int(trials) if trials else None,
+        "expected_trials": int(trials) if trials else affordable,
+        "seconds": None if trials and not minutes else (round(seconds, 1) if seconds else None),
+        "trial_steps": trial_steps,
+        "eval_every": max(2, trial_steps // 4),
+        "final_steps": final_steps,
+        "final_seconds_estimate": round(final_seconds, 1) if final_seconds else None,
+        "trial_seconds_estimate": round(trial_seconds, 1) if trial_seconds else None,
+        "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second else None,
+        "tokens_per_second_source": source,
+        "set_by": "trials" if trials else "minutes" if minutes else "default",
+    }
+    budget["summary"] = budget_summary(budget, fits, enabled, on_by_default)
+    return budget
+
+
+def budget_summary(budget: dict, fits: bool, enabled: bool | None, on_by_default: bool = True) -> str:
+    final = budget["final_seconds_estimate"]
+    speed = (f"{budget['tokens_per_second']:,.0f} tokens/s {budget['tokens_per_second_source']}"
+             if budget["tokens_per_second"] else "no speed figure")
+    head = f"Final training about {_duration(final)} ({budget['final_steps']:,} steps at {speed})" if final else \
+        f"Final training {budget['final_steps']:,} steps ({speed})"
+    if not budget["enabled"]:
+        if enabled is False:
+            why = "skipped as asked"
+        elif budget["method_searched"] is False:
+            why = "this method is not searched"
+        elif not fits:
+            why = f"it would fit fewer than {MIN_TRIALS} trials of about " \
+                  f"{_duration(budget['trial_seconds_estimate'])}"
+        else:
+            why = "a method was chosen (search on, or set search minutes or trials, to search its settings)"
+        return f"{head}. Search off: {why}; the rules choose the settings."
+    if budget["set_by"] == "trials":
+        limit = f"{budget['max_trials']} trials (set)"
+    else:
+        share = "set" if budget["set_by"] == "minutes" else f"{DEFAULT_BUDGET_FRACTION:.0%} of the final training"
+        limit = f"{_duration(budget['seconds'])} ({share}), about {budget['expected_trials']} full trials"
+    return f"{head}. Search first: at most {limit} of {budget['trial_steps']} steps each, bad ones stopped early."
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------ the study
+
+
+def choose_metric(eval_file: str) -> str:
+    """exact_match for short reference answers, token_f1 for longer ones, eval_loss when rows have none."""
+    references = [r for _, r in validation_prompts(eval_file, 200)]
+    if not references:
+        return "eval_loss"
+    words = median(len(r.split()) for r in references)
+    return "exact_match" if words <= SHORT_REFERENCE_WORDS else "token_f1"
+
+
+def validation_prompts(eval_file: str, limit: int) -> list[tuple[list, str]]:
+    from .data import iter_examples
+
+    found = []
+    if not eval_file or not Path(eval_file).is_file():
+        return found
+    for example in iter_examples(eval_file):
+        if len(found) >= limit:
+            break
+        messages = example.get("messages")
+        if messages and messages[-1].get("role") == "assistant" and messages[-1].get("content"):
+            found.append((messages[:-1], messages[-1]["content"]))
+    return found
+
+
+def open_study(storage, name: str, metric: str, seed: int = 42, eval_every: int = 2):
+    """Creates the study, or loads it when another worker (or an earlier attempt) already did."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=3, multivariate=True, group=True,
+                                         constant_liar=True)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_every, reduction_factor=3)
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                direction="maximize" if metric in MAXIMISED else "minimize", load_if_exists=True)
+    if "started_at" not in study.user_attrs:
+        study.set_user_attr("started_at", time.time())
+        study.set_user_attr("metric", metric)
+    return study
+
+
+def budget_left(study, budget: Budget) -> bool:
+    started = len(study.get_trials(deepcopy=False))
+    if budget.max_trials is not None and started >= budget.max_trials:
+        return False
+    began = study.user_attrs.get("started_at") or time.time()
+    return budget.seconds is None or time.time() - began + budget.trial_seconds / 2 < budget.seconds
+
+
+def run_trials(study, setup: SearchSetup, budget: Budget, observer: Observer | None = None,
+               should_stop: Callable[[], bool] | None = None) -> int:
+    """Runs trials one after another while the shared budget lasts; several workers may call this on one study.
+    Returns how many trials this call ran."""
+    observer = observer or Observer()
+    should_stop = should_stop or (lambda: False)
+    if setup.max_new_tokens is None:
+        longest = max((len(r.split()) for _, r in validation_prompts(setup.eval_file, 200)), default=8)
+        setup.max_new_tokens = min(64, 2 * longest + 6)
+    space = {**search_space(setup.plan, setup.model_config), "learning_rates": tuple(setup.learning_rates),
+             "fixed": dict(setup.fixed)}
+    ran = 0
+    while budget_left(study, budget) and not should_stop():
+        trial = study.ask()
+        run_one(study, trial, setup, space, observer, should_stop)
+        ran += 1
+    return ran
+
+
+def search_space(plan: dict, model_config: dict) -> dict:
+    effective = max(2, int(plan.get("micro_batch") or 1) * int(plan.get("grad_accum") or 1))
+    batches = [b for b in (2, 4, 8, 16, 32) if b <= max(effective, 8)]
+    methods = [m for m in SEARCHED_METHODS if fits(model_config, {**plan, "method": m, "micro_batch": batches[0]})]
+    if plan.get("method") == "qlora" or not methods:
+        methods = [plan.get("method") or "lora"]
+    return {"methods": methods, "micro_batches": batches}
+
+
+def sample(trial, space: dict) -> dict:
+    """The trial's parameters; those the user fixed (space["fixed"], from overrides) have one choice."""
+    fixed = space.get("fixed") or {}
+    low, high = space.get("learning_rates", LEARNING_RATE_RANGE)
+    choices = {"rank": list(RANKS), "alpha_ratio": list(ALPHA_RATIOS), "target_set": list(TARGET_SETS),
+               "method": space["methods"], "micro_batch": space["micro_batches"]}
+    params = {}
+    for name in PARAM_LABELS:
+        if name in fixed:
+            params[name] = trial.suggest_categorical(name, [fixed[name]])
+        elif name == "learning_rate":
+            params[name] = trial.suggest_float(name, low, high, log=True)
+        else:
+            params[name] = trial.suggest_categorical(name, choices[name])
+    return params
+
+
+def candidate_plan(plan: dict, params: dict, model_config: dict) -> dict:
+    """The rules' plan with a trial's parameters in place (also the final plan, with the winner's)."""
+    from autotune.shapes import ModelShape
+
+    shape = ModelShape.from_config(model_config)
+    targets = [m.name for m in shape.modules_for("all-linear")]
+    if params.get("target_set") == "attention":
+        targets = [m.name for m in shape.linear_modules if m.path.startswith(("self_attn.", "attn."))] or targets
+    micro_batch = int(params.get("micro_batch") or plan.get("micro_batch") or 1)
+    candidate = {**plan, "learning_rate": float(params["learning_rate"]), "rank": int(params["rank"]),
+                 "alpha": float(params["alpha_ratio"]) * int(params["rank"]),
+                 "target_modules": list(dict.fromkeys(targets)), "method": params.get("method") or plan["method"],
+                 "micro_batch": micro_batch,
+                 # the searched micro-batch is the batch: no accumulation on top
+                 "grad_accum": 1 if "micro_batch" in params else plan.get("grad_accum", 1)}
+    return candidate
+
+
+def fits(model_config: dict, plan: dict) -> bool:
+    return memory_shortfall(model_config, plan) is None
+
+
+def memory_shortfall(model_config: dict, plan: dict) -> str | None:
+    """None when the estimator says the plan fits its capacity, else the reason in words."""
+    from autotune import estimate
+
+    capacity = int((plan.get("memory") or {}).get("capacity_bytes") or 0)
+    if not capacity:
+        return None
+    need = estimate(model_config, plan)["total_bytes"]
+    if need <= capacity:
+        return None
+    return f"needs {need / 1e6:,.0f} MB by the estimator, over the {capacity / 1e6:,.0f} MB usable; not run"
+
+
+def run_one(study, trial, setup: SearchSetup, space: dict, observer: Observer, should_stop) -> TrialRecord:
+    import optuna
+
+    params = sample(trial, space)
+    record = TrialRecord(trial.number, params, metric=study.user_attrs.get("metric", "eval_loss"))
+    plan = candidate_plan(setup.plan, params, setup.model_config)
+    shortfall = memory_shortfall(setup.model_config, plan)
+    if shortfall:
+        return _close(study, trial, record, optuna.trial.TrialState.PRUNED, observer, reason=shortfall)
+    observer.started(record)
+    started = time.monotonic()
+    try:
+        outcome = train_trial(trial, setup, plan, record, observer, should_stop)
+    except Exception as exc:  # noqa: BLE001 - a trial that crashes is failed; the study goes on
+        record.duration = time.monotonic() - started
+        return _close(study, trial, record, optuna.trial.TrialState.FAIL, observer,
+                      reason=f"{type(exc).__name__}: {exc}"[:500])
+    record.duration = time.monotonic() - started
+    if outcome is None:
+        return _close(study, trial, record, optuna.trial.TrialState.PRUNED, observer,
+                      reason=record.reason or "stopped early: validation loss behind the other trials")
+    record.score = outcome
+    return _close(study, trial, record, optuna.trial.TrialState.COMPLETE, observer, value=outcome)
+
+
+def _close(study, trial, record: TrialRecord, state, observer: Observer, value=None, reason="") -> TrialRecord:
+    import optuna
+
+    record.reason = reason or record.reason
+    trial.set_user_attr("curve", record.curve)
+    trial.set_user_attr("reason", record.reason)
+    trial.set_user_attr("duration", record.duration)
+    record.state = {optuna.trial.TrialState.COMPLETE: STATE_COMPLETE,
+                    optuna.trial.TrialState.PRUNED: STATE_PRUNED}.get(state, STATE_FAILED)
+    study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    observer.finished(record)
+    return record
+
+
+def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, observer: Observer,
+                should_stop) -> float | None:
+    """Trains the candidate for setup.trial_steps; the score, or None when pruned (or stopped)."""
+    from .train import TrainSpec, train
+
+    maximise = record.metric in MAXIMISED
+    state = {"prune": False}
+
+    def on_progress(info: dict):
+        loss = info.get("eval_loss")
+        if loss is None or not info.get("step"):
+            return
+        record.curve.append([int(info["step"]), float(loss)])
+        observer.point(record)
+        if not math.isfinite(loss):
+            state["prune"], record.reason = True, "validation loss is not finite (the learning rate diverges)"
+            return
+        trial.report(-loss if maximise else loss, int(info["step"]))  # the pruner compares in the study's direction
+        if trial.should_prune():
+            state["prune"] = True
+
+    out_dir = Path(setup.work_dir) / f"trial-{trial.number}"
+    trial_plan = {**plan, "max_steps": setup.trial_steps, "eval_every_steps": setup.eval_every,
+                  "max_eval_generations": setup.score_examples if record.metric in MAXIMISED else 0,
+                  "max_new_tokens": setup.max_new_tokens, "seed": setup.seed, "checkpoint_every_minutes": 1e9,
+                  "max_eval_examples": setup.eval_examples}
+    spec = TrainSpec.from_plan(trial_plan, base_model_path=setup.base_model_path, train_file=setup.train_file,
+                               eval_file=setup.eval_file, output_dir=str(out_dir), checkpoint_dir=None,
+                               trust_remote_code=setup.trust_remote_code)
+    try:
+        result = train(spec, on_progress=on_progress, should_stop=lambda: state["prune"] or should_stop())
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    if result.status != "succeeded":
+        return None
+    return score(result, record.metric)
+
+
+def score(result, metric: str) -> float:
+    if metric == "eval_loss":
+        return float(result.metrics.get("eval_loss", float("inf")))
+    scorer = exact_match if metric == "exact_match" else token_f1
+    generations = [g for g in result.generations if g.get("reference") is not None]
+    if not generations:
+        return 0.0
+    return sum(scorer(g["output"], g["reference"]) for g in generations) / len(generations)
+
+
+# ------------------------------------------------------------------------ results
+
+
+def trial_records(study) -> list[TrialRecord]:
+    """Every trial of the study, as stored (including those of other workers)."""
+    import optuna
+
+    states = {optuna.trial.TrialState.COMPLETE: STATE_COMPLETE, optuna.trial.TrialState.PRUNED: STATE_PRUNED,
+              optuna.trial.TrialState.RUNNING: STATE_RUNNING}
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        records.append(TrialRecord(
+            t.number, dict(t.params), states.get(t.state, STATE_FAILED), t.value,
+            study.user_attrs.get("metric", ""), t.user_attrs.get("curve") or
+            [[step, v] for step, v in sorted(t.intermediate_values.items())],
+            float(t.user_attrs.get("duration") or 0.0), t.user_attrs.get("reason", "")))
+    return records
+
+
+def best_record(records: list[TrialRecord]) -> TrialRecord | None:
+    complete = [r for r in records if r.state == STATE_COMPLETE and r.score is not None and math.isfinite(r.score)]
+    if not complete:
+        return None
+    maximise = complete[0].metric in MAXIMISED
+    # ties (common with exact match on few prompts) go to the lower final validation loss
+    return max(complete, key=lambda r: ((r.score if maximise else -r.score), -(r.curve[-1][1] if r.curve else 0)))
+
+
+def apply_winner(plan: dict, records: list[TrialRecord], model_config: dict) -> dict:
+    """The final training's plan: the winner's parameters, with reasons that cite the trials. Without a complete
+    trial, the rules' plan, saying so."""
+    winner = best_record(records)
+    reasons = list(plan.get("reasons") or [])
+    summary = {"trials": len(records), "complete": sum(r.state == STATE_COMPLETE for r in records),
+               "pruned": sum(r.state == STATE_PRUNED for r in records),
+               "failed": sum(r.state == STATE_FAILED for r in records)}
+    if winner is None:
+        reasons.append(f"Search: none of {len(records)} trials completed; the rules' settings are kept.")
+        return {**plan, "reasons": reasons, "search_result": {**summary, "winner": None}}
+    final = candidate_plan(plan, winner.params, model_config)
+    from autotune import estimate
+
+    final["memory"] = {**estimate(model_config, final), "capacity_bytes": plan["memory"]["capacity_bytes"]} \
+        if (plan.get("memory") or {}).get("capacity_bytes") else plan.get("memory")
+    cited = [winner_reason(name, winner, records) for name in PARAM_LABELS if name in winner.params]
+    final["reasons"] = [(f"Search: trial {winner.number} won, of {len(records)} trials ({summary['complete']} "
+                        f"complete, {summary['pruned']} pruned, {summary['failed']} failed), by validation "
+                        f"{_metric_label(winner.metric)}.")] + cited + reasons
+    final["search_result"] = {**summary, "winner": winner.number, "metric": winner.metric, "score": winner.score,
+                              "params": winner.params}
+    return final
+
+
+def winner_reason(name: str, winner: TrialRecord, records: list[TrialRecord]) -> str:
+    """'learning rate 0.0004: best of 12 trials, validation exact match 0.97 vs 0.85 at 0.0002'"""
+    value = winner.params[name]
+    label, metric = PARAM_LABELS[name], _metric_label(winner.metric)
+    complete = [r for r in records if r.state == STATE_COMPLETE and r.score is not None]
+    others = [r for r in complete if name in r.params and r.params[name] != value]
+    head = f"{label.capitalize()} {format_value(value)}: best of {len(records)} trials, validation {metric} " \
+           f"{winner.score:.3g}"
+    if not others:
+        return f"{head} (no completed trial tried another value)."
+    runner_up = best_record(others)
+    return f"{head} vs {runner_up.score:.3g} at {format_value(runner_up.params[name])} (trial {runner_up.number})."
+
+
+def _metric_label(metric: str) -> str:
+    return {"exact_match": "exact match", "token_f1": "token F1", "eval_loss": "loss"}.get(metric, metric)
+
+
+def format_value(value) -> str:
+    return f"{value:.2g}" if isinstance(value, float) and value < 0.01 else f"{value:g}" \
+        if isinstance(value, float) else str(value)

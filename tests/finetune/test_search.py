@@ -1,0 +1,101 @@
+"""The search stage on the tiny model: trials run and report curves, a bad learning rate is pruned, a candidate
+over the memory cap never runs, and the winner's parameters become the final plan."""
+import json
+
+import pytest
+from tinymodel import learnable_chat_rows, write_jsonl
+
+from autotune import estimate
+from finetune import search
+
+pytest.importorskip("optuna")
+
+
+class Recorder(search.Observer):
+    def __init__(self):
+        self.started_numbers, self.finished_records = [], []
+
+    def started(self, record):
+        self.started_numbers.append(record.number)
+
+    def finished(self, record):
+        self.finished_records.append(record)
+
+
+def _setup(tiny_model_dir, tmp_path, capacity=None):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    plan = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": "all-linear", "micro_batch": 16,
+            "grad_accum": 1, "max_seq_len": 64, "learning_rate": 2e-4, "epochs": 1, "device": "cpu",
+            "dtype": "fp32", "warmup_ratio": 0.0, "gradient_checkpointing": False, "reasons": ["rules"]}
+    if capacity is not None:
+        plan["memory"] = {"total_bytes": 0, "capacity_bytes": capacity}
+    return search.SearchSetup(
+        plan=plan, model_config=config, base_model_path=str(tiny_model_dir),
+        train_file=str(write_jsonl(tmp_path / "train.jsonl", learnable_chat_rows(64))),
+        eval_file=str(write_jsonl(tmp_path / "eval.jsonl", learnable_chat_rows(8))),
+        work_dir=str(tmp_path / "trials"), trial_steps=6, eval_every=2, score_examples=4, max_new_tokens=4,
+        learning_rates=(1e-3, 5e-2))
+
+
+def test_study_prunes_a_bad_learning_rate_skips_what_does_not_fit_and_uses_the_winner(tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    # room for micro-batch 8 at the largest rank, not for 16
+    largest = {"method": "dora", "rank": 32, "target_modules": "all-linear", "max_seq_len": 64, "device": "cpu",
+               "dtype": "fp32", "gradient_checkpointing": False}
+    capacity = estimate(config, {**largest, "micro_batch": 8})["total_bytes"]
+    assert estimate(config, {**largest, "method": "lora", "rank": 4, "micro_batch": 16})["total_bytes"] > capacity
+    setup = _setup(tiny_model_dir, tmp_path, capacity)
+    assert search.choose_metric(setup.eval_file) == "exact_match"
+
+    study = search.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "job-1", "exact_match", eval_every=2)
+    common = {"rank": 8, "alpha_ratio": 2.0, "target_set": "all-linear", "method": "lora"}
+    study.enqueue_trial({**common, "learning_rate": 3e-2, "micro_batch": 4})  # learns the pairs in a few steps
+    study.enqueue_trial({**common, "learning_rate": 1e-3 * 1.0001, "micro_batch": 4, "rank": 4,
+                         "alpha_ratio": 1.0})  # a rate far too small to move in 6 steps
+    study.enqueue_trial({**common, "learning_rate": 3e-2, "micro_batch": 16})  # over the memory cap
+    observer = Recorder()
+    ran = search.run_trials(study, setup, search.Budget(max_trials=4), observer)
+
+    assert ran == 4
+    records = {r.number: r for r in search.trial_records(study)}
+    assert records[0].state == search.STATE_COMPLETE and records[0].score is not None
+    assert [step for step, _ in records[0].curve] == [2, 4, 6]
+    assert records[1].state == search.STATE_PRUNED and len(records[1].curve) < 3
+    assert records[2].state == search.STATE_PRUNED and "not run" in records[2].reason
+    assert 2 not in observer.started_numbers and records[2].curve == []  # never trained
+    assert {r.number for r in observer.finished_records} == {0, 1, 2, 3}
+
+    winner = search.best_record(list(records.values()))
+    final = search.apply_winner(setup.plan, list(records.values()), config)
+    assert final["learning_rate"] == pytest.approx(winner.params["learning_rate"])
+    assert final["rank"] == winner.params["rank"] and final["micro_batch"] == winner.params["micro_batch"]
+    assert final["alpha"] == winner.params["rank"] * winner.params["alpha_ratio"]
+    assert final["memory"]["total_bytes"] <= capacity
+    assert any(r.startswith("Learning rate") and "best of 4 trials, validation exact match" in r
+               for r in final["reasons"])
+    assert final["reasons"][-1] == "rules"
+
+
+def test_budget_reads_in_words_and_skips_when_too_small():
+    plan = {"method": "lora", "micro_batch": 8, "grad_accum": 1, "epochs": 1}
+    budget = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="measured")
+    assert budget["enabled"] and budget["seconds"] == pytest.approx(0.25 * 4000 * 60 / 400, rel=0.01)
+    assert "Search first" in budget["summary"] and "25%" in budget["summary"]
+    small = search.plan_budget(plan, rows=40, mean_tokens=60, tokens_per_second=400, source="measured")
+    assert not small["enabled"] and "fewer than" in small["summary"]
+    forced = search.plan_budget(plan, rows=40, mean_tokens=60, tokens_per_second=400, source="measured", trials=6)
+    assert forced["enabled"] and forced["max_trials"] == 6
+    skipped = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="x", enabled=False)
+    assert not skipped["enabled"] and "skipped as asked" in skipped["summary"]
+
+
+def test_a_chosen_method_searches_only_when_asked():
+    plan = {"method": "lora", "micro_batch": 8, "grad_accum": 1, "epochs": 1}
+    chosen = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="m",
+                                on_by_default=False)
+    assert not chosen["enabled"] and "a method was chosen" in chosen["summary"]
+    asked = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="m",
+                               on_by_default=False, minutes=2)
+    assert asked["enabled"] and asked["seconds"] == 120
+    ia3 = search.plan_budget({**plan, "method": "ia3"}, rows=4000, mean_tokens=60, tokens_per_second=400, source="m")
+    assert not ia3["enabled"] and "not searched" in ia3["summary"]
