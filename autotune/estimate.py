@@ -14,9 +14,20 @@ weights       The frozen base in the compute dtype: parameters x a. QLoRA stores
               (1/64 + 4/(64*256)). Embeddings, lm_head and norms stay in the compute dtype (training must not
               upcast them to fp32 the way peft's prepare_model_for_kbit_training does: that adds 2 bytes per
               non-quantised parameter, about 2 GB on Llama-3-8B).
-trainable     Adapter parameters, which peft keeps in fp32 (4 bytes) whatever the base dtype.
-gradients     One fp32 gradient per trainable parameter.
-optimizer     AdamW: two fp32 moments per trainable parameter.
+trainable     Adapter parameters: peft keeps its adapters in fp32 (4 bytes) whatever the base dtype; the bottleneck
+              adapters (finetune/methods.py) are created in the base's dtype (a bytes).
+gradients     One gradient per trainable parameter, in the parameter's dtype.
+optimizer     The plan's `optimizer` (OPTIMIZERS below), per trainable parameter:
+                adamw, adamw_fused  torch.optim.AdamW: two moments in the parameter's dtype (2 x 4 bytes for fp32
+                                    adapters). Fused changes speed, not memory.
+                paged_adamw         bitsandbytes PagedAdamW: two fp32 moments (8 bytes) in CUDA unified memory.
+                paged_adamw_8bit    bitsandbytes PagedAdamW8bit: two uint8 moments plus one fp32 absmax per 256
+                                    values of each (2 + 2 x 4/256 bytes). Tensors under 4,096 elements keep fp32
+                                    moments (bitsandbytes' min_8bit_size); LoRA matrices of real models are larger.
+              Paged state is allocated with cudaMallocManaged, outside PyTorch's caching allocator: the driver moves
+              it to host RAM when the GPU runs short and back when the optimizer step touches it. It is therefore
+              not part of the peak that must fit (breakdown "optimizer" is 0); the estimate reports it as
+              "evictable_bytes", which must fit in host RAM instead.
 activations   What autograd keeps for backward, counted per token per layer for a stock transformers block with
               SDPA (flash or memory-efficient kernels: no seq x seq scores). PyTorch saves a tensor only when a
               gradient needs it, so the frozen linear layers keep nothing; what is kept:
@@ -30,7 +41,7 @@ activations   What autograd keeps for backward, counted per token per layer for 
                                 CUDA's fused dropout, 4 on CPU), plus 4*rank for lora_B
                 DoRA            adds the base output and the fp32 LoRA output per adapted layer: (a + 4)*out
                 IA3             the scaled tensor: a*out (a*in for feed-forward layers)
-                adapter         bottleneck adapters after attention and MLP: fp32 input and two bottleneck tensors
+                adapter         bottleneck adapters after attention and MLP: input and two bottleneck tensors, a bytes
               plus per sequence per layer the padding mask SDPA turns into a compute-dtype bias (a*seq^2; skipped
               with packing), and for eager attention (Gemma2's soft-capped logits) the fp32 softmax, the
               probabilities and the tanh output: heads*seq*(4 + 2a) per token. Without gradient checkpointing
@@ -41,10 +52,15 @@ activations   What autograd keeps for backward, counted per token per layer for 
               identity in x in, the fp32 LoRA product and the fp32 weight and sum: 4*in^2 + 16*in*out).
 logits        The lm_head output (a) plus the loss's fp32 upcast/log-softmax output, its gradient and the
               gradient of its input: T x V x (a + 12). A 128k vocabulary at 8 x 2048 tokens spends 29 GB here.
-              Gemma2's final soft-capping keeps one more a-byte copy. With a fused linear cross-entropy (Liger) the
-              logits exist only a chunk at a time: chunk = T / ceil(V / h) tokens, x V x 2a, plus the gradient of
-              the hidden states (T x h x a). DPO runs chosen and rejected (2 sequences per pair) and a reference
-              forward without gradients whose logits (a + 4 per element) overlap the policy's.
+              Gemma2's final soft-capping keeps one more a-byte copy. With the fused linear cross-entropy
+              (finetune/fastloss.py) the logits exist only a chunk at a time: `fused_loss_chunk_rows` rows (Liger's
+              ceil(V/h) chunks rounded to a power of two, at least 256 rows, at most 256 MiB of fp32 logits, never
+              more than the labelled rows), each chunk alive as its fp32 logits and the full-size fp32 temporary
+              logsumexp makes of them (measured: more than the a-byte matmul output beside its fp32 copy):
+              rows x V x 8 bytes; plus the labelled
+              hidden states picked out of the body's output and their gradient, kept for backward (2 x T x h x a). DPO runs chosen and rejected (2 sequences per pair) and a reference
+              forward without gradients whose logits (a + 4 per element) overlap the policy's. KTO has the same
+              reference forward, over one sequence per (unpaired) example.
 cuda_context  The CUDA context, cuBLAS handles and kernels that never pass through the caching allocator: about
               500 MiB on CUDA, nothing on CPU.
 allocator_headroom  The caching allocator's fragmentation: 7% of what is allocated and freed every step
@@ -61,7 +77,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from finetune.method_traits import method_names, names_where
+from finetune.method_traits import method_names, method_traits, names_where
 
 from .shapes import LinearModule, ModelShape
 
@@ -80,6 +96,8 @@ LOSS_FP32_BUFFERS = 3  # upcast/log-softmax output, its gradient, the gradient o
 DPO_REFERENCE_LOGITS_EXTRA = FP32  # the reference pass's fp32 log-softmax beside its logits
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask; CPU keeps a mask in the input's dtype
 CUDA_CONTEXT_BYTES = 500 * MIB
+FUSED_LOSS_MIN_CHUNK_ROWS = 256  # smaller matmuls were measured slower (finetune/fastloss.py)
+FUSED_LOSS_CHUNK_BYTES = 256 * MIB  # at most this much fp32 logits per chunk
 ALLOCATOR_HEADROOM_FRACTION = 0.07
 
 DEFAULT_RANK = 16
@@ -87,6 +105,15 @@ DEFAULT_LORA_DROPOUT = 0.05
 DEFAULT_NUM_VIRTUAL_TOKENS = 20
 DEFAULT_ADAPTER_BOTTLENECK = 64
 ADAPTERS_PER_LAYER = 2  # bottleneck adapters after attention and after the MLP
+
+BNB_BLOCKWISE = 256  # values per fp32 absmax in bitsandbytes' 8-bit optimizer state
+# name: (bytes per trainable parameter, or None for two moments in the parameter's dtype; paged)
+OPTIMIZERS = {
+    "adamw": (None, False),
+    "adamw_fused": (None, False),
+    "paged_adamw": (ADAM_STATES * FP32, True),
+    "paged_adamw_8bit": (ADAM_STATES * (1 + FP32 / BNB_BLOCKWISE), True),
+}
 
 LORA_METHODS = names_where(lora_family=True)
 METHODS = tuple(method_names())
@@ -121,6 +148,7 @@ class Setup:
     liger: bool = False
     packing: bool = False
     attn_implementation: str | None = None  # None: what transformers picks for the architecture
+    optimizer: str | None = None  # None: adamw_fused on CUDA, adamw on the CPU
 
     @classmethod
     def from_plan(cls, plan: dict) -> "Setup":
@@ -130,6 +158,12 @@ class Setup:
         dtype = str(fields.get("dtype", "auto")).lower()
         fields["dtype"] = dtype if dtype in DTYPE_BYTES else ("fp32" if fields["device"] == "cpu" else "bf16")
         fields["method"] = str(fields.get("method", "lora")).lower()
+        optimizer = str(fields.get("optimizer") or default_optimizer(fields["device"])).lower()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if OPTIMIZERS[optimizer][1] and fields["device"] == "cpu":
+            raise ValueError(f"optimizer {optimizer!r} pages through CUDA unified memory and needs a GPU")
+        fields["optimizer"] = optimizer
         if fields["method"] not in METHODS:
             raise ValueError(f"unknown method {fields['method']!r}; choose one of {', '.join(METHODS)}")
         for name in ("rank", "micro_batch", "max_seq_len", "num_virtual_tokens", "adapter_bottleneck"):
@@ -142,9 +176,14 @@ class Setup:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def trainable_bytes(self) -> int:
+        """Bytes per trainable parameter: bottleneck adapters follow the base dtype, peft's adapters are fp32."""
+        return self.compute_bytes if self.method == "adapter" else FP32
+
+    @property
     def sequences(self) -> int:
         """Sequences per micro-batch: DPO runs the chosen and the rejected answer of every pair."""
-        return self.micro_batch * (2 if self.method == "dpo" else 1)
+        return self.micro_batch * (2 if method_traits(self.method).paired else 1)
 
     @property
     def tokens_per_sequence(self) -> int:
@@ -165,11 +204,13 @@ def estimate(model_config, plan: dict, calibration: dict | None = None) -> dict:
     setup = Setup.from_plan(plan or {})
     scale = _calibration(calibration)
     trainable = trainable_parameters(shape, plan or {})
+    state = optimizer_state_bytes(trainable, setup) * scale["state_scale"]
+    paged = OPTIMIZERS[setup.optimizer][1]
     breakdown = {
         "weights": weight_bytes(shape, setup) * scale["weights_scale"],
-        "trainable": trainable * FP32 * scale["state_scale"],
-        "gradients": trainable * FP32 * scale["state_scale"],
-        "optimizer": trainable * FP32 * ADAM_STATES * scale["state_scale"],
+        "trainable": trainable * setup.trainable_bytes * scale["state_scale"],
+        "gradients": trainable * setup.trainable_bytes * scale["state_scale"],
+        "optimizer": 0 if paged else state,
         "activations": activation_bytes(shape, setup) * scale["activation_scale"],
         "logits": logits_bytes(shape, setup) * scale["logits_scale"],
         "cuda_context": scale["cuda_context_bytes"] if setup.device == "cuda" else 0,
@@ -177,7 +218,27 @@ def estimate(model_config, plan: dict, calibration: dict | None = None) -> dict:
     dynamic = sum(breakdown[k] for k in ("activations", "logits", "gradients", "optimizer"))
     breakdown["allocator_headroom"] = dynamic * scale["allocator_headroom_fraction"]
     breakdown = {name: int(math.ceil(value)) for name, value in breakdown.items()}
-    return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown}
+    return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown,
+            "evictable_bytes": int(math.ceil(state)) if paged else 0}
+
+
+def default_optimizer(device: str) -> str:
+    return "adamw_fused" if device == "cuda" else "adamw"
+
+
+def optimizer_state_bytes(trainable: int, setup: Setup) -> float:
+    per_parameter = OPTIMIZERS[setup.optimizer][0]
+    return trainable * (per_parameter if per_parameter is not None else ADAM_STATES * setup.trainable_bytes)
+
+
+def fused_loss_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
+    """Rows of logits the fused loss computes at once (finetune/fastloss.py uses this very rule): Liger's
+    ceil(vocab/hidden) chunks with a power-of-two row count each, at least FUSED_LOSS_MIN_CHUNK_ROWS and at most
+    FUSED_LOSS_CHUNK_BYTES of fp32 logits (but 64 rows at least)."""
+    chunks = max(1, -(-vocab // hidden))
+    rows = 1 << max(0, (-(-n_rows // chunks) - 1).bit_length())
+    ceiling = max(64, FUSED_LOSS_CHUNK_BYTES // (FP32 * vocab))
+    return max(1, min(max(rows, FUSED_LOSS_MIN_CHUNK_ROWS), ceiling))
 
 
 def trainable_parameters(model_config, plan: dict) -> int:
@@ -342,8 +403,8 @@ def _adapter_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
         return total
     if setup.method == "ia3":
         return sum(a * _ia3_vector_size(shape, m) for m in adapted_modules(shape, setup))
-    if setup.method == "adapter":
-        return ADAPTERS_PER_LAYER * FP32 * (shape.hidden_size + 2 * setup.adapter_bottleneck)
+    if setup.method == "adapter":  # created in the base dtype: input, down output, GELU output
+        return ADAPTERS_PER_LAYER * a * (shape.hidden_size + 2 * setup.adapter_bottleneck)
     return 0.0
 
 
@@ -382,13 +443,14 @@ def _weight_temporaries(shape: ModelShape, setup: Setup) -> float:
 def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     a, vocab = setup.compute_bytes, shape.vocab_size
     if setup.fused_cross_entropy:
-        chunks = max(1, math.ceil(vocab / shape.hidden_size))
-        chunk_tokens = math.ceil(setup.tokens / chunks)
-        policy = chunk_tokens * vocab * 2 * a + setup.tokens * shape.hidden_size * a
+        labelled = setup.tokens  # every position may carry a label (full-sequence loss)
+        chunk_tokens = min(labelled, fused_loss_chunk_rows(labelled, vocab, shape.hidden_size))
+        chunk_bytes_per_element = 2 * FP32  # fp32 logits and logsumexp's fp32 temporary of the same size
+        policy = chunk_tokens * vocab * chunk_bytes_per_element + 2 * labelled * shape.hidden_size * a
     else:
         per_element = a + LOSS_FP32_BUFFERS * FP32 + (a if shape.final_logit_softcapping else 0)
         policy = setup.tokens * vocab * per_element
-    if setup.method != "dpo":
+    if not method_traits(setup.method).preference:  # dpo and kto: a reference forward of the base
         return policy
     reference = setup.tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
     if setup.fused_cross_entropy:

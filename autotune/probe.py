@@ -1,7 +1,11 @@
 """What this machine offers for training: GPUs through NVML, CPU cores and RAM.
 
     probe() -> {"gpus": [{"index", "name", "total_bytes", "free_bytes", "compute_capability", "bf16"}],
-                "cpu": {"cores", "ram_total_bytes", "ram_available_bytes"}, "hostname"}
+                "cpu": {"cores", "ram_total_bytes", "ram_available_bytes"}, "hostname",
+                "packages": {"bitsandbytes": bool}}
+
+A training worker adds "matmul_speed" (finetune/precision.py: its measured bf16 vs fp32 matmul speed), which needs
+torch and so is not measured here.
 
 NVML rather than torch: the web process and the worker heartbeat call this, and neither should pay for (or
 hold) a CUDA context. Indexes follow CUDA_VISIBLE_DEVICES when it is set, so they are the ones torch will use.
@@ -24,7 +28,18 @@ def probe() -> dict:
         "gpus": _never_raising(probe_gpus, []),
         "cpu": _never_raising(probe_cpu, {"cores": 1, "ram_total_bytes": 0, "ram_available_bytes": 0}),
         "hostname": _hostname(),
+        "packages": {"bitsandbytes": _installed("bitsandbytes")},
     }
+
+
+def _installed(package: str) -> bool:
+    """Whether the package can be imported here, without importing it (bitsandbytes would load CUDA)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _never_raising(function, fallback):

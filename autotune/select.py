@@ -4,7 +4,7 @@
 
 The plan has every key of the REST contract (method, rank, alpha, target_modules, micro_batch, grad_accum,
 max_seq_len, gradient_checkpointing, learning_rate, epochs, memory, reasons) plus device, dtype, fits, warnings
-and the method's own settings (dropout, num_virtual_tokens, adapter_bottleneck, dpo_beta). Each reason is one
+and the method's own settings (dropout, num_virtual_tokens, adapter_bottleneck, dpo_beta, kto_beta). Each reason is one
 sentence with the numbers behind the choice.
 
 How it chooses, and why:
@@ -23,8 +23,17 @@ How it chooses, and why:
 - Gradient checkpointing: the faster of the best batch without it and the best batch with it, with a modelled
   speed of tokens / (tokens + 512) per micro-batch (small batches leave the GPU idle) divided by 1.3 with
   checkpointing (it recomputes the forward pass). So it is off whenever a reasonably sized batch fits without it.
+- Optimizer: torch's AdamW (fused on CUDA). Only when no plan fits with it is bitsandbytes' PagedAdamW8bit tried,
+  whose state lives in CUDA unified memory that the driver evicts to host RAM under pressure (see estimate.py).
 - Learning rate by method (adapters start at zero and take larger steps than full fine-tuning), epochs by dataset
-  size (3 passes under 10,000 rows, 1 above), bf16 where the GPU has it, else fp16.
+  size (3 passes under 10,000 rows, 1 above).
+- dtype: bf16 where the device runs it faster than fp32, decided from the worker's own matmul measurement
+  (inventory["matmul_speed"], finetune/precision.py), CPU included; on a GPU without a measurement, its
+  compute capability (bf16 tensor cores from Ampere on); a GPU without bf16 trains in fp16 with a gradient
+  scaler (finetune/train.py, fp32 master weights).
+
+The plan names the hardware it was made for in plan["hardware"] ({"device", "name"}); the worker that picks the
+job up compares it with its own and replans when they differ (jobs/runner.py).
 
 preferences["overrides"] sets any plan field; the others are chosen around it (memory is re-estimated with the
 override). An override that cannot fit is kept, with fits false and a warning. When nothing fits, even QLoRA at
@@ -40,7 +49,7 @@ from finetune.method_traits import METHODS as METHODS_TABLE
 from finetune.method_traits import method_traits
 
 from .estimate import DEFAULT_ADAPTER_BOTTLENECK, DEFAULT_LORA_DROPOUT, DEFAULT_NUM_VIRTUAL_TOKENS, LORA_METHODS
-from .estimate import METHODS, estimate, trainable_parameters
+from .estimate import METHODS, default_optimizer, estimate, trainable_parameters
 from .shapes import ModelShape
 
 GPU_SAFETY_FACTOR = 0.95
@@ -52,20 +61,25 @@ MIN_SEQ_LEN = 64
 DEFAULT_SEQ_LEN = 1024  # without token statistics
 CHECKPOINTING_SLOWDOWN = 1.3  # recomputing the forward pass in backward costs about 30%
 HALF_SATURATION_TOKENS = 512  # tokens per micro-batch at which a GPU reaches half its throughput (modelled)
+BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 matmuls by this much to be worth its precision loss
+# finetune/train.py scales fp16 losses with torch.amp.GradScaler over fp32 master weights.
+FP16_HAS_GRAD_SCALER = True
+MEMORY_OPTIMIZER = "paged_adamw_8bit"  # tried when nothing fits with the default optimizer
 
 SMALL_DATASET_ROWS = 1_000
 LARGE_DATASET_ROWS = 100_000
 MULTI_EPOCH_ROWS = 10_000
 DEFAULT_RANK, SMALL_RANK, LARGE_RANK = 16, 8, 32
 DPO_BETA = 0.1
+KTO_BETA = 0.1
 
 LEARNING_RATES = {m.name: (m.learning_rate, m.learning_rate_why) for m in METHODS_TABLE.values()}
 LABELS = {m.name: m.label for m in METHODS_TABLE.values()}
 
 # overrides the search itself honours; any other override is copied into the plan as given
-SEARCHED = {"method", "micro_batch", "max_seq_len", "gradient_checkpointing", "device", "dtype"}
+SEARCHED = {"method", "micro_batch", "max_seq_len", "gradient_checkpointing", "device", "dtype", "optimizer"}
 ESTIMATE_FIELDS = ("rank", "target_modules", "dropout", "num_virtual_tokens", "adapter_bottleneck", "double_quant",
-                   "fused_cross_entropy", "liger", "packing", "attn_implementation")
+                   "fused_cross_entropy", "liger", "packing", "attn_implementation", "optimizer")
 
 
 @dataclass
@@ -76,6 +90,13 @@ class Target:
     capacity_bytes: int
     bf16: bool = False
     compute_capability: str = ""
+    matmul: dict | None = None  # the worker's bf16 vs fp32 matmul measurement on this device, if any
+    paged_optimizers: bool = False  # CUDA with bitsandbytes on the worker
+
+    @property
+    def bf16_speedup(self) -> float | None:
+        value = (self.matmul or {}).get("bf16_speedup")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def describe_capacity(self) -> str:
         safety = GPU_SAFETY_FACTOR if self.device == "cuda" else CPU_SAFETY_FACTOR
@@ -149,6 +170,13 @@ def select(inventory: dict, model_config: dict, dataset_stats: dict | None = Non
     return plan
 
 
+def planned_hardware(inventory: dict, overrides: dict | None = None) -> dict:
+    """{"device", "name"} of what select() would plan for on this inventory: what plan["hardware"] is compared
+    with by the worker that picks the job up."""
+    target = choose_target(inventory or {}, {}, dict(overrides or {}), Notes())
+    return {"device": target.device, "name": target.name}
+
+
 def modelled_speed(tokens_per_micro_batch: int, checkpointing: bool) -> float:
     """Relative training speed: GPUs need enough tokens per kernel to be busy; checkpointing recomputes."""
     efficiency = tokens_per_micro_batch / (tokens_per_micro_batch + HALF_SATURATION_TOKENS)
@@ -162,7 +190,9 @@ def choose_target(inventory: dict, preferences: dict, overrides: dict, notes: No
     gpus = [g for g in inventory.get("gpus") or [] if isinstance(g, dict)]
     device = str(overrides.get("device") or "auto").lower()
     if device == "cpu" or (not gpus and device != "cuda"):
-        return cpu_target(inventory.get("cpu") or {})
+        target = cpu_target(inventory.get("cpu") or {})
+        target.matmul = measured_matmul(inventory, "cpu", None)
+        return target
     if not gpus:
         notes.warn("device cuda was requested but the inventory has no GPU, so nothing can fit.")
         return Target("cuda", "no GPU", 0, 0)
@@ -173,8 +203,19 @@ def choose_target(inventory: dict, preferences: dict, overrides: dict, notes: No
     if serving > 0:
         free = max(0, free - serving)
         notes.reason(f"{gb(serving)} of the GPU is promised to vLLM servers that are starting, so it is not counted.")
-    return Target("cuda", str(gpu.get("name") or f"GPU {gpu.get('index', 0)}"), free,
-                  int(free * GPU_SAFETY_FACTOR), bool(gpu.get("bf16")), str(gpu.get("compute_capability") or ""))
+    name = str(gpu.get("name") or f"GPU {gpu.get('index', 0)}")
+    # An inventory that does not say (an older worker) is taken to have bitsandbytes, as QLoRA plans assume.
+    paged = (inventory.get("packages") or {}).get("bitsandbytes", True) is not False
+    return Target("cuda", name, free, int(free * GPU_SAFETY_FACTOR), bool(gpu.get("bf16")),
+                  str(gpu.get("compute_capability") or ""), measured_matmul(inventory, "cuda", name), paged)
+
+
+def measured_matmul(inventory: dict, device: str, name: str | None) -> dict | None:
+    """The worker's matmul measurement for this device (finetune/precision.py), or None."""
+    for entry in inventory.get("matmul_speed") or []:
+        if isinstance(entry, dict) and entry.get("device") == device and (name is None or entry.get("name") == name):
+            return entry
+    return None
 
 
 def pick_gpu(gpus: list, device_index, notes: Notes) -> dict:
@@ -208,10 +249,18 @@ def choose_dtype(target: Target, overrides: dict, notes: Notes) -> str:
         if requested == "bf16" and target.device == "cuda" and not target.bf16:
             notes.warn(f"{target.name} (compute capability {target.compute_capability}) has no bf16 tensor cores;"
                        " the bf16 override will be slow or fail.")
+        if requested == "fp16" and not FP16_HAS_GRAD_SCALER:
+            notes.warn("fp16 without a gradient scaler: small gradients underflow to zero and training may stall;"
+                       " bf16 or fp32 is safer.")
         return requested
+    speedup = target.bf16_speedup
+    if speedup is not None:
+        return "bf16" if speedup >= BF16_MIN_SPEEDUP and (target.device == "cpu" or target.bf16) else "fp32"
     if target.device == "cpu":
         return "fp32"
-    return "bf16" if target.bf16 else "fp16"
+    if target.bf16:
+        return "bf16"
+    return "fp16" if FP16_HAS_GRAD_SCALER else "fp32"
 
 
 # ------------------------------------------------------------------------ dataset-driven choices
@@ -286,20 +335,30 @@ def method_candidates(method: str, seq: int, seq_fixed: bool, target: Target, ma
     return [("lora", seq)] + [("qlora", s) for s in lengths]
 
 
+def optimizer_candidates(base: dict, target: Target) -> list[str]:
+    """The default optimizer, then (on a GPU with bitsandbytes) the paged 8-bit one, unless one is asked for."""
+    if base.get("optimizer"):
+        return [base["optimizer"]]
+    default = default_optimizer(target.device)
+    return [default, MEMORY_OPTIMIZER] if target.device == "cuda" and target.paged_optimizers else [default]
+
+
 def search(shape, base, target, method, seq, seq_fixed, overrides, effective, rows, calibration) -> Fit:
     fixed_batch = overrides.get("micro_batch")
     modes = [bool(overrides["gradient_checkpointing"])] if "gradient_checkpointing" in overrides else [False, True]
     batches = [int(fixed_batch)] if fixed_batch else batch_options(effective, rows)
     candidates = method_candidates(method, seq, seq_fixed, target, may_shorten=not fixed_batch)
     for method_name, length in candidates:
-        plan = {**base, "method": method_name, "max_seq_len": length}
-        fit = best_batch(shape, plan, target, batches, modes, calibration)
-        if fit:
-            return fit
+        for optimizer in optimizer_candidates(base, target):
+            plan = {**base, "method": method_name, "max_seq_len": length, "optimizer": optimizer}
+            fit = best_batch(shape, plan, target, batches, modes, calibration)
+            if fit:
+                return fit
     if fixed_batch:
         return forced_batch(shape, base, target, method, seq, seq_fixed, overrides, effective, rows, calibration)
     method_name, length = candidates[-1]
     plan = {**base, "method": method_name, "max_seq_len": length, "micro_batch": 1,
+            "optimizer": optimizer_candidates(base, target)[-1],
             "gradient_checkpointing": True in modes}
     return Fit(plan, estimate(shape, plan, calibration), fits=False)
 
@@ -368,6 +427,8 @@ def assemble(shape, fit: Fit, base, rank, alpha, effective, rows, overrides, tar
         "memory": {**fit.memory, "capacity_bytes": target.capacity_bytes},
         "device": base["device"],
         "dtype": base["dtype"],
+        "optimizer": fit.plan["optimizer"],
+        "hardware": {"device": target.device, "name": target.name},
         "fused_cross_entropy": bool(fit.plan.get("fused_cross_entropy")),
         "fits": fit.fits,
     }
@@ -387,7 +448,8 @@ def target_module_names(shape: ModelShape, method: str, requested) -> list[str]:
 def method_settings(method: str, base: dict) -> dict:
     if method in LORA_METHODS:
         settings = {"dropout": base["dropout"]}
-        return {**settings, "dpo_beta": DPO_BETA} if method == "dpo" else settings
+        extra = {"dpo": {"dpo_beta": DPO_BETA}, "kto": {"kto_beta": KTO_BETA}}.get(method, {})
+        return {**settings, **extra}
     if method in ("prefix", "prompt"):
         return {"num_virtual_tokens": base["num_virtual_tokens"]}
     if method == "adapter":
@@ -413,6 +475,7 @@ def explain(plan, fit, shape, target, method, rows, token_stats, seq, overrides,
     notes.reason(learning_rate_reason(plan, overrides))
     notes.reason(epochs_reason(plan, rows, overrides))
     notes.reason(dtype_reason(plan, target, overrides))
+    notes.reason(optimizer_reason(plan, fit, shape, target, overrides))
     for key in sorted(set(overrides) - SEARCHED - {"rank", "alpha", "target_modules", "grad_accum",
                                                       "learning_rate", "epochs"}):
         notes.reason(f"{key} = {overrides[key]!r} (override).")
@@ -579,13 +642,44 @@ def dtype_reason(plan, target, overrides) -> str:
     dtype = plan["dtype"]
     if "dtype" in overrides:
         return f"{dtype} weights and compute (override) on {target.name}."
+    speedup = target.bf16_speedup
+    if speedup is not None:
+        size = (target.matmul or {}).get("size")
+        measured = f"measured {speedup:.2f}x fp32 matmul speed" + (f" ({size}x{size})" if size else "") + \
+            f" on this {'CPU' if target.device == 'cpu' else 'GPU'} ({target.name})"
+        if dtype == "bf16":
+            return f"bf16: {measured}; half of fp32's memory as well."
+        if target.device == "cuda" and not target.bf16:
+            return f"fp32: {target.name} has no bfloat16 tensor cores ({measured}), and fp16 is not offered " \
+                   f"while training has no gradient scaler."
+        return f"fp32: bf16 {measured}, below the {BF16_MIN_SPEEDUP:.1f}x that would pay for its coarser rounding."
     if target.device == "cpu":
-        return f"fp32 on {target.name}: CPUs have no fast 16-bit matrix units, and fp32 avoids bf16's slow paths."
+        return f"fp32 on {target.name}: the worker has not measured bf16 matmul speed here yet, and fp32 is the " \
+               f"safe default until it does."
     if dtype == "bf16":
         return f"bf16: {target.name} (compute capability {target.compute_capability}) has bfloat16 tensor cores;" \
                f" half of fp32's memory without fp16's overflow."
-    return f"fp16: {target.name} (compute capability {target.compute_capability}) has no bfloat16 tensor cores, " \
-           f"so half precision means fp16 with loss scaling."
+    if dtype == "fp16":
+        return f"fp16: {target.name} (compute capability {target.compute_capability}) has no bfloat16 tensor " \
+               f"cores; training scales the loss with a GradScaler."
+    return f"fp32: {target.name} (compute capability {target.compute_capability}) has no bfloat16 tensor cores, " \
+           f"and fp16 is not offered while training has no gradient scaler (small gradients would underflow)."
+
+
+def optimizer_reason(plan, fit, shape, target, overrides) -> str:
+    name = plan["optimizer"]
+    if "optimizer" in overrides:
+        return f"Optimizer {name} (override)."
+    if name != MEMORY_OPTIMIZER:
+        fused = ", fused into one kernel per step" if name == "adamw_fused" else ""
+        state = plan["memory"]["breakdown"].get("optimizer", 0)
+        return f"Optimizer {name}: torch's AdamW{fused}; its two moments take {gb(state)}."
+    default = default_optimizer(target.device)
+    with_default = estimate(shape, {**fit.plan, "optimizer": default})["total_bytes"]
+    paged = plan["memory"].get("evictable_bytes", 0)
+    return f"Optimizer {name} (bitsandbytes): with {default} this plan needs {gb(with_default)}, over the " \
+           f"{gb(target.capacity_bytes)} usable; its 8-bit state ({gb(paged)}) is paged in CUDA unified memory, " \
+           f"which the driver moves to host RAM when the GPU runs short."
 
 
 def shortfall(plan, target) -> str:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from autotune import estimate, select  # noqa: E402 - after the path fix
 from autotune.shapes import load_reference_config  # noqa: E402
+from finetune.optim import build_optimizer  # noqa: E402 - the plan's optimizer, as training builds it
 
 GB = 10**9
 
@@ -65,8 +66,21 @@ ESTIMATE_ROWS = [
     ("Phi-3-mini", {"num_hidden_layers": 8}, dict(method="lora", rank=32, micro_batch=8, max_seq_len=2048,
                                                   gradient_checkpointing=True)),
     ("Gemma-2-2B", {"num_hidden_layers": 8}, dict(method="lora", rank=16, micro_batch=2, max_seq_len=1024)),
+    # every other method, packing and Liger, on the 1B shape (8B's 8-layer cut for IA3 and DPO)
+    ("Llama-3.2-1B", {}, dict(method="ia3", micro_batch=4, max_seq_len=1024)),
+    ("Llama-3.1-8B", {"num_hidden_layers": 8}, dict(method="ia3", micro_batch=2, max_seq_len=2048,
+                                                    gradient_checkpointing=True)),
+    ("Llama-3.2-1B", {}, dict(method="prefix", micro_batch=4, max_seq_len=1024)),
+    ("Llama-3.2-1B", {}, dict(method="prompt", micro_batch=4, max_seq_len=1024)),
+    ("Llama-3.2-1B", {}, dict(method="adapter", micro_batch=4, max_seq_len=1024)),
+    ("Llama-3.2-1B", {}, dict(method="dpo", rank=16, micro_batch=2, max_seq_len=1024)),
+    ("Llama-3.1-8B", {"num_hidden_layers": 8}, dict(method="dpo", rank=16, micro_batch=1, max_seq_len=2048,
+                                                    gradient_checkpointing=True)),
+    ("Llama-3.2-1B", {}, dict(method="lora", rank=16, micro_batch=4, max_seq_len=2048, packing=True)),
+    ("Llama-3.2-1B", {}, dict(method="lora", rank=16, micro_batch=4, max_seq_len=2048, liger=True)),
 ]
-QUICK_ROWS = (0, 2, 5, 7, 9, 11, 14, 15, 17)
+# 1B and 8B shapes, LoRA/QLoRA/DoRA/IA3/prefix/DPO, 512-4096 tokens, with and without checkpointing: 16 rows
+QUICK_ROWS = (0, 1, 2, 5, 7, 8, 9, 11, 12, 18, 19, 20, 23, 24, 25, 26)
 CAPS_GB = (16, 24, 40, 80)
 SELECT_STATS = {"rows": 20_000, "token_stats": {"count": 20_000, "min": 40, "p50": 380, "p95": 800, "p99": 1024,
                                                 "max": 3000}}
@@ -95,12 +109,14 @@ def nvml_used_bytes() -> int | None:
             return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - without NVML the context is taken as the estimate's
+    except Exception:  # noqa: BLE001 - without NVML, torch.cuda.mem_get_info measures it instead
         return None
 
 
 def start_cuda(device: str) -> int:
-    """Starts CUDA and returns the context's size: what NVML sees beyond what the allocator reserved."""
+    """Starts CUDA and returns the context's size: device memory in use beyond what the allocator reserved,
+    measured by NVML before and after CUDA starts, or (without NVML) by cudaMemGetInfo right after it starts.
+    Never the estimate's own constant: that would make the comparison circular."""
     import torch
 
     if device != "cuda":
@@ -109,17 +125,22 @@ def start_cuda(device: str) -> int:
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     after = nvml_used_bytes()
-    if before is None or after is None:
-        return 500 * 1024**2
-    return max(0, after - before - torch.cuda.memory_reserved())
+    if before is not None and after is not None:
+        return max(0, after - before - torch.cuda.memory_reserved())
+    free, total = torch.cuda.mem_get_info()  # other processes' memory counts too: run on an idle GPU
+    return max(0, total - free - torch.cuda.memory_reserved())
 
 
 def build_model(config: dict, plan: dict, device: str):
+    """A random-weight model of the config, wrapped for the plan's method by the platform's own code
+    (finetune.methods.wrap_for_training), in train mode: from_config's eval mode would silently turn gradient
+    checkpointing and dropout off."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from finetune.methods import wrap_for_training
+
+    dtype = torch.bfloat16 if plan.get("dtype", "bf16") == "bf16" else torch.float32
     hf_config = AutoConfig.for_model(**config)
     hf_config.use_cache = False
     with torch.device(device):
@@ -130,13 +151,18 @@ def build_model(config: dict, plan: dict, device: str):
     model.requires_grad_(False)
     if plan["method"] == "qlora":
         quantise_decoder_linears(model)
-    peft_config = LoraConfig(
-        r=plan["rank"], lora_alpha=2 * plan["rank"], lora_dropout=plan.get("dropout", 0.05),
-        target_modules=plan.get("target_modules") or "all-linear", use_dora=plan["method"] == "dora",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, peft_config)
-    set_checkpointing(model, plan.get("gradient_checkpointing", False))
+    if plan.get("liger") and device == "cuda":
+        from finetune.train import TrainSpec, apply_fused_kernels
+
+        spec = TrainSpec(base_model_path="", train_file="", output_dir="", method=plan["method"], device=device)
+        spec.plan["liger"] = True
+        apply_fused_kernels(model, spec)
+    set_checkpointing(model, plan.get("gradient_checkpointing", False) and plan["method"] != "prefix")
+    wrapped = {"rank": plan.get("rank", 16), "dropout": plan.get("dropout", 0.05), **plan}
+    if plan["method"] == "ia3":
+        wrapped.pop("target_modules", None)
+    model = wrap_for_training(model, wrapped)
+    model.train()
     return model
 
 
@@ -163,29 +189,48 @@ def quantise_decoder_linears(model):
 
 
 def set_checkpointing(model, enabled: bool):
+    """As training does: non-reentrant checkpointing, which needs no enable_input_require_grads()."""
     if enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     else:
         model.gradient_checkpointing_disable()
 
 
-def train_steps(model, optimizer, vocab: int, micro_batch: int, seq: int, steps: int, device: str) -> dict:
-    """Runs `steps` optimizer steps on random tokens (half the rows padded); tokens/s over all but the first."""
+def train_steps(model, optimizer, vocab: int, micro_batch: int, seq: int, steps: int, device: str,
+                method: str = "lora", packing: bool = False) -> dict:
+    """Runs `steps` optimizer steps on random tokens (half the rows padded, unless packed) through the platform's
+    own loss path: finetune.train.token_loss_sum (the fused loss where the model allows it) or dpo_loss."""
     import torch
 
-    ids = torch.randint(0, vocab, (micro_batch, seq), device=device)
+    from finetune import train
+
+    ids = torch.randint(3, vocab, (micro_batch, seq), device=device)
     mask = torch.ones_like(ids)
-    mask[::2, seq - seq // 8:] = 0  # padding on every other row, as batches of uneven examples have
-    labels = ids.masked_fill(mask == 0, -100)
+    positions = None
+    if packing:  # packed rows: several examples per row, positions restarting, no padding
+        positions = torch.arange(seq, device=device).remainder(max(1, seq // 4)).repeat(micro_batch, 1)
+        mask = None
+    else:
+        mask[::2, seq - seq // 8:] = 0  # padding on every other row, as batches of uneven examples have
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()  # `out` (and its logits) stays alive through backward, as in most training loops
+        if method == "dpo":
+            # micro_batch pairs = 2 x micro_batch sequences, as the estimate counts DPO; the rejected answer is the
+            # same tokens with its last quarter unlabelled, so the two differ
+            rows = [r.tolist() for r in ids]
+            pairs = [{"chosen": {"input_ids": r, "labels": r},
+                      "rejected": {"input_ids": r, "labels": r[: seq * 3 // 4] + [-100] * (seq - seq * 3 // 4)}}
+                     for r in rows]
+            loss = train.dpo_loss(model, pairs, 0.1, 0, torch.device(device))[0]
+        else:
+            loss_sum, count = train.token_loss_sum(model, ids, labels, mask, positions)
+            loss = loss_sum / max(1, count)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del out
+        del loss
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -200,7 +245,7 @@ def measure(job: dict) -> dict:
     device = job["device"]
     context = start_cuda(device)
     model = build_model(job["config"], job["plan"], device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model.parameters(), {**job["plan"], "learning_rate": 1e-4}, device)
     result = {"context_bytes": context, "oom": False}
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -209,7 +254,8 @@ def measure(job: dict) -> dict:
     plan = job["plan"]
     try:
         result.update(train_steps(model, optimizer, job["config"]["vocab_size"], plan["micro_batch"],
-                                  plan["max_seq_len"], job["steps"], device))
+                                  plan["max_seq_len"], job["steps"], device, plan["method"],
+                                  bool(plan.get("packing"))))
     except torch.cuda.OutOfMemoryError:
         result["oom"] = True
     if device == "cuda":
@@ -226,11 +272,12 @@ def run_capped(job: dict) -> dict:
     device, plan = job["device"], job["plan"]
     context = start_cuda(device)
     model = build_model(job["config"], plan, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model.parameters(), {**job["plan"], "learning_rate": 1e-4}, device)
     if device == "cuda":
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, job["cap_bytes"] / total))
+        # A GPU of cap_bytes holds the CUDA context too, outside the allocator that the fraction caps.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(0, job["cap_bytes"] - context) / total))
     vocab = job["config"]["vocab_size"]
     runs = []
     for micro_batch, checkpointing in [(plan["micro_batch"], plan["gradient_checkpointing"])] + job["sweep"]:
@@ -240,7 +287,8 @@ def run_capped(job: dict) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            run.update(train_steps(model, optimizer, vocab, micro_batch, plan["max_seq_len"], job["steps"], device))
+            run.update(train_steps(model, optimizer, vocab, micro_batch, plan["max_seq_len"], job["steps"], device,
+                                   plan["method"], bool(plan.get("packing"))))
         except torch.cuda.OutOfMemoryError:
             run["oom"] = True
             optimizer.zero_grad(set_to_none=True)
@@ -257,6 +305,8 @@ def worker(job_text: str):
 
 
 def in_child(job: dict, timeout: int = 600) -> dict:
+    if job["device"] == "cpu":  # the CPU smoke run measures no peaks: in-process saves each row a torch import
+        return run_capped(job) if job["kind"] == "select" else measure(job)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                           timeout=timeout)
     for line in proc.stdout.splitlines():
@@ -272,16 +322,23 @@ def in_child(job: dict, timeout: int = 600) -> dict:
 def estimate_section(args, device: str) -> list[dict]:
     rows = [ESTIMATE_ROWS[i] for i in QUICK_ROWS] if args.quick else ESTIMATE_ROWS
     if args.cpu_smoke:
-        rows = [("Llama-3.2-1B", TINY, dict(method="lora", rank=4, micro_batch=2, max_seq_len=64)),
-                ("Gemma-2-2B", TINY, dict(method="dora", rank=4, micro_batch=2, max_seq_len=64,
-                                          gradient_checkpointing=True)),
-                ("Phi-3-mini", TINY, dict(method="qlora", rank=4, micro_batch=2, max_seq_len=64))]
+        kinds = {}  # one tiny row per method (and packing), QLoRA only with bitsandbytes
+        for _, _, plan in ESTIMATE_ROWS:
+            if plan["method"] != "qlora" or _has("bitsandbytes"):
+                kinds.setdefault((plan["method"], bool(plan.get("packing"))), plan)
+        if args.quick:  # the dry run's share of two minutes: a LoRA-family, a peft-vector and a pair method
+            kinds = {k: v for k, v in kinds.items() if k in (("lora", False), ("ia3", False), ("dpo", False))}
+        rows = [("Llama-3.2-1B", TINY, {**plan, "micro_batch": 2, "max_seq_len": 64, "rank": 4,
+                                        "liger": False}) for plan in kinds.values()]
     print(f"{'model':<28}{'method':<7}{'r':>4}{'mb':>4}{'seq':>6}{'ckpt':>6}{'predicted':>11}{'measured':>10}"
           f"{'error':>8}")
     results = []
     for name, overrides, plan in rows:
         config = {**load_reference_config(name), **overrides}
         plan = {"dtype": "bf16" if device == "cuda" else "fp32", "device": device, "dropout": 0.05, **plan}
+        # the loss path training takes: fused unless DPO or virtual tokens (what select() plans)
+        plan.setdefault("fused_cross_entropy", plan["method"] not in ("dpo", "prefix", "prompt")
+                        and not config.get("final_logit_softcapping"))
         predicted = estimate(config, plan)
         started = time.perf_counter()
         measured = in_child({"kind": "estimate", "config": config, "plan": plan, "device": device,
@@ -346,7 +403,7 @@ def select_section(args, device: str) -> list[dict]:
                      "cpu": {"cores": 1, "ram_total_bytes": 0, "ram_available_bytes": 0}}
         plan = select(inventory, config, SELECT_STATS, {"method": "auto"})
         if device != "cuda":
-            plan = {**plan, "device": "cpu", "dtype": "fp32", "method": "lora", "max_seq_len": 64}
+            plan = {**plan, "device": "cpu", "dtype": "fp32", "method": "lora", "max_seq_len": 64, "optimizer": "adamw"}
         sweep = sweep_for(plan, args.quick)
         started = time.perf_counter()
         outcome = in_child({"kind": "select", "config": config, "plan": plan, "sweep": sweep, "device": device,
@@ -404,6 +461,12 @@ def gpu_description(device: str) -> str:
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "pad_token_id": 0, "bos_token_id": 1,
         "eos_token_id": 2}
+
+
+def _has(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 def cuda_available() -> bool:

@@ -5,20 +5,28 @@
         --seq 2048 --micro-batch 4                                      # on a GPU
     .venv/bin/python bench/train_speed.py --lengths full               # every row exactly --seq tokens
 
-Both sides train the same model shape on the same tokenised rows, in the same micro-batches' sizes, for the same
-number of optimizer steps; each side runs in its own subprocess (so peak memory is its own) and the pair is
-repeated --rounds times, alternating, and the median is kept (other work on the machine hits both sides alike).
+Every side trains the same model shape on the same tokenised rows, in the same micro-batch size, for the same
+number of optimizer steps, with the same gradient checkpointing (--checkpointing, off by default); each side runs
+in its own subprocess (so peak memory is its own). The sides run --rounds times (at least 5) in ABBA order (one
+round forwards, the next backwards), so drift on the machine hits every side alike; min/median/max are printed.
 
-  platform  finetune.train.train(): the path a Tunedeck job runs (loading, wrapping, fit check, the loop), timed
-            from its first to its last optimizer step by the progress callback. Its loss is computed only where
-            there are labels, chunk by chunk, so the vocabulary-wide logits are never materialised.
-  plain     AutoModelForCausalLM + peft.get_peft_model + torch AdamW, batches in random order padded to the
-            longest row, loss from model(..., labels=...). For QLoRA, peft's standard recipe:
-            prepare_model_for_kbit_training (fp32 upcast, gradient checkpointing).
+  platform        finetune.train.train(): the path a Tunedeck job runs (loading, wrapping, fit check, the loop),
+                  timed from its first to its last optimizer step by the progress callback. Loss only where there
+                  are labels, chunk by chunk (no vocabulary-wide logits); batches grouped by length.
+  plain-grouped   AutoModelForCausalLM + peft.get_peft_model + torch AdamW, loss from model(..., labels=...),
+                  batches grouped by length exactly as the platform groups them (finetune.train.batch_order).
+  plain-shuffled  The same in random order, each batch padded to its longest row.
+  peft-recipe     QLoRA only: peft's documented recipe, prepare_model_for_kbit_training (fp32 upcast of the
+                  non-quantised weights) with gradient checkpointing, grouped batches: its own row, since it
+                  changes both precision and checkpointing.
+QLoRA's plain sides load NF4 with bf16 compute and no upcast, like the platform.
 
-Printed per row: non-padding tokens per second, peak memory (CUDA: max allocated; CPU: peak RSS of the
-subprocess), MFU (6 x parameters + attention FLOPs per token, against --peak-tflops; GPU only by default) and the
-platform/plain ratios. Shapes other than SmolLM2 are random-initialised from their published configs.
+Rows: --lengths mixed (chat rows of 10-100% of --seq, prompt 30-70%) and full (every row --seq tokens); both by
+default. Tokens are non-padding tokens. Peak memory: CUDA max allocated, CPU peak RSS of the subprocess. MFU =
+tokens/s x model FLOPs per token / --peak-tflops, FLOPs per token counted for a frozen base: 4 x frozen linear
+parameters (forward 2N, backward only the activation gradients 2N, no weight gradients), 6 x adapter parameters,
+and attention's 12 x layers x hidden x mean row length (no causal halving); checkpointing's recomputation is not
+counted (it is overhead, not model work). Shapes other than SmolLM2 are random-initialised from their published configs.
 """
 from __future__ import annotations
 
@@ -59,11 +67,11 @@ def parse_args():
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    p.add_argument("--rounds", type=int, default=2, help="alternating platform/plain repeats; the median is kept")
-    p.add_argument("--lengths", choices=["mixed", "full"], default="mixed",
+    p.add_argument("--rounds", type=int, default=5, help="ABBA rounds over all sides (at least 5)")
+    p.add_argument("--lengths", default="mixed,full",
                    help="mixed: chat rows of 10-100%% of --seq with a prompt of 30-70%% (realistic); full: all --seq")
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="plain loop: gradient checkpointing (auto: on for QLoRA, as peft's recipe does)")
+    p.add_argument("--checkpointing", choices=["on", "off"], default="off",
+                   help="gradient checkpointing, the same on every side")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: H100 bf16 dense on CUDA)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side and print JSON
@@ -135,16 +143,22 @@ def peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def flops_per_token(config, seq: int) -> float:
-    """PaLM's model FLOPs: 6 x non-embedding parameters (plus the output layer) + 12 x layers x hidden x seq."""
+FLOPS_COUNTING = ("model FLOPs per token for a frozen base: 4 x frozen linear parameters (forward 2N + "
+                  "activation gradients 2N, no weight gradients) + 6 x adapter parameters + 12 x layers x hidden x "
+                  "mean row length (attention); recomputation not counted")
+
+
+def flops_per_token(config, mean_len: float, rank: int = 16) -> float:
+    """See FLOPS_COUNTING. The output layer counts as a frozen linear layer (the loss needs its input gradient)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     inter = config.intermediate_size
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or h // heads
-    attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
-    mlp = 3 * h * inter
-    params = layers * (attn + mlp) + h * config.vocab_size
-    return 6 * params + 12 * layers * h * seq
+    shapes = [(h, heads * head_dim), (h, kv * head_dim), (h, kv * head_dim), (heads * head_dim, h),
+              (h, inter), (h, inter), (inter, h)]
+    frozen = layers * sum(i * o for i, o in shapes) + h * config.vocab_size
+    adapter = layers * sum(rank * (i + o) for i, o in shapes)
+    return 4 * frozen + 6 * adapter + 12 * layers * h * mean_len
 
 
 def run_platform(job: dict) -> dict:
@@ -208,24 +222,29 @@ def run_plain(job: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.config.use_cache = False
-    if job["method"] == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job["plain_checkpointing"])
-    elif job["plain_checkpointing"]:
+    if job.get("peft_recipe"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    elif job["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     model.train()
     rows = [encode_example(ex, tokenizer, job["seq"]) for ex in iter_examples(job["data"])]
-    rng = random.Random(0)
-    rng.shuffle(rows)
+    if job.get("order") == "shuffled":
+        random.Random(0).shuffle(rows)
+        batches = [rows[i:i + job["micro_batch"]] for i in range(0, len(rows), job["micro_batch"])]
+    else:  # the platform's own length grouping, same seed
+        from finetune.train import batch_order
+
+        lengths = [len(r.input_ids) for r in rows]
+        batches = [[rows[i] for i in b] for b in batch_order(len(rows), job["micro_batch"], 42, 0, lengths)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, step_tokens = [], []
-    mb = job["micro_batch"]
     for step in range(job["warmup"] + job["steps"]):
-        batch = rows[(step * mb) % len(rows):][:mb] or rows[:mb]
+        batch = batches[step % len(batches)]
         width = max(len(r.input_ids) for r in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -297,32 +316,60 @@ def main():
             folder = smollm2_folder() if shape == "smollm2" else (
                 Path(shape) if Path(shape).is_dir() else random_model_folder(shape, work))
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            data = work / f"{Path(str(folder)).name}-{args.lengths}.jsonl"
-            n_rows = args.micro_batch * (args.warmup + args.steps) * 2
-            synthetic_chat(data, tokenizer, seq, n_rows, args.lengths)
             config = AutoConfig.from_pretrained(folder)
-            for method in args.methods.split(","):
-                plain_ckpt = {"on": True, "off": False, "auto": method == "qlora"}[args.checkpointing]
-                job = dict(model=str(folder), data=str(data), out=str(work / "adapter"), method=method, seq=seq,
-                           micro_batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
-                           plain_checkpointing=plain_ckpt, platform_checkpointing=False)
-                results = {"platform": [], "plain": []}
-                for _ in range(args.rounds):
-                    for side in ("plain", "platform"):
-                        results[side].append(run_side(side, job))
-                row = {"shape": shape, "method": method, "seq": seq, "micro_batch": args.micro_batch}
-                for side in ("platform", "plain"):
-                    tps = statistics.median(tokens_per_second(r, args.warmup) for r in results[side])
-                    mem = max(r["peak_bytes"] for r in results[side])
-                    row[side] = {"tokens_per_second": tps, "peak_gib": mem / 2**30,
-                                 "mfu": (tps * flops_per_token(config, seq) / (peak * 1e12)) if peak else None}
-                row["speedup"] = row["platform"]["tokens_per_second"] / row["plain"]["tokens_per_second"]
-                row["memory_ratio"] = row["platform"]["peak_gib"] / row["plain"]["peak_gib"]
-                row["platform_notes"] = results["platform"][-1].get("notes", [])
-                rows.append(row)
-                print_row(row)
+            for lengths in args.lengths.split(","):
+                data = work / f"{Path(str(folder)).name}-{lengths}.jsonl"
+                n_rows = args.micro_batch * (args.warmup + args.steps) * 2
+                synthetic_chat(data, tokenizer, seq, n_rows, lengths)
+                for method in args.methods.split(","):
+                    row = measure_row(args, shape, str(folder), str(data), work, config, method, seq, lengths, peak)
+                    rows.append(row)
+                    print_row(row)
+                    if args.json:  # after every row: a run cut off at its time budget keeps what it measured
+                        Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"MFU counting: {FLOPS_COUNTING}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def sides_for(method: str) -> list[str]:
+    return ["platform", "plain-grouped", "plain-shuffled"] + (["peft-recipe"] if method == "qlora" else [])
+
+
+def measure_row(args, shape, folder, data, work, config, method, seq, lengths, peak) -> dict:
+    """Every side, --rounds times in ABBA order; min/median/max tokens/s per side and the platform's ratios."""
+    checkpointing = args.checkpointing == "on"
+    rounds = max(5, args.rounds)
+    job = {"model": folder, "data": data, "out": str(work / "adapter"), "method": method, "seq": seq,
+           "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
+           "checkpointing": checkpointing, "platform_checkpointing": checkpointing}
+    sides = sides_for(method)
+    results = {side: [] for side in sides}
+    for round_index in range(rounds):
+        for side in sides if round_index % 2 == 0 else sides[::-1]:
+            side_job = {**job, "order": "shuffled" if side == "plain-shuffled" else "grouped",
+                        "peft_recipe": side == "peft-recipe"}
+            results[side].append(run_side("platform" if side == "platform" else "plain", side_job))
+    row = {"shape": shape, "method": method, "seq": seq, "lengths": lengths, "micro_batch": args.micro_batch,
+           "checkpointing": checkpointing, "rounds": rounds, "sides": {}, "flops_counting": FLOPS_COUNTING}
+    for side in sides:
+        speeds = sorted(tokens_per_second(r, args.warmup) for r in results[side])
+        tokens = [t for r in results[side] for t in r["step_tokens"][args.warmup:]]
+        mean_len = statistics.mean(tokens) / args.micro_batch if tokens else seq
+        median = statistics.median(speeds)
+        row["sides"][side] = {
+            "tokens_per_second": {"min": speeds[0], "median": median, "max": speeds[-1]},
+            "peak_gib": max(r["peak_bytes"] for r in results[side]) / 2**30,
+            "mean_row_tokens": mean_len,
+            "mfu": median * flops_per_token(config, mean_len) / (peak * 1e12) if peak else None,
+        }
+    platform = row["sides"]["platform"]
+    row["speedup"] = {side: platform["tokens_per_second"]["median"] / v["tokens_per_second"]["median"]
+                      for side, v in row["sides"].items() if side != "platform"}
+    row["memory_ratio"] = {side: platform["peak_gib"] / v["peak_gib"]
+                           for side, v in row["sides"].items() if side != "platform"}
+    row["platform_notes"] = results["platform"][-1].get("notes", [])
+    return row
 
 
 def platform_step_tokens(job: dict, steps: int) -> list[int]:
@@ -347,16 +394,17 @@ def platform_step_tokens(job: dict, steps: int) -> list[int]:
 
 
 def print_row(row):
-    def fmt(side):
-        s = row[side]
+    print(f"{row['shape']} {row['method']} seq {row['seq']} {row['lengths']} rows, mb {row['micro_batch']}, "
+          f"checkpointing {'on' if row['checkpointing'] else 'off'} on every side, {row['rounds']} ABBA rounds:")
+    for side, s in row["sides"].items():
+        speed = s["tokens_per_second"]
         mfu = f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else ""
-        return f"{s['tokens_per_second']:,.0f} tok/s, peak {s['peak_gib']:.2f} GiB{mfu}"
-
-    print(f"{row['shape']:>14} {row['method']:<6} seq {row['seq']} mb {row['micro_batch']}: "
-          f"platform {fmt('platform')} | plain {fmt('plain')} | speed x{row['speedup']:.2f}, "
-          f"memory x{row['memory_ratio']:.2f}", flush=True)
+        ratio = "" if side == "platform" else \
+            f" | platform x{row['speedup'][side]:.2f} speed, x{row['memory_ratio'][side]:.2f} memory"
+        print(f"  {side:<15} {speed['median']:>9,.0f} tok/s (min {speed['min']:,.0f}, max {speed['max']:,.0f}), "
+              f"peak {s['peak_gib']:.2f} GiB{mfu}{ratio}", flush=True)
     for note in row.get("platform_notes", []):
-        print(f"{'':>16}platform: {note}")
+        print(f"  platform: {note}")
 
 
 if __name__ == "__main__":

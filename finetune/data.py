@@ -1,31 +1,47 @@
 """Datasets: read every common file format, validate row by row, normalise, split, deduplicate, count tokens.
 
 What goes in
-    JSONL, a JSON array, CSV, TSV or Parquet, each optionally gzip-compressed. The format is sniffed from the
-    content (gzip magic 1f8b, Parquet magic PAR1, then the first non-blank character), never from the file name.
+    JSONL, a JSON array, a single JSON object, CSV, TSV, Parquet or plain text, each optionally gzip-compressed.
+    The format is sniffed from the content (gzip magic 1f8b, Parquet magic PAR1, then the first non-blank
+    character), except that a file named *.txt or *.md (file_name=) is always plain text: documents separated by
+    one or more blank lines, each document one `text` row (row number = its first line). A single JSON object
+    (e.g. pretty-printed) is one example, or, when it is not an example itself and holds exactly one list of
+    objects under one key, that list is the examples; it is read whole (at most MAX_JSON_OBJECT_BYTES).
     A UTF-8 BOM, CRLF line endings and trailing blank lines are accepted. JSONL, CSV, TSV and JSON arrays are
     streamed; Parquet is read a record batch at a time. Memory does not grow with the file, except for the
     exact-duplicate index (16 to 32 bytes a row) and the split's per-row hash and ranking (about 17 bytes a row).
-    Gzip input may expand to at most max_decompressed_bytes (default: 100x the file, at least 64 MiB).
+    Gzip input may expand to at most max_decompressed_bytes (default: 100x the file, at least 64 MiB), counted
+    while streaming, so a gzip bomb stops early. max_rows and max_seconds bound the rows and the time spent.
 
 Schemas (auto-detected from the first rows, or given with `schema=`; `column_map` maps our field -> your column)
-    messages           {"messages": [{"role", "content"}, ...]}       roles system/user/assistant
-    sharegpt           {"conversations": [{"from", "value"}, ...]}   from human/user, gpt/assistant/model, system
+    messages           {"messages": [{"role", "content"}, ...]}       roles system/user/assistant/tool; an
+                       assistant turn may carry OpenAI "tool_calls" (its content may then be empty)
+    sharegpt           {"conversations": [{"from", "value"}, ...]}   from human/user, gpt/assistant/model, system,
+                       function_call (an assistant tool call: value is JSON {"name", "arguments"}), observation
+                       (a tool result); LLaMA-Factory's layout, with optional "system" and "tools"
     prompt_completion  {"prompt", "completion"} (+ optional "system")
-    alpaca             {"instruction", "input" (optional), "output"} (+ optional "system")
+    alpaca             {"instruction", "input" (optional), "output"} (+ optional "system", "history": [[q, a], ...])
     text               {"text"}
-    preference         {"prompt", "chosen", "rejected"}; prompt a string or a message list, chosen/rejected strings
-                       or message lists ending in the assistant's answer
+    preference         {"prompt", "chosen", "rejected"}; prompt a string or a message list, chosen/rejected strings,
+                       message lists ending in the assistant's answer, or one message object. Also LLaMA-Factory's
+                       layouts: "conversations"/"messages" (ending with the user) + "chosen"/"rejected" message
+                       objects, and alpaca's "instruction" (+ "input", "system", "history") + chosen/rejected text.
+    kto                any chat layout above (messages, conversations, instruction/output, prompt/completion)
+                       plus "kto_tag" or "label": true (a desirable answer) or false (an undesirable one)
+    Every chat layout may carry "tools" (a list of function definitions, or that list as JSON text): it is kept
+    and rendered through the chat template's tools support. A row with "images", "audio" or "videos" is refused:
+    Tunedeck trains text-only models, and the row would otherwise be learned with its media silently missing.
     In CSV/TSV/Parquet a message-list field may hold the list as JSON text.
 
 What comes out (docs/internals.md): normalised JSONL, one example a line, `{"messages": [...]}`, `{"text": ...}` or
-`{"prompt": [...], "chosen": str, "rejected": str}`.
+`{"prompt": [...], "chosen": str, "rejected": str}`, KTO `{"messages": [...], "label": bool}`; chats with tools
+add `"tools": [...]`.
 
 Row numbers in problem reports are 1-based: the physical line number for JSONL, the physical line on which the
 record starts for CSV/TSV (the header is line 1), and the record index for JSON arrays and Parquet.
 
 Problem kinds: malformed_json, missing_field, unknown_role, empty_assistant, turn_order, non_utf8, wrong_type,
-duplicate. Any kind but `duplicate` makes the dataset invalid unless the caller passes drop_invalid=True (the
+unsupported, duplicate. Any kind but `duplicate` makes the dataset invalid unless the caller passes drop_invalid=True (the
 user's consent); duplicates are warnings, dropped only with drop_duplicates=True. Every dropped row is counted.
 
 Near-duplicates (MinHash + LSH over 3-word shingles of lowercased text without punctuation, Jaccard >= 0.8) are
@@ -52,6 +68,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import unicodedata
 import zlib
 from array import array
@@ -74,13 +91,17 @@ PROBLEM_KINDS = (
     "turn_order",
     "non_utf8",
     "wrong_type",
+    "unsupported",
     "duplicate",
 )
-SCHEMAS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference")
-FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+SCHEMAS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "kto")
+FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "txt")
+PLAIN_TEXT_SUFFIXES = (".txt", ".md", ".text")
+MEDIA_COLUMNS = ("images", "image", "audio", "audios", "videos", "video")
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
+ZIP_MAGIC = b"PK\x03\x04"
 BOM = b"\xef\xbb\xbf"
 
 # A decompressed size cap of 100x the file on disk (real text rarely compresses past 10x) and never below 64 MiB,
@@ -89,6 +110,8 @@ DEFAULT_MAX_EXPANSION = 100
 DEFAULT_MIN_DECOMPRESSED_CAP = 64 * 1024 * 1024
 # One row may not exceed this: a file with no newlines must not be read into memory as one line.
 MAX_ROW_BYTES = 16 * 1024 * 1024
+# A single JSON object cannot be streamed row by row; it is read whole up to this size.
+MAX_JSON_OBJECT_BYTES = 256 * 1024 * 1024
 
 _DETECTION_ROWS = 50  # parsed rows looked at to guess the schema
 _DETECTION_MAX_RECORDS = 1000  # give up guessing after this many unreadable rows
@@ -136,6 +159,8 @@ class DatasetReport:
     warnings: list[dict] = field(default_factory=list)
     near_duplicates: dict = field(default_factory=dict)
     reason: str | None = None
+    tool_rows: int = 0  # rows with tool definitions or tool-call turns (need a chat template with tools support)
+    kto_labels: dict = field(default_factory=dict)  # {"desirable": n, "undesirable": n} for kto
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,8 +188,9 @@ class _CappedStream(io.RawIOBase):
         self.total += n
         if self.total > self._cap:
             raise DatasetError(
-                f"The gzip file expands to more than {_human_bytes(self._cap)}, which is refused as a likely "
-                "gzip bomb. If the data is genuine, upload it uncompressed or raise max_decompressed_bytes."
+                f"The gzip file expands to more than {_human_bytes(self._cap)} (the limit is 100 times the "
+                "compressed size, at least 64 MiB), which is refused as a likely gzip bomb; reading stopped there. "
+                "If the data is genuine, upload it uncompressed or split it into smaller files."
             )
         return n
 
@@ -209,6 +235,9 @@ def _read_head(stream) -> bytes:
 def _sniff_format(head: bytes) -> str:
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
+    if head.startswith(ZIP_MAGIC):
+        raise DatasetError("zip archives are not supported; upload the .jsonl/.csv inside (a gzip-compressed "
+                           "file, .gz, is fine).")
     text = head[len(BOM):] if head.startswith(BOM) else head
     stripped = text.lstrip()
     if not stripped:
@@ -222,12 +251,31 @@ def _sniff_format(head: bytes) -> str:
     if first == b"[":
         return "json"
     if first == b"{":
-        return "jsonl"
+        return "jsonl" if _first_line_is_json(stripped) else "json_object"
     header = stripped.split(b"\n", 1)[0]
     return "tsv" if header.count(b"\t") > header.count(b",") else "csv"
 
 
-def _open_source(path: Path, max_decompressed_bytes: int | None, stack: ExitStack) -> _Source:
+def _first_line_is_json(text: bytes) -> bool:
+    """JSON Lines has a whole object on its first line and starts every line with '{'; a pretty-printed object
+    has neither. (Broken JSON Lines, every line starting with '{', stays JSON Lines: its rows are reported.)"""
+    line, newline, rest = text.partition(b"\n")
+    if not newline:
+        return True  # one line (or one longer than the head): read as JSON Lines
+    try:
+        json.loads(line.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        following = rest.lstrip(b"\r\n")
+        return following.startswith(b"{") or not following.strip()
+    return True
+
+
+def _is_plain_text_name(file_name: str | None) -> bool:
+    return bool(file_name) and str(file_name).lower().removesuffix(".gz").endswith(PLAIN_TEXT_SUFFIXES)
+
+
+def _open_source(path: Path, max_decompressed_bytes: int | None, stack: ExitStack,
+                 file_name: str | None = None, schema: str | None = None) -> _Source:
     if not path.is_file():
         raise DatasetError(f"The dataset file {path.name} does not exist.")
     if path.stat().st_size == 0:
@@ -237,7 +285,9 @@ def _open_source(path: Path, max_decompressed_bytes: int | None, stack: ExitStac
     head = _read_head(stream)
     if compressed and not head:
         raise DatasetError("The file is empty: the gzip archive holds no data.")
-    fmt = _sniff_format(head)
+    fmt = "txt" if _is_plain_text_name(file_name) else _sniff_format(head)
+    if fmt in ("csv", "tsv") and schema == "text" and not _header_has(head, "text"):
+        fmt = "txt"  # schema=text on a file with no 'text' column: the user says it is plain text
     size = max(1, path.stat().st_size)
     if fmt == "parquet":
         parquet_path = _spill_to_disk(stream, head, stack) if compressed else path
@@ -253,11 +303,18 @@ def _open_source(path: Path, max_decompressed_bytes: int | None, stack: ExitStac
         except (OSError, ValueError):
             return 0.0
 
-    readers = {"jsonl": _jsonl_records, "json": _json_array_records}
+    readers = {"jsonl": _jsonl_records, "json": _json_array_records, "txt": _text_documents}
     if fmt in readers:
         return _Source(fmt, compressed, readers[fmt](stream), fraction)
+    if fmt == "json_object":
+        return _Source("json", compressed, _json_object_records(stream), fraction)
     columns, records = _delimited_records(stream, "\t" if fmt == "tsv" else ",", fmt.upper())
     return _Source(fmt, compressed, records, fraction, columns)
+
+
+def _header_has(head: bytes, column: str) -> bool:
+    header = head.lstrip(BOM).lstrip().split(b"\n", 1)[0].decode("utf-8", "replace")
+    return column in [c.strip().strip('"') for c in re.split(r"[,\t]", header)]
 
 
 def _spill_to_disk(stream, head: bytes, stack: ExitStack) -> Path:
@@ -315,6 +372,62 @@ def _jsonl_records(stream) -> Iterator[tuple[int, object]]:
             yield number, RowProblem("malformed_json", f"The line is not valid JSON: {exc}.")
             continue
         yield number, _object_or_problem(value, "line")
+
+
+def _text_documents(stream) -> Iterator[tuple[int, object]]:
+    """Plain text: documents separated by one or more blank lines; each is one {"text"} row numbered by the line
+    it starts on. Bytes that are not UTF-8 make that document a non_utf8 problem."""
+    start, lines = 0, []
+    for number, line in enumerate(_lines(stream), start=1):
+        if number == 1 and line.startswith(BOM):
+            line = line[len(BOM):]
+        if line.strip():
+            start = start or number
+            lines.append(line)
+            continue
+        if lines:
+            yield start, _text_document(b"".join(lines))
+        start, lines = 0, []
+    if lines:
+        yield start, _text_document(b"".join(lines))
+
+
+def _text_document(raw: bytes):
+    try:
+        return {"text": raw.decode("utf-8").replace("\r\n", "\n").strip("\n")}
+    except UnicodeDecodeError as exc:
+        return RowProblem("non_utf8", f"The text has bytes that are not valid UTF-8 ({raw[exc.start:exc.start + 4]!r} "
+                                      f"at byte {exc.start + 1} of the document); save the file as UTF-8.")
+
+
+def _json_object_records(stream) -> Iterator[tuple[int, object]]:
+    """A single JSON object: one example, or the examples listed under its one key that holds a list of objects."""
+    raw = stream.read(MAX_JSON_OBJECT_BYTES + 1)
+    if len(raw) > MAX_JSON_OBJECT_BYTES:
+        raise DatasetError(f"The file is one JSON object larger than {_human_bytes(MAX_JSON_OBJECT_BYTES)}; convert "
+                           "it to JSON Lines (one example per line) so it can be read row by row.")
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"The file has bytes that are not valid UTF-8 at byte {exc.start + 1}; save it as "
+                           "UTF-8.") from exc
+    except RecursionError as exc:
+        raise DatasetError("The JSON object cannot be read: it is nested too deeply.") from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"The file starts with '{{' but is neither JSON Lines (one object per line) nor one JSON object: "
+            f"{exc.msg} at line {exc.lineno}, column {exc.colno}."
+        ) from exc
+    except ValueError as exc:
+        raise DatasetError(f"The JSON object cannot be read: {exc}.") from exc
+    listed = [k for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if _record_schemas(value, _Fields(None)) or not listed:
+        yield 1, value
+        return
+    if len(listed) > 1:
+        raise DatasetError(f"The JSON object holds several lists of objects ({_describe_columns(listed)}); put the "
+                           "examples of one of them in a file of their own.")
+    yield from enumerate(value[listed[0]], start=1)
 
 
 def _object_or_problem(value, what: str):
@@ -448,9 +561,23 @@ def _delimited_rows(reader, header: list[str], name: str) -> Iterator[tuple[int,
                 f"(an unquoted {'tab' if reader.dialect.delimiter == chr(9) else 'comma'} inside a value?)."
             )
             continue
-        yield start, dict(zip(header, values))
+        yield start, _bad_cell(header, values, start) or dict(zip(header, values))
     if not seen_any:
         raise DatasetError(f"The {name} file has a header row but no data rows.")
+
+
+def _bad_cell(header: list[str], values: list[str], line: int) -> RowProblem | None:
+    """A cell with bytes that are not UTF-8, named by its column and line (cp1252 exports are the usual cause)."""
+    for column, value in zip(header, values):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start:exc.end].encode("utf-8", "surrogateescape")
+            return RowProblem(
+                "non_utf8", f"Column {column!r} on line {line} has bytes that are not valid UTF-8 ({bad!r} at "
+                f"character {exc.start + 1}); the file looks saved as Windows-1252 or Latin-1. Save it as UTF-8."
+            )
+    return None
 
 
 def _parquet_source(path: Path, compressed: bool, cap: int) -> _Source:
@@ -466,7 +593,7 @@ def _parquet_source(path: Path, compressed: bool, cap: int) -> _Source:
     if expanded > cap:
         raise DatasetError(
             f"The Parquet file expands to {_human_bytes(expanded)}, more than the {_human_bytes(cap)} allowed. "
-            "Raise max_decompressed_bytes if it is genuine."
+            "Split it into smaller files."
         )
     if meta.num_rows == 0:
         raise DatasetError("The file is empty: the Parquet file has no rows.")
@@ -496,8 +623,13 @@ _REQUIRED_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-_OPTIONAL_FIELDS = {"alpaca": ("input", "system"), "prompt_completion": ("system",)}
+_OPTIONAL_FIELDS = {"alpaca": ("input", "system", "history"), "prompt_completion": ("system",),
+                    "messages": ("tools",), "sharegpt": ("system", "tools"), "kto": ("kto_tag", "label")}
 KNOWN_FIELDS = sorted({f for fields in (*_REQUIRED_FIELDS.values(), *_OPTIONAL_FIELDS.values()) for f in fields})
+# Layouts whose rows carry a conversation a preference or KTO row can be built on.
+_CHAT_LAYOUTS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+# The order detection prefers on a tie: preference and KTO rows also match the chat layout they are built on.
+_SCHEMA_ORDER = ("preference", "kto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 _ROLE_ALIASES = {
     "system": "system",
@@ -506,6 +638,10 @@ _ROLE_ALIASES = {
     "assistant": "assistant",
     "gpt": "assistant",
     "model": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory: an assistant turn that calls a tool
+    "tool": "tool",
+    "observation": "tool",  # LLaMA-Factory: a tool's result
+    "function": "tool",  # OpenAI's older name for a tool result
 }
 
 
@@ -607,11 +743,74 @@ def _parse_turn(turn, number: int, label: str) -> dict:
         raise RowProblem("unknown_role", f"Turn {number} of {label} has the role {role!r}; expected system, user "
                                          "or assistant (or human, gpt, model).")
     content_key = "content" if "content" in turn else "value" if "value" in turn else None
+    if role.strip().lower() == "function_call":
+        return {"role": "assistant", "content": "",
+                "tool_calls": [_tool_call(turn.get(content_key), number, label)]}
+    if normal == "assistant" and turn.get("tool_calls"):
+        calls = turn["tool_calls"]
+        if not isinstance(calls, list):
+            raise RowProblem("wrong_type", f"Turn {number} of {label} has 'tool_calls' that is {_type_name(calls)}, "
+                                           "not a list.")
+        content = turn.get(content_key) if content_key else None
+        text = "" if content is None else _turn_text(content, number, label, normal)
+        return {"role": "assistant", "content": text, "tool_calls": [_tool_call(c, number, label) for c in calls]}
     if content_key is None:
         raise RowProblem("missing_field", f"Turn {number} of {label} ({normal}) has no 'content' (or 'value') "
                                           "field.")
     content = _turn_text(turn[content_key], number, label, normal)
+    if normal == "tool" and isinstance(turn.get("name"), str):
+        return {"role": "tool", "name": turn["name"], "content": content}
     return {"role": normal, "content": content}
+
+
+def _tool_call(call, number: int, label: str) -> dict:
+    """An OpenAI tool call {"type": "function", "function": {"name", "arguments"}}, from that form, from
+    {"name", "arguments"}, or from that object as JSON text (LLaMA-Factory's function_call turn)."""
+    if isinstance(call, str):
+        try:
+            call = json.loads(call)
+        except (ValueError, RecursionError):
+            raise RowProblem("malformed_json", f"Turn {number} of {label} is a tool call whose text is not JSON "
+                                               '{"name": ..., "arguments": ...}.') from None
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise RowProblem("wrong_type", f"Turn {number} of {label} has a tool call without a function name; "
+                                       'expected {"name": ..., "arguments": {...}}.')
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except (ValueError, RecursionError):
+            raise RowProblem("malformed_json", f"Turn {number} of {label} calls {function['name']!r} with "
+                                               "arguments that are not valid JSON.") from None
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _tools(record: dict, fields: _Fields) -> list[dict] | None:
+    """Tool definitions: a list (or its JSON text) of OpenAI {"type": "function", "function": {...}} entries or
+    bare {"name", "description", "parameters"} ones (LLaMA-Factory); None when the row has none."""
+    raw = fields.get(record, "tools")
+    if raw is _MISSING or raw is None or raw == "" or raw == []:
+        return None
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise RowProblem("malformed_json", f"The {fields.label('tools')} field is not a JSON list of tool "
+                                               "definitions.") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RowProblem("wrong_type", f"The {fields.label('tools')} field should be a list of tool definitions, "
+                                       f"but it is {_type_name(value)}.")
+    tools = []
+    for tool in value:
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowProblem("wrong_type", f"A tool in {fields.label('tools')} has no name.")
+        tools.append({"type": "function", "function": function})
+    return tools
 
 
 def _turn_text(content, number: int, label: str, role: str) -> str:
@@ -631,7 +830,7 @@ def _turn_text(content, number: int, label: str, role: str) -> str:
 
 def _check_assistant_content(turns: list[dict], label: str):
     for number, turn in enumerate(turns, start=1):
-        if turn["role"] == "assistant" and not turn["content"].strip():
+        if turn["role"] == "assistant" and not turn["content"].strip() and not turn.get("tool_calls"):
             raise RowProblem("empty_assistant", f"Turn {number} of {label} is an assistant turn with empty content.")
 
 
@@ -649,10 +848,19 @@ def _check_turn_order(turns: list[dict], label: str, *, last: str):
         raise RowProblem("turn_order", f"Turn {offset + 1} of {label} is from the assistant; the conversation must "
                                        "start with the user.")
     for i in range(1, len(dialogue)):
-        if dialogue[i]["role"] == dialogue[i - 1]["role"]:
-            role = dialogue[i]["role"]
+        role, before = dialogue[i]["role"], dialogue[i - 1]["role"]
+        if role == "tool":
+            if before == "tool" or dialogue[i - 1].get("tool_calls"):
+                continue  # results of the previous turn's tool calls
+            raise RowProblem("turn_order", f"Turn {offset + i + 1} of {label} is a tool result that does not follow "
+                                           "an assistant turn with tool calls.")
+        if dialogue[i - 1].get("tool_calls"):
+            raise RowProblem("turn_order", f"Turn {offset + i} of {label} calls a tool, but turn {offset + i + 1} "
+                                           "is not the tool's result.")
+        if role == before or (role == "user" and before == "tool"):
             raise RowProblem("turn_order", f"Turns {offset + i} and {offset + i + 1} of {label} are both from the "
-                                           f"{role}; user and assistant turns must alternate.")
+                                           f"{role if role == before else 'user side'}; user and assistant turns "
+                                           "must alternate.")
     if dialogue[-1]["role"] != last:
         if last == "assistant" and len(dialogue) == 1:
             raise RowProblem("turn_order", f"{label} has no assistant turn to learn from.")
@@ -660,12 +868,27 @@ def _check_turn_order(turns: list[dict], label: str, *, last: str):
                                        f"the {last}'s.")
 
 
+def _with_system_column(turns: list[dict], record: dict, fields: _Fields) -> list[dict]:
+    """LLaMA-Factory keeps the system prompt in its own column beside the conversation."""
+    system = _text_field(record, fields, "system", optional=True)
+    if system.strip() and turns[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *turns]
+    return turns
+
+
+def _with_tools(example: dict, record: dict, fields: _Fields) -> dict:
+    tools = _tools(record, fields)
+    if tools:
+        example["tools"] = tools
+    return example
+
+
 def _normalise_conversation(record: dict, fields: _Fields, name: str) -> dict:
-    turns = _message_list(record, fields, name)
+    turns = _with_system_column(_message_list(record, fields, name), record, fields)
     label = fields.label(name)
     _check_assistant_content(turns, label)
     _check_turn_order(turns, label, last="assistant")
-    return {"messages": turns}
+    return _with_tools({"messages": turns}, record, fields)
 
 
 def _normalise_messages(record, fields):
@@ -697,14 +920,39 @@ def _normalise_prompt_completion(record, fields):
     return _pair(_text_field(record, fields, "system", optional=True), prompt, completion)
 
 
-def _normalise_alpaca(record, fields):
+def _alpaca_prompt(record, fields) -> list[dict]:
+    """System, the history's [question, answer] pairs, then instruction + input as the last user turn."""
     instruction = _text_field(record, fields, "instruction")
     extra = _text_field(record, fields, "input", optional=True)
-    output = _answer(record, fields, "output")
     if not instruction.strip() and not extra.strip():
         raise RowProblem("missing_field", f"The {fields.label('instruction')} field is empty.")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return _pair(_text_field(record, fields, "system", optional=True), prompt, output)
+    system = _text_field(record, fields, "system", optional=True)
+    turns = [{"role": "system", "content": system}] if system.strip() else []
+    return turns + _alpaca_history(record, fields) + [{"role": "user", "content": prompt}]
+
+
+def _alpaca_history(record, fields) -> list[dict]:
+    history = _maybe_json_list(fields.get(record, "history"))
+    if history is _MISSING or history is None or history == "":
+        return []
+    label = fields.label("history")
+    if not isinstance(history, list):
+        raise RowProblem("wrong_type", f"The {label} field should be a list of [question, answer] pairs, but it "
+                                       f"is {_type_name(history)}.")
+    turns = []
+    for number, pair in enumerate(history, start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise RowProblem("wrong_type", f"Entry {number} of {label} should be a [question, answer] pair of "
+                                           f"texts, but it is {_type_name(pair)}.")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
+def _normalise_alpaca(record, fields):
+    turns = _alpaca_prompt(record, fields) + [{"role": "assistant", "content": _answer(record, fields, "output")}]
+    _check_assistant_content(turns, fields.label("history"))
+    return {"messages": turns}
 
 
 def _normalise_text(record, fields):
@@ -715,6 +963,13 @@ def _normalise_text(record, fields):
 
 
 def _preference_prompt(record: dict, fields: _Fields) -> list[dict]:
+    for name in ("messages", "conversations"):  # LLaMA-Factory: the conversation up to the user's last turn
+        if fields.get(record, "prompt") is _MISSING and fields.get(record, name) is not _MISSING:
+            turns = _with_system_column(_message_list(record, fields, name), record, fields)
+            _check_turn_order(turns, fields.label(name), last="user")
+            return turns
+    if fields.get(record, "prompt") is _MISSING and fields.get(record, "instruction") is not _MISSING:
+        return _alpaca_prompt(record, fields)
     value = _maybe_json_list(_required(record, fields, "prompt"))
     if isinstance(value, str):
         if not value.strip():
@@ -728,6 +983,8 @@ def _preference_prompt(record: dict, fields: _Fields) -> list[dict]:
 def _preference_answer(record: dict, fields: _Fields, name: str) -> str:
     value = _maybe_json_list(_required(record, fields, name))
     label = fields.label(name)
+    if isinstance(value, dict):
+        value = [value]  # LLaMA-Factory: one message object {"from": "gpt", "value": ...}
     if isinstance(value, str):
         text = value
     elif isinstance(value, (list, tuple)) and value:
@@ -753,6 +1010,39 @@ def _normalise_preference(record, fields):
     }
 
 
+def _kto_label(record, fields) -> bool:
+    name = "kto_tag" if fields.get(record, "kto_tag") is not _MISSING else "label"
+    value = _required(record, fields, name)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")  # CSV cells
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise RowProblem("wrong_type", f"The {fields.label(name)} field should be true (a desirable answer) or false "
+                                   f"(an undesirable one), but it is {_type_name(value)}.")
+
+
+def _normalise_kto(record, fields):
+    """A chat row plus its KTO label; the chat may be in any of the chat layouts."""
+    layout = next((s for s in _CHAT_LAYOUTS if all(fields.column(f) in record for f in _REQUIRED_FIELDS[s])), None)
+    if layout is None:
+        raise RowProblem("missing_field", "The row has a KTO label but no conversation (messages, conversations, "
+                                          "instruction/output or prompt/completion).")
+    example = _NORMALISERS[layout](record, fields)
+    example["label"] = _kto_label(record, fields)
+    return example
+
+
+def _unsupported_media(record: dict) -> RowProblem | None:
+    for column in MEDIA_COLUMNS:
+        value = record.get(column)
+        if value not in (None, "", [], {}):
+            return RowProblem("unsupported", f"The row has {column!r} ({_type_name(value)}): Tunedeck trains "
+                                             "text-only models, so it would learn this row with the media missing. "
+                                             f"Remove the {column!r} column (and markers such as <image>) or these "
+                                             "rows.")
+    return None
+
+
 _NORMALISERS = {
     "messages": _normalise_messages,
     "sharegpt": _normalise_sharegpt,
@@ -760,21 +1050,35 @@ _NORMALISERS = {
     "alpaca": _normalise_alpaca,
     "text": _normalise_text,
     "preference": _normalise_preference,
+    "kto": _normalise_kto,
 }
 
 
+def _record_schemas(record: dict, fields: _Fields) -> list[str]:
+    """The schemas one row fits, by the fields it has."""
+    def has(name):
+        return fields.column(name) in record
+
+    fits = [s for s in _SCHEMA_ORDER if s in _REQUIRED_FIELDS and all(has(f) for f in _REQUIRED_FIELDS[s])]
+    chat = any(s in _CHAT_LAYOUTS for s in fits)
+    if has("chosen") and has("rejected") and "preference" not in fits and (
+            has("messages") or has("conversations") or has("instruction")):
+        fits.insert(0, "preference")
+    if chat and (has("kto_tag") or has("label")):
+        fits.insert(0, "kto")
+    return fits
+
+
 def _schema_candidates(records: list[dict], fields: _Fields) -> list[str]:
-    """Schemas whose required fields the sampled rows have, most rows first, ties by specificity."""
+    """Schemas whose fields the sampled rows have, most rows first, ties by specificity."""
     counts = Counter()
     for record in records:
-        for schema, required in _REQUIRED_FIELDS.items():
-            if all(fields.column(name) in record for name in required):
-                counts[schema] += 1
-    order = list(_REQUIRED_FIELDS)
-    return sorted(counts, key=lambda s: (-counts[s], order.index(s)))
+        counts.update(_record_schemas(record, fields))
+    return sorted(counts, key=lambda s: (-counts[s], _SCHEMA_ORDER.index(s)))
 
 
-def _check_options(schema, column_map):
+def check_options(schema, column_map):
+    """Refuses an unknown schema or column_map field at once (the web calls this before storing an upload)."""
     if schema is not None and schema not in SCHEMAS:
         raise DatasetError(f"Unknown schema {schema!r}; choose one of {', '.join(SCHEMAS)}.")
     if column_map is None:
@@ -1098,7 +1402,8 @@ def _resolve_schema(schema, head, candidates, columns):
     if not parsed:
         first = head[0][1]
         raise DatasetError(f"None of the first {len(head)} rows could be read (row {head[0][0]}: {first.message})")
-    expected = "; ".join(f"{s}: {', '.join(f)}" for s, f in _REQUIRED_FIELDS.items())
+    expected = "; ".join(f"{s}: {', '.join(f)}" for s, f in _REQUIRED_FIELDS.items()) + (
+        "; kto: a chat layout plus kto_tag or label")
     raise DatasetError(
         f"The columns {_describe_columns(columns)} match no known schema (expected {expected}). Choose a "
         "schema and map your columns to its fields with column_map, e.g. "
@@ -1134,18 +1439,23 @@ def process_dataset(
     max_problem_examples: int = 5,
     progress: Callable[[float], None] | None = None,
     max_decompressed_bytes: int | None = None,
+    file_name: str | None = None,
+    max_rows: int | None = None,
+    max_seconds: float | None = None,
 ) -> DatasetReport:
     """Reads `src_path` in any supported format, validates and normalises every row, writes the usable rows as
     normalised JSONL to `out_path` (only when the dataset is ready; atomically) and returns a DatasetReport.
 
     max_decompressed_bytes caps what a gzip file may expand to; the default is 100x the file size, at least
-    64 MiB. Raises DatasetError for whole-file problems; row problems go in the report.
+    64 MiB. file_name (the user's) makes *.txt/*.md plain text. max_rows and max_seconds stop the reading with a
+    DatasetError once passed. Raises DatasetError for whole-file problems; row problems go in the report.
     """
     src_path, out_path = Path(src_path), Path(out_path)
-    _check_options(schema, column_map)
+    check_options(schema, column_map)
     fields = _Fields(column_map)
+    budget = _Budget(max_rows, max_seconds)
     with ExitStack() as stack:
-        source = _open_source(src_path, max_decompressed_bytes, stack)
+        source = _open_source(src_path, max_decompressed_bytes, stack, file_name, schema)
         head = _take_sample(source.records)
         if not head:
             raise DatasetError("The file is empty: it has no rows.")
@@ -1161,7 +1471,7 @@ def process_dataset(
         near = _NearDuplicates(max_problem_examples)
         _validate_rows(chain(head, source.records), chosen, fields, output, tally, near, report,
                        drop_invalid=drop_invalid, drop_duplicates=drop_duplicates,
-                       progress=progress, fraction=source.fraction)
+                       progress=progress, fraction=source.fraction, budget=budget)
         report.problem_counts = dict(tally.counts)
         report.dropped_counts = dict(tally.dropped)
         report.dropped_rows = sum(tally.dropped.values())
@@ -1179,20 +1489,57 @@ def process_dataset(
     return report
 
 
+class _Budget:
+    """The row and time limits of one file; checked as rows stream by, so a huge file stops early."""
+
+    def __init__(self, max_rows: int | None, max_seconds: float | None):
+        self.max_rows, self.max_seconds = max_rows, max_seconds
+        self.started = time.monotonic()
+
+    def check(self, rows: int):
+        if self.max_rows is not None and rows > self.max_rows:
+            raise DatasetError(f"The file has more than {self.max_rows:,} rows, the most one dataset may have; "
+                               "split it into smaller files.")
+        if self.max_seconds is not None and time.monotonic() - self.started > self.max_seconds:
+            raise DatasetError(f"Checking the file took longer than {self.max_seconds / 60:.0f} minutes (stopped at "
+                               f"row {rows:,}); split it into smaller files.")
+
+
+def _other_layout(record, schema: str, fields: _Fields, problem: RowProblem) -> RowProblem:
+    """A row missing a field of the file's layout but fitting another one: say that layouts are mixed."""
+    if problem.kind != "missing_field" or not isinstance(record, dict):
+        return problem
+    others = [s for s in _record_schemas(record, fields) if s != schema]
+    if not others:
+        return problem
+    return RowProblem("missing_field", f"{problem.message} The row is laid out as {others[0]} (it has "
+                                       f"{_describe_columns(list(map(str, record)), 6)}), but the file's first rows "
+                                       f"are {schema}; one file must use one layout.")
+
+
 def _validate_rows(rows, schema, fields, output, tally, near, report, *, drop_invalid, drop_duplicates, progress,
-                   fraction):
+                   fraction, budget):
     normalise = _NORMALISERS.get(schema)
     seen = _HashIndex()
     write = output.file.write
     total = valid = 0
+    labels = Counter()
     for row, record in rows:
         total += 1
-        if progress and total % _PROGRESS_EVERY_ROWS == 0:
-            progress(fraction())
+        if total % 256 == 0:
+            budget.check(total)
+            if progress and total % _PROGRESS_EVERY_ROWS == 0:
+                progress(fraction())
         try:
             if isinstance(record, RowProblem):
                 raise record
-            example = normalise(record, fields)
+            media = _unsupported_media(record)
+            if media:
+                raise media
+            try:
+                example = normalise(record, fields)
+            except RowProblem as problem:
+                raise _other_layout(record, schema, fields, problem) from None
             line = _serialise(example)
         except RowProblem as problem:
             tally.add(row, problem.kind, problem.message)
@@ -1209,7 +1556,13 @@ def _validate_rows(rows, schema, fields, output, tally, near, report, *, drop_in
             near.check(row, example)
         write(line)
         valid += 1
+        report.tool_rows += int("tools" in example or any(
+            "tool_calls" in m or m["role"] == "tool" for m in example.get("messages", ())))
+        if "label" in example:
+            labels["desirable" if example["label"] else "undesirable"] += 1
+    budget.check(total)
     report.total_rows, report.valid_rows = total, valid
+    report.kto_labels = dict(labels)
 
 
 # ------------------------------------------------------------------------------------------------ reading back
@@ -1354,22 +1707,15 @@ def token_stats(lengths: Iterable[int], truncation_points=(256, 512, 1024, 2048,
     }
 
 
-def rendered_conversation(example: dict) -> list[dict] | None:
-    """The messages training sees for an example (preference: the prompt and the chosen answer); None for text."""
-    if "messages" in example:
-        return example["messages"]
-    if "chosen" in example:
-        return list(example["prompt"]) + [{"role": "assistant", "content": example["chosen"]}]
-    return None
-
-
 def _render_without_template(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def _render_batch(conversations: list[list[dict]], tokenizer) -> list[str]:
+def _render_batch(conversations: list[list[dict]], tokenizer, tools: list) -> list[str]:
     if not getattr(tokenizer, "chat_template", None):
         return [_render_without_template(c) for c in conversations]  # base models without a template
+    if any(tools):
+        return [tokenizer.apply_chat_template(c, tools=t, tokenize=False) for c, t in zip(conversations, tools)]
     rendered = tokenizer.apply_chat_template(conversations, tokenize=False)
     return [rendered] if isinstance(rendered, str) else list(rendered)
 
@@ -1383,17 +1729,29 @@ def _encoded_lengths(texts: list[str], tokenizer, add_special_tokens: bool) -> l
     return [len(ids) for ids in encoded]
 
 
+def rendered_conversations(example: dict) -> list[list[dict]]:
+    """Every conversation training runs for an example: one for a chat, prompt + chosen and prompt + rejected for
+    a preference pair; none for text."""
+    if "chosen" in example:
+        return [list(example["prompt"]) + [{"role": "assistant", "content": example[side]}]
+                for side in ("chosen", "rejected")]
+    return [example["messages"]] if "messages" in example else []
+
+
 def _batch_lengths(batch: list[dict], tokenizer) -> list[int]:
+    """Preference pairs count the longer of prompt + chosen and prompt + rejected: both run in training."""
     lengths = [0] * len(batch)
     chats, texts = [], []
     for i, example in enumerate(batch):
-        conversation = rendered_conversation(example)
-        (chats if conversation is not None else texts).append((i, conversation or example.get("text", "")))
+        conversations = rendered_conversations(example)
+        if not conversations:
+            texts.append((i, example.get("text", "")))
+        chats += [(i, c, example.get("tools")) for c in conversations]
     if chats:
         # The chat template already writes any BOS it wants; adding special tokens again would double it.
-        rendered = _render_batch([c for _, c in chats], tokenizer)
-        for (i, _), n in zip(chats, _encoded_lengths(rendered, tokenizer, add_special_tokens=False)):
-            lengths[i] = n
+        rendered = _render_batch([c for _, c, _ in chats], tokenizer, [t for _, _, t in chats])
+        for (i, _, _), n in zip(chats, _encoded_lengths(rendered, tokenizer, add_special_tokens=False)):
+            lengths[i] = max(lengths[i], n)
     if texts:
         for (i, _), n in zip(texts, _encoded_lengths([t for _, t in texts], tokenizer, add_special_tokens=True)):
             lengths[i] = n
@@ -1403,7 +1761,7 @@ def _batch_lengths(batch: list[dict], tokenizer) -> list[int]:
 def token_lengths(examples: Iterable[dict], tokenizer, batch_size: int = 1000) -> Iterator[int]:
     """Token count of each normalised example as training renders it: chats through the tokenizer's chat
     template (plain "role: content" lines if it has none), text as is with the tokenizer's special tokens,
-    preference as the prompt followed by the chosen answer. Encodes in batches with the fast tokenizer."""
+    preference as the longer of the prompt followed by the chosen and by the rejected answer. Encodes in batches with the fast tokenizer."""
     batch: list[dict] = []
     for example in examples:
         batch.append(example)

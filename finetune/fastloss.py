@@ -14,9 +14,10 @@ gets, and training reports it.
 """
 from __future__ import annotations
 
+from autotune.estimate import FUSED_LOSS_CHUNK_BYTES as CHUNK_BYTES  # noqa: F401 - 512 rows at a 128k vocabulary
+from autotune.estimate import FUSED_LOSS_MIN_CHUNK_ROWS as MIN_CHUNK_ROWS  # noqa: F401
+
 IGNORE = -100
-MIN_CHUNK_ROWS = 256
-CHUNK_BYTES = 256 * 2**20  # at most this much fp32 logits per chunk (512 rows at a 128k vocabulary)
 
 # Config fields that mean the logits are not just hidden @ weight.T.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -26,6 +27,11 @@ def _causal_lm(model):
     """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner
+
+
+def use_full_logits(model) -> None:
+    """Opts a model out of the fused loss (a plan with fused_cross_entropy false): the ordinary path runs."""
+    _causal_lm(model).tunedeck_full_logits = True
 
 
 def fused_parts(model):
@@ -38,6 +44,8 @@ def fused_parts(model):
         if getattr(config, "is_prompt_learning", False):
             return None  # prompt/prefix tuning: peft's own forward inserts virtual tokens or past key/values
     lm = _causal_lm(model)
+    if getattr(lm, "tunedeck_full_logits", False):
+        return None
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
@@ -91,13 +99,13 @@ def full_logits_loss_sum(model, ids, labels, mask, position_ids=None):
 
 
 def chunk_rows_for(n_rows: int, vocab: int, hidden: int) -> int:
-    """Liger's rule (about vocab/hidden chunks, a power of two rows each), which autotune's estimate assumes,
-    bounded below by MIN_CHUNK_ROWS (smaller matmuls were measured slower: on the CPU, SmolLM2's 2,048 labelled
-    rows took 1.58 s in chunks of 64, 1.15 s in chunks of 256, against 2.21 s for the full logits) and above by
-    CHUNK_BYTES of fp32 logits."""
-    chunks = max(1, -(-vocab // hidden))
-    rows = 1 << max(0, (-(-n_rows // chunks) - 1).bit_length())
-    return max(1, min(max(rows, MIN_CHUNK_ROWS), max(64, CHUNK_BYTES // (4 * vocab))))
+    """Liger's rule (about vocab/hidden chunks, a power of two rows each), bounded below by MIN_CHUNK_ROWS
+    (smaller matmuls were measured slower: on the CPU, SmolLM2's 2,048 labelled rows took 1.58 s in chunks of 64,
+    1.15 s in chunks of 256, against 2.21 s for the full logits) and above by CHUNK_BYTES of fp32 logits. The rule
+    lives in autotune's estimate, so the memory the planner predicts is the memory this loss takes."""
+    from autotune.estimate import fused_loss_chunk_rows
+
+    return fused_loss_chunk_rows(n_rows, vocab, hidden)
 
 
 def linear_cross_entropy(hidden, weight, targets, chunk_rows: int | None = None):
@@ -128,10 +136,12 @@ def _function():
                     grad = logits.sub_(lse.unsqueeze(1)).exp_()
                     grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                     grad = grad.to(h.dtype)
+                    logits = None  # the fp32 gradient, done with once its copy exists
                     if need_hidden:
                         grad_hidden[start : start + rows] = grad @ weight
                     if need_weight:
                         grad_weight += (grad.t() @ h).to(acc)
+                logits = grad = None  # before the next chunk's matmul: one chunk alive at a time (as estimated)
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
             return total

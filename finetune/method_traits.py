@@ -19,6 +19,7 @@ class MethodTraits:
     can_pack: bool = True  # packing and the fused output-layer loss apply (plain next-token loss on labels)
     virtual_tokens: bool = False  # learns virtual-token vectors (num_virtual_tokens applies)
     preference: bool = False  # trains on preference data against a reference (the base, adapter switched off)
+    paired: bool = False  # each example is a chosen/rejected pair: two sequences (dpo); kto's are unpaired
     gradient_checkpointing: bool = True  # can recompute activations (prefix tuning's past key values cannot)
     peft: bool = True  # implemented with peft (adapter layers are Tunedeck's own)
 
@@ -56,6 +57,10 @@ register_method(MethodTraits(
 register_method(MethodTraits(
     "dpo", "DPO (LoRA)", 5e-6,
     "DPO pulls the policy away from its reference; small steps keep it from collapsing (the Zephyr DPO recipe's rate)",
+    lora_family=True, can_merge=True, can_pack=False, preference=True, paired=True))
+register_method(MethodTraits(
+    "kto", "KTO (LoRA)", 5e-6,
+    "KTO pulls the policy away from its reference like DPO; the KTO paper and TRL use DPO's small rates",
     lora_family=True, can_merge=True, can_pack=False, preference=True))
 
 

@@ -30,7 +30,7 @@ def peft_config_for(plan: dict, model):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     method = plan["method"]
-    if method in ("lora", "qlora", "dora", "dpo"):
+    if method in ("lora", "qlora", "dora", "dpo", "kto"):
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=int(plan.get("rank") or 16),

@@ -27,9 +27,19 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+def supports_tools(tokenizer) -> bool:
+    """Whether the chat template renders tool definitions and tool calls (it reads a `tools` variable)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates: the default one, or a "tool_use" one
+        template = " ".join(str(t) for t in template.values())
+    return "tools" in template or "tool_calls" in template
+
+
+def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, tools=None) -> str:
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
     eos = tokenizer.eos_token or ""
     text = "".join(
         f"{m['role']}: {m['content']}{eos if m['role'] == 'assistant' else ''}\n" for m in messages
@@ -42,18 +52,21 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return _render(tokenizer, messages, add_generation_prompt=True)
 
 
-def chat_text_and_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of every assistant answer, end-of-turn marker included."""
-    full = _render(tokenizer, messages)
+def chat_text_and_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of every assistant answer (tool calls included),
+    end-of-turn marker included. `tools` are the tool definitions, rendered by the chat template."""
+    full = _render(tokenizer, messages, tools=tools)
     spans: list[tuple[int, int]] = []
     search_from = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else None
-        upto = _render(tokenizer, messages[: i + 1])
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else None
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         if before is not None and full.startswith(upto) and upto.startswith(before):
             start, end = len(before), len(upto.rstrip())
+        elif not message["content"]:
+            continue  # a tool call the template rewrote: no text of its own to find
         else:
             # Templates that rewrite earlier turns (or put the answer first): find the answer text itself.
             start = full.find(message["content"], search_from)
@@ -95,7 +108,7 @@ def encode_example(example: dict, tokenizer, max_seq_len: int, *, completion_onl
         messages = example["messages"] if "messages" in example else (
             list(example["prompt"]) + [{"role": "assistant", "content": example["chosen"]}]
         )
-        text, spans = chat_text_and_spans(tokenizer, messages)
+        text, spans = chat_text_and_spans(tokenizer, messages, example.get("tools"))
         ids, labels = _encode_with_spans(tokenizer, text, spans)
         if not completion_only:
             labels = list(ids)

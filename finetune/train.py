@@ -21,6 +21,7 @@ from . import fastloss, fourbit
 from .data import iter_examples
 from .errors import OutOfMemory, TrainingError
 from .method_traits import method_traits
+from .optim import build_optimizer
 from .methods import ALL_METHODS, save_adapter, wrap_for_training
 from .tokenize import IGNORE, encode_example, encode_preference, render_prompt
 
@@ -45,6 +46,11 @@ class TrainSpec:
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.03
+    lr_schedule: str = "constant"  # constant, or cosine down to min_lr_ratio of the peak; both after the warmup
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    length_group_window: int = 64  # micro-batches per length-sorting window; 0 or 1: plain shuffle
+    length_group_min_windows: int = 16  # ... but at least this many windows per epoch (1: small data fully sorted)
     weight_decay: float = 0.0
     seed: int = 42
     device: str = "auto"
@@ -52,9 +58,13 @@ class TrainSpec:
     num_virtual_tokens: int = 20
     adapter_bottleneck: int = 64
     dpo_beta: float = 0.1
+    kto_beta: float = 0.1
     packing: bool = False
     completion_only: bool = True
     eval_every_steps: int | None = None
+    # Evaluations in a row without a new best validation loss before training stops (0: train to the end). The
+    # adapter saved is always the best evaluation's, not the last step's.
+    early_stopping_patience: int = 3
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float = 10.0
     max_eval_generations: int = 4
@@ -108,7 +118,7 @@ def load_encoded(path, tokenizer, spec: TrainSpec, limit: int | None = None):
         if limit is not None and len(examples) >= limit:
             break
         stats["rows"] += 1
-        if method_traits(spec.method).preference:
+        if method_traits(spec.method).paired:
             if "chosen" not in example:
                 raise TrainingError("DPO needs a preference dataset (prompt, chosen, rejected columns).")
             pair = encode_preference(example, tokenizer, spec.max_seq_len)
@@ -120,12 +130,20 @@ def load_encoded(path, tokenizer, spec: TrainSpec, limit: int | None = None):
             examples.append(pair)
             stats["tokens"] += len(pair["chosen"]["input_ids"]) + len(pair["rejected"]["input_ids"])
             continue
+        if spec.method == "kto" and "label" not in example:
+            raise TrainingError("KTO needs a dataset whose rows are labelled desirable or undesirable (a kto_tag or "
+                                "label column of true/false).")
+        if spec.method != "kto" and "label" in example:
+            raise TrainingError("This dataset labels its answers desirable or undesirable (kto_tag/label): train it "
+                                "with method kto, or every undesirable answer would be learned as a good one.")
         encoded = encode_example(example, tokenizer, spec.max_seq_len, completion_only=spec.completion_only)
         stats["truncated"] += int(encoded.truncated)
         if encoded.trained_tokens == 0:
             stats["skipped_no_labels"] += 1
             continue
         examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+        if spec.method == "kto":
+            examples[-1]["desirable"] = bool(example["label"])
         stats["tokens"] += len(encoded.input_ids)
         stats["trained_tokens"] += encoded.trained_tokens
     return examples, stats
@@ -188,13 +206,19 @@ def packing_isolates_examples(model, device) -> bool:
         model.train(was_training)
 
 
-def batch_order(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
-    """Micro-batches of similar length (little padding), in a shuffled order that depends only on seed+epoch."""
+def batch_order(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[int],
+                window_batches: int = 64, min_windows: int = 16) -> list[list[int]]:
+    """Micro-batches of similar length (little padding), in a shuffled order that depends only on seed+epoch.
+
+    Rows are shuffled, then sorted by length within windows of `window_batches` micro-batches, but never fewer
+    than `min_windows` windows per epoch: sorting a whole small dataset into one length order makes every
+    micro-batch a run of near-identical rows (in templated data often one class or one phrasing), and that was
+    measured to cost held-out accuracy (bench/train_quality.py). Below 2 micro-batches a window is a plain shuffle.
+    """
     rng = random.Random(seed * 1_000_003 + epoch)
     indices = list(range(n))
     rng.shuffle(indices)
-    # Sort within windows of 64 micro-batches: padding falls, while the order stays random at a coarse scale.
-    window = micro_batch * 64
+    window = micro_batch * length_window_batches(n, micro_batch, window_batches, min_windows)
     ordered = []
     for start in range(0, n, window):
         chunk = sorted(indices[start : start + window], key=lambda i: lengths[i])
@@ -202,6 +226,14 @@ def batch_order(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[i
     batches = [ordered[i : i + micro_batch] for i in range(0, n, micro_batch)]
     rng.shuffle(batches)
     return batches
+
+
+def length_window_batches(n: int, micro_batch: int, window_batches: int, min_windows: int = 16) -> int:
+    """Micro-batches per length-sorting window: at most window_batches, and small enough for min_windows windows
+    per epoch; 1 (no sorting across rows) when that leaves less than 2."""
+    cap = max(1, math.ceil(n / micro_batch) // max(1, min_windows))
+    size = min(max(1, window_batches), cap)
+    return size if size >= 2 else 1
 
 
 def collate(rows: list[dict], pad_id: int, device):
@@ -252,6 +284,8 @@ def load_for_training(spec: TrainSpec):
     # Lean QLoRA: no prepare_model_for_kbit_training. It upcasts every non-quantised weight to fp32 and was
     # measured 2.2-2.9x slower than NF4 weights with bf16 compute; the LoRA weights follow the compute dtype.
     model.config.use_cache = False
+    if spec.plan.get("fused_cross_entropy") is False:
+        fastloss.use_full_logits(model)
     spec.plan["kernels"] = apply_fused_kernels(model, spec)
     if spec.gradient_checkpointing and method_traits(spec.method).gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads() is needed.
@@ -348,6 +382,38 @@ def dpo_loss(model, batch: list[dict], beta: float, pad_id: int, device):
     return losses.sum(), n, tokens, {"reward_accuracy": accuracy, "reward_margin": float(beta * margin.mean())}
 
 
+def preference_loss(model, batch: list[dict], spec, pad_id: int, device):
+    """The loss of the methods that compare the adapter with its base (adapter disabled): dpo and kto."""
+    if spec.method == "kto":
+        return kto_loss(model, batch, spec.kto_beta, pad_id, device)
+    return dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+
+
+def kto_loss(model, batch: list[dict], beta: float, pad_id: int, device):
+    """Kahneman-Tversky Optimisation (Ethayarajh et al. 2024, as TRL's KTOTrainer computes it) on unpaired
+    desirable/undesirable answers. The reference is the base itself with the LoRA switched off, as in dpo_loss.
+    The reference point z0 (the policy's KL from the reference) is estimated by the batch mean of the answers'
+    log-ratios, clamped at 0 and not back-propagated (the paper's batch estimate; TRL uses mismatched pairs).
+    Desirable: 1 - sigmoid(beta (r - z0)); undesirable: 1 - sigmoid(beta (z0 - r)), r = log pi/pi_ref."""
+    import torch
+
+    ids, labels, mask = collate(batch, pad_id, device)
+    policy = _answer_logprobs(model, ids, labels, mask)
+    with torch.no_grad(), model.disable_adapter():
+        reference = _answer_logprobs(model, ids, labels, mask)
+    ratios = policy - reference
+    kl = ratios.detach().mean().clamp(min=0)
+    desirable = torch.tensor([bool(b["desirable"]) for b in batch], device=ratios.device)
+    losses = torch.where(desirable, 1 - torch.sigmoid(beta * (ratios - kl)), 1 - torch.sigmoid(beta * (kl - ratios)))
+    right = torch.where(desirable, ratios > kl, ratios < kl)
+    rewards = (beta * ratios).detach()
+    info = {"reward_accuracy": float(right.float().mean()), "kl": float(kl)}
+    if bool(desirable.any()) and bool((~desirable).any()):
+        info["reward_margin"] = float(rewards[desirable].mean() - rewards[~desirable].mean())
+    tokens = int((labels[:, 1:] != IGNORE).sum())
+    return losses.sum(), len(batch), tokens, info
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 
@@ -363,7 +429,7 @@ def evaluate(model, examples: list[dict], spec: TrainSpec, pad_id: int) -> dict:
         for start in range(0, len(examples), spec.micro_batch):
             batch = examples[start : start + spec.micro_batch]
             if method_traits(spec.method).preference:
-                loss, n, _, info = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+                loss, n, _, info = preference_loss(model, batch, spec, pad_id, device)
                 extra.setdefault("reward_accuracy", []).append(info["reward_accuracy"])
             else:
                 ids, labels, mask = collate(batch, pad_id, device)
@@ -486,7 +552,7 @@ def measure_step_peak(model, spec: TrainSpec, batch: list[dict], optimizer, pad_
     optimizer.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if method_traits(spec.method).preference:
-            loss, _, _, _ = dpo_loss(model, batch, spec.dpo_beta, pad_id, device)
+            loss, _, _, _ = preference_loss(model, batch, spec, pad_id, device)
         else:
             ids, labels, mask = collate(batch, pad_id, device)
             loss, _ = token_loss_sum(model, ids, labels, mask, packed_positions(batch, ids.shape[1], device))
@@ -570,11 +636,13 @@ def _gib(n) -> str:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+def _lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "cosine", floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _noop(*args, **kwargs):
@@ -713,6 +781,8 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
             run.state = step_start
             return finish_cancelled(run, on_event)
         report_step(run, outcome, clock, on_progress, on_event)
+        if clock.get("stopped_early"):
+            break
     run.guard.check_weights_moved()
     return finish_run(run, clock, initial_eval, oom_recoveries)
 
@@ -736,8 +806,8 @@ def setup_run(spec: TrainSpec, on_event) -> Run:
     total_steps = int(spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch)))
     trainable, total_params = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(params, {**spec.plan, "learning_rate": spec.learning_rate,
+                                         "weight_decay": spec.weight_decay}, device)
 
     # Before any checkpoint is restored: the measurement clears the optimizer state it creates.
     _act_on_fit_check(fit_check(model, spec, train_rows, optimizer, pad_id, device), spec, on_event)
@@ -796,7 +866,9 @@ def _grad_scaler(model, device):
 
 
 def _epoch_order(run: Run, epoch: int) -> list[list[int]]:
-    return batch_order(len(run.train_rows), run.spec.micro_batch, run.spec.seed, epoch, run.lengths)
+    spec = run.spec
+    return batch_order(len(run.train_rows), spec.micro_batch, spec.seed, epoch, run.lengths,
+                       spec.length_group_window, spec.length_group_min_windows)
 
 
 def evaluate_before_training(run: Run, on_event, on_progress) -> dict:
@@ -836,7 +908,7 @@ def _loss_denominator(spec: TrainSpec, micro: list[list[dict]]) -> int:
 def _micro_batch_loss(run: Run, batch: list[dict]):
     """(summed loss, items it sums over, tokens in the batch, extra metrics) for one micro-batch."""
     if method_traits(run.spec.method).preference:
-        return dpo_loss(run.model, batch, run.spec.dpo_beta, run.pad_id, run.device)
+        return preference_loss(run.model, batch, run.spec, run.pad_id, run.device)
     ids, labels, mask = collate(batch, run.pad_id, run.device)
     positions = packed_positions(batch, ids.shape[1], run.device)
     loss, n = token_loss_sum(run.model, ids, labels, mask, positions)
@@ -863,8 +935,9 @@ def optimizer_step(run: Run, should_stop) -> dict | None:
     if run.scaler:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     # clip the gradient, set this step's learning rate, step
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, 1.0))
-    lr = _lr_at(run.state["step"], run.total_steps, run.warmup, run.spec.learning_rate)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.spec.max_grad_norm or math.inf))
+    lr = _lr_at(run.state["step"], run.total_steps, run.warmup, run.spec.learning_rate, run.spec.lr_schedule,
+                run.spec.min_lr_ratio)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if run.scaler:
@@ -897,13 +970,13 @@ def report_step(run: Run, outcome: dict, clock: dict, on_progress, on_event) -> 
         "memory_bytes": _memory_bytes(run.device),
     }
     progress.update({k: v for k, v in outcome["info"].items() if isinstance(v, float)})
-    eval_every = spec.eval_every_steps or max(1, run.total_steps // 4)
-    if state["step"] % eval_every == 0 or state["step"] == run.total_steps:
+    if state["step"] % _eval_every(run) == 0 or state["step"] == run.total_steps:
         clock["last_eval"] = evaluate(run.model, run.eval_rows, spec, run.pad_id)
         progress.update(clock["last_eval"])
         if clock["last_eval"]:
             on_event("evaluated", f"Step {state['step']}: eval loss {clock['last_eval']['eval_loss']:.4f}.",
                      clock["last_eval"])
+            track_best(run, clock, on_event)
     checkpoint_due = _checkpoint_due(run, clock)
     # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
     # right after the save must not leave a checkpoint ahead of the recorded metrics.
@@ -913,6 +986,48 @@ def report_step(run: Run, outcome: dict, clock: dict, on_progress, on_event) -> 
         path = ckpt.save(spec.checkpoint_dir, run.model, run.optimizer, state, spec.as_plan())
         clock["last_checkpoint"] = time.monotonic()
         on_event("checkpoint", f"Checkpoint saved at step {state['step']}.", {"path": str(path), **state})
+
+
+def _eval_every(run: Run) -> int:
+    """Steps between evaluations: as given, else 8 per run when early stopping watches them, else 4."""
+    if run.spec.eval_every_steps:
+        return run.spec.eval_every_steps
+    per_run = 8 if run.spec.early_stopping_patience and run.eval_rows else 4
+    return max(1, run.total_steps // per_run)
+
+
+def track_best(run: Run, clock: dict, on_event) -> None:
+    """Keeps a copy of the trainable weights at the best validation loss so far, and sets clock["stopped_early"]
+    once early_stopping_patience evaluations in a row brought no new best. The copy lives in memory (adapter
+    weights only); a run resumed from a checkpoint starts tracking afresh."""
+    loss = clock["last_eval"].get("eval_loss")
+    if loss is None or not math.isfinite(loss):
+        return
+    best = clock.get("best")
+    if best is None or loss < best["eval"]["eval_loss"]:
+        clock["best"] = {"step": run.state["step"], "eval": dict(clock["last_eval"]), "evals_since": 0,
+                         "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
+        return
+    best["evals_since"] += 1
+    patience = run.spec.early_stopping_patience
+    if patience and best["evals_since"] >= patience and run.state["step"] < run.total_steps:
+        clock["stopped_early"] = True
+        on_event("stopped_early", f"Stopped early at step {run.state['step']} of {run.total_steps}: no better "
+                 f"validation loss in {patience} evaluations; keeping step {best['step']} "
+                 f"(eval loss {best['eval']['eval_loss']:.4f}).",
+                 {"step": run.state["step"], "best_step": best["step"], "best_eval_loss": best["eval"]["eval_loss"]})
+
+
+def restore_best(run: Run, clock: dict) -> None:
+    """Puts the best evaluation's weights back into the model before it is saved (no-op when the last was best)."""
+    import torch
+
+    best = clock.get("best")
+    if not best or best["step"] == run.state["step"]:
+        return
+    with torch.no_grad():
+        for p, kept in zip(run.params, best["weights"]):
+            p.copy_(kept.to(p.device))
 
 
 def _checkpoint_due(run: Run, clock: dict) -> bool:
@@ -941,6 +1056,7 @@ def finish_run(run: Run, clock: dict, initial_eval: dict, oom_recoveries: int) -
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
+    restore_best(run, clock)
     save_adapter(run.model, spec.as_plan(), staging)
     generations = generate_samples(run.model, run.tokenizer, spec.eval_file, spec)
     metrics = _final_metrics(run, clock, initial_eval, oom_recoveries)
@@ -984,6 +1100,14 @@ def _final_metrics(run: Run, clock: dict, initial_eval: dict, oom_recoveries: in
         metrics["fit_check"] = run.spec.plan["fit_check"]
     if initial_eval:
         metrics["initial_eval_loss"] = initial_eval["eval_loss"]
+    best = clock.get("best")
+    if best:
+        # The adapter holds the best evaluation's weights, so its scores are the ones reported.
+        metrics["last_eval_loss"] = clock["last_eval"].get("eval_loss")
+        metrics.update(best["eval"])
+        metrics["best_step"] = best["step"]
+        metrics["best_eval_loss"] = best["eval"]["eval_loss"]
+    metrics["stopped_early"] = bool(clock.get("stopped_early"))
     return metrics
 
 

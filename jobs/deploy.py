@@ -362,7 +362,7 @@ def export_commands(deployment: Deployment) -> dict:
     adapter_path = version.path
     rank = int((version.plan or {}).get("rank") or 16)
     max_lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
-    lora_like = version.method in ("lora", "qlora", "dpo") and deployment.details.get("peft_type", "LORA") in (
+    lora_like = version.method in ("lora", "qlora", "dpo", "kto") and deployment.details.get("peft_type", "LORA") in (
         "LORA",
         "",
     )

@@ -112,6 +112,9 @@ class Dataset(models.Model):
     train_path = models.CharField(max_length=1000, blank=True)
     validation_path = models.CharField(max_length=1000, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # The processing worker's lease: set when it starts, renewed while it works; a stale one means it died.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
 
     objects = OwnedQuerySet.as_manager()
 

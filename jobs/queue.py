@@ -10,18 +10,26 @@ DEPLOY = "jobs.tasks.deploy_version"
 EVALUATE = "jobs.tasks.evaluate_versions_task"
 
 
-def send(task_name: str, *args) -> None:
+def send(task_name: str, *args, queue: str | None = None) -> None:
     app = current_app
     if app.conf.task_always_eager:
         # Eager mode (CELERY_TASK_ALWAYS_EAGER=1, a debugging aid) runs the task in this process, where it must be
         # registered: load the task modules the worker would load.
         app.loader.import_default_modules()
     # A signature runs eagerly when that is configured; otherwise it publishes by name like send_task.
-    app.signature(task_name, args=args).apply_async()
+    app.signature(task_name, args=args).apply_async(**({"queue": queue} if queue else {}))
 
 
-def send_dataset_processing(dataset_id: int) -> None:
-    send(PROCESS_DATASET, dataset_id)
+def dataset_queue(size_bytes: int) -> str:
+    """The one routing decision not in CELERY_TASK_ROUTES, since it depends on the file: files over
+    DATASET_LARGE_BYTES go to their own queue and worker, so a large upload never holds up small ones."""
+    from django.conf import settings
+
+    return settings.DATASET_LARGE_QUEUE if size_bytes > settings.DATASET_LARGE_BYTES else settings.DATASET_QUEUE
+
+
+def send_dataset_processing(dataset_id: int, size_bytes: int = 0) -> None:
+    send(PROCESS_DATASET, dataset_id, queue=dataset_queue(size_bytes))
 
 
 def send_training(job_id: int) -> None:

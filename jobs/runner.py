@@ -280,6 +280,7 @@ def run_training(job_id: int, worker_name: str):
     heartbeat = Heartbeat(job.pk, token)
     heartbeat.start()
     try:
+        _replan_for_this_worker(job, worker_name)
         result = _train(job, reporter)
         wait_for_database()  # what is left to write must not be lost to a database restart
         reporter.flush()
@@ -317,6 +318,14 @@ def run_training(job_id: int, worker_name: str):
         except DB_ERRORS as exc:
             log.warning("could not clear the current job of %s: %s", worker_name, exc)
     return job.pk
+
+
+def _replan_for_this_worker(job: FineTuneJob, worker_name: str):
+    """The plan may have been made for another machine (or none: no training worker was alive); the fit check in
+    training then measures the plan this worker will really run."""
+    from .services import replan_for_worker, training_queue, worker_inventory
+
+    replan_for_worker(job, worker_inventory(training_queue()), worker_name)
 
 
 def _train(job: FineTuneJob, reporter: JobReporter):

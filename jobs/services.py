@@ -31,7 +31,7 @@ from .models import (
 
 log = logging.getLogger(__name__)
 
-SCHEMAS = ["messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference"]
+SCHEMAS = ["messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "kto"]
 COPY_CHUNK = 1024 * 1024
 
 
@@ -123,6 +123,12 @@ def _clean_column_map(column_map) -> dict:
         raise InputError(
             'column_map must map field names to your column names, e.g. {"prompt": "question"}.', field="column_map"
         )
+    from finetune.data import check_options
+
+    try:
+        check_options(None, column_map)  # an unknown field is refused now, not after the upload is processed
+    except DatasetError as exc:
+        raise InputError(str(exc), field="column_map") from exc
     return column_map
 
 
@@ -178,6 +184,9 @@ def create_dataset(
         options_hash = hashlib.sha256(options.encode()).hexdigest()
         existing = Dataset.objects.filter(owner=user, content_hash=content_hash, options_hash=options_hash).first()
         if existing:
+            if name.strip() and name.strip() != existing.name:  # the same file under a new name takes the name
+                existing.name = name.strip()[:200]
+                existing.save(update_fields=["name"])
             return existing, False
         version_dir = user_dir / f"{content_hash[:16]}-{options_hash[:8]}"
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -206,12 +215,95 @@ def create_dataset(
                 column_map=column_map,
                 drop_invalid=bool(drop_invalid),
             )
-            transaction.on_commit(lambda: queue.send_dataset_processing(dataset.pk))
+            transaction.on_commit(lambda: queue.send_dataset_processing(dataset.pk, size))
         return dataset, True
     finally:
         for leftover in (tmp, val_tmp):
             if leftover is not None and Path(leftover).exists():
                 Path(leftover).unlink()
+
+
+def retry_dataset(dataset: Dataset) -> Dataset:
+    """Processes a dataset again from its stored file (after a failure, a dead worker, or just to re-check).
+    Refused only while a live worker is processing it."""
+    with transaction.atomic():
+        dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        if dataset.status == Dataset.Status.VALIDATING and _lease_is_live(dataset):
+            raise InputError(f"Dataset {dataset.pk} is being processed right now "
+                             f"({dataset.progress:.0%} done); wait for it to finish.", code="conflict")
+        if not Path(dataset.file_path).is_file():
+            raise InputError("The dataset's stored file is gone; upload it again.", code="conflict")
+        dataset.status, dataset.progress, dataset.error = Dataset.Status.VALIDATING, 0.0, ""
+        dataset.heartbeat_at, dataset.attempts = None, 0
+        dataset.save(update_fields=["status", "progress", "error", "heartbeat_at", "attempts"])
+        transaction.on_commit(lambda: queue.send_dataset_processing(dataset.pk, dataset.size_bytes))
+    return dataset
+
+
+def delete_dataset(dataset: Dataset):
+    """Deletes a dataset version and its files, whatever its status (a worker still processing it stops writing:
+    its updates find no row). Refused while jobs use it: they keep it for their lineage."""
+    from django.db.models import ProtectedError
+
+    used = FineTuneJob.objects.filter(dataset=dataset).count()
+    if used:
+        raise InputError(f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; it is kept "
+                         "for their lineage.", code="conflict")
+    source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
+    try:
+        with transaction.atomic():
+            dataset.delete()
+            shared = Dataset.objects.filter(file_path=str(source)).exists()
+    except ProtectedError:
+        raise InputError("The dataset is in use; it is kept for their lineage.", code="conflict") from None
+    root = Path(settings.DATASET_DIR).resolve()
+    for folder in [processed] if shared else [processed, source.parent]:
+        folder = folder.resolve()
+        if root in folder.parents and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _lease_is_live(dataset: Dataset) -> bool:
+    from datetime import timedelta
+
+    stale = timezone.now() - timedelta(seconds=settings.DATASET_LEASE_SECONDS)
+    return dataset.heartbeat_at is not None and dataset.heartbeat_at >= stale
+
+
+def recover_stuck_datasets() -> dict:
+    """Datasets whose processing worker stopped renewing its lease (it died): processed again once, then marked
+    invalid with the reason. Called from every worker's heartbeat."""
+    from datetime import timedelta
+
+    stale = timezone.now() - timedelta(seconds=settings.DATASET_LEASE_SECONDS)
+    stuck = Dataset.objects.filter(status=Dataset.Status.VALIDATING, heartbeat_at__lt=stale)
+    outcome = {"requeued": [], "failed": []}
+    for pk, attempts, size in stuck.values_list("pk", "attempts", "size_bytes"):
+        lost = Dataset.objects.filter(pk=pk, status=Dataset.Status.VALIDATING, heartbeat_at__lt=stale)
+        if attempts >= settings.DATASET_MAX_ATTEMPTS:
+            if lost.update(status=Dataset.Status.INVALID, progress=1.0, error=(
+                    f"Processing stopped {attempts} times without finishing (the worker handling it stopped "
+                    "answering). Retry it, or split the file into smaller ones.")):
+                outcome["failed"].append(pk)
+        elif lost.update(heartbeat_at=None, progress=0.0):
+            queue.send_dataset_processing(pk, size)
+            outcome["requeued"].append(pk)
+    if outcome["requeued"] or outcome["failed"]:
+        log.warning("stuck datasets: %s", outcome)
+    return outcome
+
+
+def _claim_dataset(dataset_id: int) -> bool:
+    """Takes the dataset's processing lease; False when it is done or another live worker has it."""
+    from datetime import timedelta
+
+    from django.db.models import F, Q
+
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.DATASET_LEASE_SECONDS)
+    return bool(Dataset.objects.filter(
+        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale), pk=dataset_id, status=Dataset.Status.VALIDATING,
+    ).update(heartbeat_at=now, attempts=F("attempts") + 1))
 
 
 def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
@@ -239,7 +331,7 @@ def reprocess_dataset_dropping_invalid(user, dataset: Dataset) -> Dataset:
             column_map=dataset.column_map,
             drop_invalid=True,
         )
-        transaction.on_commit(lambda: queue.send_dataset_processing(new.pk))
+        transaction.on_commit(lambda: queue.send_dataset_processing(new.pk, new.size_bytes))
     return new
 
 
@@ -256,13 +348,39 @@ def _dataset_progress_writer(dataset_id):
 
 
 def process_dataset(dataset_id: int):
-    """Worker side: validate, normalise, split, count tokens and render a preview."""
+    """Worker side: validate, normalise, split, count tokens and render a preview. Every way out leaves the
+    dataset ready or invalid with the reason; a worker that dies is noticed by recover_stuck_datasets."""
+    import threading
+
+    from .periodic import run_every
+
+    if not _claim_dataset(dataset_id):
+        return None  # finished already, deleted, or a live worker has it (a duplicate message)
+    dataset = Dataset.objects.get(pk=dataset_id)
+    stopped = threading.Event()
+    beat = threading.Thread(target=run_every, daemon=True, args=(
+        settings.DATASET_LEASE_SECONDS / 4, lambda: Dataset.objects.filter(
+            pk=dataset_id, status=Dataset.Status.VALIDATING).update(heartbeat_at=timezone.now()),
+        stopped, "dataset lease"), kwargs={"wait_first": True})
+    beat.start()
+    try:
+        return _process_dataset(dataset)
+    except Exception as exc:  # a bug must not leave the dataset validating forever
+        log.exception("processing dataset %s failed", dataset_id)
+        return _mark_dataset_invalid(dataset, f"Processing failed unexpectedly ({type(exc).__name__}: {exc}). "
+                                              "Retry it; if it fails again, report it with the file.", {})
+    finally:
+        stopped.set()
+
+
+def _process_dataset(dataset: Dataset):
     from finetune import data
 
-    dataset = Dataset.objects.get(pk=dataset_id)
     out_dir = Path(dataset.file_path).parent / f"processed-{dataset.pk}"
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = _dataset_progress_writer(dataset.pk)
+    budget = {"max_rows": settings.DATASET_MAX_ROWS, "max_seconds": settings.DATASET_MAX_SECONDS,
+              "file_name": dataset.original_filename or None}
     try:
         report = data.process_dataset(
             dataset.file_path,
@@ -271,11 +389,12 @@ def process_dataset(dataset_id: int):
             column_map=dataset.column_map or None,
             drop_invalid=dataset.drop_invalid,
             progress=lambda f: progress(f * 0.7),
+            **budget,
         ).to_dict()
     except DatasetError as exc:
         return _mark_dataset_invalid(dataset, str(exc), {})
-    dataset.format = report.get("format", "")
-    dataset.schema = report.get("schema", "")
+    dataset.format = report.get("format") or ""
+    dataset.schema = report.get("schema") or ""
     dataset.rows = report.get("valid_rows", 0)
     dataset.report = report
     if report.get("status") != "ready":
@@ -290,6 +409,7 @@ def process_dataset(dataset_id: int):
                 schema=dataset.schema,
                 column_map=dataset.column_map or None,
                 drop_invalid=dataset.drop_invalid,
+                **budget,
             ).to_dict()
             report["validation_report"] = val_report
             if val_report.get("status") != "ready":
@@ -313,13 +433,28 @@ def process_dataset(dataset_id: int):
     progress(0.8)
     dataset.train_rows, dataset.validation_rows = n_train, n_val
     dataset.train_path, dataset.validation_path = str(train_path), str(val_path) if n_val else ""
-    dataset.token_stats, dataset.preview = _token_stats_and_preview(dataset, train_path)
+    tokenizer = _base_tokenizer(dataset)
+    refusal = _tools_refusal(report, tokenizer, dataset)
+    if refusal:
+        return _mark_dataset_invalid(dataset, refusal, report)
+    dataset.token_stats, dataset.preview = _token_stats_and_preview(dataset, train_path, tokenizer)
     dataset.report = report
     dataset.status = Dataset.Status.READY
     dataset.progress = 1.0
     dataset.error = ""
-    dataset.save()
+    _save_result(dataset)
     return dataset
+
+
+RESULT_FIELDS = ["status", "error", "report", "progress", "format", "schema", "rows", "train_rows",
+                 "validation_rows", "train_path", "validation_path", "token_stats", "preview"]
+
+
+def _save_result(dataset: Dataset):
+    """Writes the outcome only while the dataset is still being processed by us: a row deleted meanwhile is not
+    brought back (a plain save() would insert it again)."""
+    values = {name: getattr(dataset, name) for name in RESULT_FIELDS}
+    Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.VALIDATING).update(heartbeat_at=None, **values)
 
 
 def _mark_dataset_invalid(dataset: Dataset, message: str, report: dict):
@@ -327,8 +462,36 @@ def _mark_dataset_invalid(dataset: Dataset, message: str, report: dict):
     dataset.error = message
     dataset.report = report or dataset.report
     dataset.progress = 1.0
-    dataset.save()
+    _save_result(dataset)
     return dataset
+
+
+def _base_tokenizer(dataset: Dataset):
+    base = dataset.base_model or default_base_model()
+    if base is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(base.path, trust_remote_code=base.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - statistics are a convenience; training loads it again
+        log.warning("tokenizer of %s failed to load: %s", base.name, exc)
+        return None
+
+
+def _tools_refusal(report: dict, tokenizer, dataset: Dataset) -> str | None:
+    """Tool definitions and tool-call turns need a chat template that renders them; refuse rather than drop."""
+    if not report.get("tool_rows") or tokenizer is None:
+        return None
+    from finetune.tokenize import supports_tools
+
+    if supports_tools(tokenizer):
+        return None
+    base = dataset.base_model or default_base_model()
+    return (f"{report['tool_rows']} rows have tool definitions (the 'tools' column) or tool-call turns "
+            "('tool_calls', 'tool'/'function_call'/'observation' roles), but the chat template of "
+            f"{base.name if base else 'the base model'} has no tools support, so they cannot be rendered as the "
+            "model would see them. Choose a base model whose template supports tools, or remove those rows.")
 
 
 def _summarise_problems(report: dict) -> str:
@@ -342,20 +505,36 @@ def _summarise_problems(report: dict) -> str:
     return report.get("reason") or "The dataset is not usable."
 
 
-def _token_stats_and_preview(dataset: Dataset, train_path: Path):
+def _bounded_token_stats(data, train_path: Path, tokenizer, rows: int) -> dict:
+    """Token statistics under the time budget: past DATASET_TOKEN_STATS_SECONDS the rows counted so far stand
+    for the whole file, and the statistics say so (counted < rows)."""
+    import time
+
+    deadline = time.monotonic() + settings.DATASET_TOKEN_STATS_SECONDS
+    lengths = []
+    for n in data.token_lengths(data.iter_examples(train_path), tokenizer):
+        lengths.append(n)
+        if len(lengths) % 1000 == 0 and time.monotonic() > deadline:
+            break
+    stats = data.token_stats(lengths)
+    stats["counted"], stats["rows"] = len(lengths), rows
+    if len(lengths) < rows:
+        stats["note"] = (f"Tokens counted on the first {len(lengths):,} of {rows:,} rows (the time limit for "
+                         "statistics); training tokenises every row.")
+    return stats
+
+
+def _token_stats_and_preview(dataset: Dataset, train_path: Path, tokenizer):
     """Counts tokens under the dataset's base model tokenizer; a missing tokenizer is not fatal."""
     from finetune import data
 
     base = dataset.base_model or default_base_model()
-    if base is None:
+    if base is None or tokenizer is None:
         return {}, []
     try:
-        from transformers import AutoTokenizer
-
         from finetune.tokenize import preview_segments
 
-        tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=base.trust_remote_code)
-        stats = data.token_stats(list(data.token_lengths(data.iter_examples(train_path), tokenizer)))
+        stats = _bounded_token_stats(data, train_path, tokenizer, dataset.train_rows)
         preview = []
         for i, example in enumerate(data.iter_examples(train_path)):
             if i >= 3:
@@ -385,6 +564,7 @@ OVERRIDE_TYPES = {
     "num_virtual_tokens": int,
     "adapter_bottleneck": int,
     "dpo_beta": float,
+    "kto_beta": float,
     "seed": int,
     "eval_every_steps": int,
     "checkpoint_every_steps": int,
@@ -395,6 +575,7 @@ OVERRIDE_TYPES = {
     "completion_only": bool,
     "device": str,
     "dtype": str,
+    "optimizer": str,
     "max_eval_generations": int,
     "max_new_tokens": int,
 }
@@ -461,17 +642,56 @@ def clean_method(method) -> str:
     return method
 
 
-def current_inventory() -> dict:
-    """The GPU inventory of the freshest live worker; without one, this machine's CPU."""
+def training_queue() -> str:
+    """The Celery queue training jobs are routed to (settings.CELERY_TASK_ROUTES)."""
+    route = (settings.CELERY_TASK_ROUTES or {}).get("jobs.tasks.train_job") or {}
+    return route.get("queue") or settings.CELERY_TASK_DEFAULT_QUEUE
+
+
+def consumes_training_queue(worker: Worker) -> bool:
+    return training_queue() in [q.strip() for q in (worker.queues or "").split(",")]
+
+
+def worker_inventory(queues: str) -> dict:
+    """What a worker reports in its heartbeat: the probe, plus (on a worker that trains) its measured bf16 vs fp32
+    matmul speed, taken once and kept in the data folder."""
+    from autotune import probe
+
+    inventory = probe()
+    if training_queue() in [q.strip() for q in (queues or "").split(",")]:
+        try:
+            from finetune.precision import matmul_speed
+
+            inventory["matmul_speed"] = matmul_speed(settings.DATA_DIR)
+        except Exception as exc:  # noqa: BLE001 - no torch or a broken device: plan without the measurement
+            log.warning("matmul speed not measured: %s", exc)
+    return inventory
+
+
+def current_inventory() -> tuple[dict, dict]:
+    """(inventory, where it came from) for planning a training job: the freshest live worker that consumes the
+    training queue; without one, the last one that ever reported; without any, this machine's CPU. The second
+    item is {"worker", "source": live | last_known | web_host, "note"}, note being a sentence unless live."""
+    workers = [w for w in Worker.objects.order_by("-last_heartbeat")[:50] if w.inventory and consumes_training_queue(w)]
     now = timezone.now()
-    for worker in Worker.objects.order_by("-last_heartbeat")[:10]:
-        if worker.is_alive(now) and worker.inventory:
-            return worker.inventory
+    live = next((w for w in workers if w.is_alive(now)), None)
+    if live is not None:
+        return live.inventory, {"worker": live.hostname, "source": "live", "note": ""}
+    queue = training_queue()
+    if workers:
+        last = workers[0]
+        seen = last.last_heartbeat.strftime("%Y-%m-%d %H:%M UTC")
+        note = (f"No worker consuming the {queue!r} queue is alive: planned for the hardware of {last.hostname}, "
+                f"the last training worker seen (at {seen}); the worker that picks the job checks the plan "
+                f"against its own hardware and replans if it differs.")
+        return last.inventory, {"worker": last.hostname, "source": "last_known", "note": note}
     from autotune import probe
 
     inventory = probe()
     inventory["gpus"] = []  # the web process is not where training runs
-    return inventory
+    note = (f"No worker consuming the {queue!r} queue has ever reported: planned for this web host's CPU; the worker "
+            f"that picks the job checks the plan against its own hardware and replans if it differs.")
+    return inventory, {"worker": "", "source": "web_host", "note": note}
 
 
 def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", overrides=None, gpu=None) -> dict:
@@ -485,25 +705,66 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
         _check_method_fits_schema(method, dataset)
     if gpu is not None and not isinstance(gpu, dict):
         raise InputError("gpu must be an inventory object like {\"gpus\": [...]}.", field="gpu")
-    inventory = gpu or current_inventory()
+    if gpu:
+        inventory, origin = gpu, {"worker": "", "source": "given", "note": ""}
+    else:
+        inventory, origin = current_inventory()
     stats = {"rows": dataset.train_rows if dataset else 0, "token_stats": dataset.token_stats if dataset else {}}
-    if dataset is not None and dataset.schema == "preference" and method == "auto":
-        method = "dpo"
+    if dataset is not None and method == "auto":
+        method = {"preference": "dpo", "kto": "kto"}.get(dataset.schema, method)
     calibration = measured_calibration(base_model, _device_name(inventory))
     preferences = {"method": method, "overrides": overrides}
     if calibration:
-        preferences["calibration"] = {"activation_scale": calibration["activation_scale"]}
+        # Measured over activations plus logits, so it scales both (estimate's calibration keys).
+        scale = calibration["activation_scale"]
+        preferences["calibration"] = {"activation_scale": scale, "logits_scale": scale}
     try:
         plan = select(inventory, base_model.config, stats, preferences)
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"Could not plan for this model: {exc}", field="base_model") from exc
+    plan["hardware"] = {**plan.get("hardware", {}), "worker": origin["worker"], "source": origin["source"]}
+    if origin["note"]:
+        plan["reasons"].insert(0, origin["note"])
     if calibration:
         plan["calibration"] = calibration
         plan.setdefault("reasons", []).append(
-            f"Activation memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
+            f"Activation and logits memory scaled by {calibration['activation_scale']:.2f}: measured by the fit check of "
             f"{calibration['jobs']} earlier job(s) of this architecture on {calibration['device_name']}."
         )
     return plan
+
+
+def replan_for_worker(job: FineTuneJob, inventory: dict, hostname: str) -> str | None:
+    """Before the fit check: when the job's plan was made for other hardware than this worker's, plans it again
+    for this worker, saves the plan and records why. Returns the event's message, or None when the plan stands.
+    A job with checkpoints keeps its plan (resuming needs the shapes it was saved with)."""
+    from autotune.select import planned_hardware
+
+    planned = (job.plan or {}).get("hardware") or {}
+    here = planned_hardware(inventory, job.overrides)
+    if not planned or (planned.get("device"), planned.get("name")) == (here["device"], here["name"]):
+        return None
+    where = f"{planned.get('name')} ({planned.get('device')})"
+    if any((job.checkpoint_dir / "checkpoints").glob("*")):
+        message = (f"Planned for {where}, but {hostname} has {here['name']}; the plan is kept because the job "
+                   f"resumes from a checkpoint saved with it.")
+        JobEvent.objects.create(job=job, kind="replan_skipped", message=message, data={"planned": planned, "here": here})
+        return message
+    old = job.plan
+    plan = make_plan(job.base_model, job.dataset, job.method, job.overrides, gpu=inventory)
+    plan["hardware"]["worker"] = hostname
+    changes = [f"{key} {old.get(key)} -> {plan.get(key)}" for key in REPLAN_FIELDS if old.get(key) != plan.get(key)]
+    message = (f"Planned for {where}, but {hostname} has {here['name']} ({here['device']}): replanned for it"
+               f"{': ' + ', '.join(changes) if changes else ', with the same settings'}.")
+    FineTuneJob.objects.filter(pk=job.pk).update(plan=plan)
+    job.plan = plan
+    JobEvent.objects.create(job=job, kind="replanned", message=message,
+                            data={"planned": planned, "here": here, "changes": changes})
+    return message
+
+
+REPLAN_FIELDS = ("method", "device", "dtype", "micro_batch", "grad_accum", "max_seq_len", "gradient_checkpointing",
+                 "optimizer")
 
 
 CALIBRATION_JOBS = 5
@@ -550,6 +811,13 @@ def _check_method_fits_schema(method, dataset):
         )
     if method not in ("dpo", "auto") and dataset.schema == "preference":
         raise InputError("A preference dataset trains with method dpo (or auto).", field="method")
+    if method == "kto" and dataset.schema != "kto":
+        raise InputError("KTO needs rows labelled desirable or undesirable (a kto_tag or label column); this "
+                         f"dataset is {dataset.schema}.", field="method")
+    if method not in ("kto", "auto") and dataset.schema == "kto":
+        raise InputError("This dataset labels answers desirable or undesirable (its kto_tag/label column): it "
+                         "trains with method kto (or auto), so undesirable answers are not learned as good ones.",
+                         field="method")
 
 
 def _clean_adapter_name(name, dataset) -> str:

@@ -137,6 +137,10 @@ def dataset_list(request):
                     schema=request.POST.get("schema", ""),
                     column_map=request.POST.get("column_map", ""),
                 )
+                if not created and request.POST.get("name", "").strip():
+                    messages.info(request, "This file was uploaded before with the same settings; reusing it "
+                                           "under the new name.")
+                    return redirect("dataset-detail", pk=dataset.pk)
                 if not created:
                     messages.info(request, "This file was uploaded before with the same settings; reusing it.")
                 return redirect("dataset-detail", pk=dataset.pk)
@@ -168,6 +172,30 @@ def dataset_drop_invalid(request, pk):
         messages.error(request, str(exc))
         return redirect("dataset-detail", pk=dataset.pk)
     return redirect("dataset-detail", pk=new.pk)
+
+
+@login_required
+@require_POST
+def dataset_retry(request, pk):
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
+    try:
+        services.retry_dataset(dataset)
+    except InputError as exc:
+        messages.error(request, str(exc))
+    return redirect("dataset-detail", pk=dataset.pk)
+
+
+@login_required
+@require_POST
+def dataset_delete(request, pk):
+    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
+    try:
+        services.delete_dataset(dataset)
+    except InputError as exc:
+        messages.error(request, str(exc))
+        return redirect("dataset-detail", pk=dataset.pk)
+    messages.info(request, f"Dataset {dataset.name!r} deleted.")
+    return redirect("datasets")
 
 
 def _histogram_bars(stats):

@@ -28,17 +28,18 @@ class WorkerHeartbeat(threading.Thread):
         run_every(settings.WORKER_HEARTBEAT_SECONDS, self.beat, self.stopped, "worker heartbeat", log=log)
 
     def beat(self):
-        from autotune import probe
-
         from .models import Worker
         from .runner import requeue_orphans, resend_queued
+        from .services import recover_stuck_datasets, worker_inventory
 
         Worker.objects.update_or_create(
             hostname=self.hostname,
-            defaults={"inventory": probe(), "queues": self.queues, "last_heartbeat": timezone.now()},
+            defaults={"inventory": worker_inventory(self.queues), "queues": self.queues,
+                      "last_heartbeat": timezone.now()},
         )
         requeue_orphans()
         resend_queued()
+        recover_stuck_datasets()
 
 
 _heartbeat = None

@@ -29,6 +29,9 @@ trap cleanup EXIT INT TERM
 pids+=($!)
 .venv/bin/celery -A tunedeck.celery worker -Q default -c 1 -n "cpu@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu.log" 2>&1 &
 pids+=($!)
+# Large dataset files (over TUNEDECK_DATASET_LARGE_BYTES) have a worker of their own, so small uploads never wait.
+.venv/bin/celery -A tunedeck worker -Q datasets-large -c 1 -n "cpu-large@%h" --loglevel INFO >"$TUNEDECK_DATA_DIR/logs/worker-cpu-large.log" 2>&1 &
+pids+=($!)
 # The inference server keeps deployed models loaded; the web server's /v1 endpoints proxy to it.
 INFERENCE_PORT=${INFERENCE_PORT:-8100}
 export TUNEDECK_INFERENCE_URL=${TUNEDECK_INFERENCE_URL:-http://127.0.0.1:$INFERENCE_PORT}

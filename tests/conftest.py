@@ -93,7 +93,7 @@ def token_for():
     return issue
 
 
-def start_worker(name, log_path, queues="gpu,default", extra_env=None):
+def start_worker(name, log_path, queues="gpu,default,datasets-large", extra_env=None):
     """The session's worker: both queues and the normal lease (the reliability tests use a fast one)."""
     return helpers.start_worker(name, log_path, queues, lease={}, extra_env=extra_env)
 
@@ -125,7 +125,7 @@ def purge_broker():
     from tunedeck.celery import app
 
     with app.connection_for_write() as conn:
-        for queue in ("gpu", "default"):
+        for queue in ("gpu", "default", "datasets-large"):
             try:
                 conn.default_channel.queue_purge(queue)
             except Exception:  # noqa: BLE001 - a queue that does not exist yet has nothing to purge

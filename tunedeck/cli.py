@@ -586,7 +586,7 @@ def print_plan(plan, heading=""):
         ("epochs", number(plan.get("epochs"))),
         ("device / dtype", f"{plan.get('device', '-')} / {plan.get('dtype', '-')}"),
     ]
-    for key in ("max_steps", "dropout", "num_virtual_tokens", "adapter_bottleneck", "dpo_beta"):
+    for key in ("max_steps", "dropout", "num_virtual_tokens", "adapter_bottleneck", "dpo_beta", "kto_beta"):
         if plan.get(key) is not None:
             rows.append((key.replace("_", " "), number(plan[key])))
     for name, value in rows:
@@ -999,7 +999,8 @@ def _dataset_commands(sub):
     p.add_argument("--base-model", type=positive_int, help="base model id for token statistics (default: default)")
     p.add_argument("--validation-file", help="a separate validation file (else a fraction is split off)")
     p.add_argument("--validation-fraction", type=float)
-    p.add_argument("--schema", help="force a schema: messages, sharegpt, prompt_completion, alpaca, text, preference")
+    p.add_argument("--schema", help="force a schema: messages, sharegpt, prompt_completion, alpaca, text, preference, "
+                                    "kto")
     p.add_argument("--drop-invalid", action="store_true", help="drop rows that fail validation and use the rest")
     p.add_argument("--wait", action="store_true", help="wait for validation; exit 1 if the dataset is invalid")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -187,6 +187,20 @@ JOB_LEASE_SECONDS = float(os.environ.get("TUNEDECK_LEASE_SECONDS", "60"))
 # restarted without persistence loses queued messages. Duplicates are no-ops (the lease), so this is only cost.
 JOB_RESEND_SECONDS = float(os.environ.get("TUNEDECK_RESEND_SECONDS", "900"))
 
+# Datasets: files over DATASET_LARGE_BYTES are processed on their own queue (scripts/run.sh starts a worker for
+# it), so a large upload never delays small ones. One file may have at most DATASET_MAX_ROWS rows and take at most
+# DATASET_MAX_SECONDS to check; token statistics stop counting after DATASET_TOKEN_STATS_SECONDS (and say so).
+# A processing worker renews its lease every quarter of DATASET_LEASE_SECONDS; a
+# dataset whose lease goes stale is processed again, at most DATASET_MAX_ATTEMPTS times, then marked invalid.
+DATASET_QUEUE = "default"
+DATASET_LARGE_QUEUE = "datasets-large"
+DATASET_LARGE_BYTES = int(os.environ.get("TUNEDECK_DATASET_LARGE_BYTES", str(4 * 1024 * 1024)))
+DATASET_MAX_ROWS = int(os.environ.get("TUNEDECK_DATASET_MAX_ROWS", "5000000"))
+DATASET_MAX_SECONDS = float(os.environ.get("TUNEDECK_DATASET_MAX_SECONDS", "1800"))
+DATASET_TOKEN_STATS_SECONDS = float(os.environ.get("TUNEDECK_DATASET_TOKEN_STATS_SECONDS", "600"))
+DATASET_LEASE_SECONDS = float(os.environ.get("TUNEDECK_DATASET_LEASE_SECONDS", "120"))
+DATASET_MAX_ATTEMPTS = 2
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "jobs.api.auth.BearerTokenAuthentication",

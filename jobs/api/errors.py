@@ -63,7 +63,8 @@ def exception_handler(exc, context):
     if isinstance(exc, InputError):
         details = {"field": exc.field} if exc.field else None
         set_rollback()
-        return error_response(exc.code, str(exc), status.HTTP_400_BAD_REQUEST, details)
+        code = status.HTTP_409_CONFLICT if exc.code == "conflict" else status.HTTP_400_BAD_REQUEST
+        return error_response(exc.code, str(exc), code, details)
     if isinstance(exc, TunedeckError):
         set_rollback()
         return error_response("invalid", str(exc), status.HTTP_400_BAD_REQUEST)

@@ -9,6 +9,7 @@ urlpatterns = [
     path("datasets", views.DatasetList.as_view(), name="api-datasets"),
     path("datasets/<int:pk>", views.DatasetDetail.as_view(), name="api-dataset"),
     path("datasets/<int:pk>/drop-invalid", views.DatasetDropInvalid.as_view(), name="api-dataset-drop-invalid"),
+    path("datasets/<int:pk>/retry", views.DatasetRetry.as_view(), name="api-dataset-retry"),
     path("plans", views.PlanView.as_view(), name="api-plans"),
     path("jobs", views.JobList.as_view(), name="api-jobs"),
     path("jobs/<int:pk>", views.JobDetail.as_view(), name="api-job"),

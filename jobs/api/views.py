@@ -1,12 +1,8 @@
 """REST API v1. Every query starts from the requesting user's own objects, so another user's ids are 404."""
 import logging
-import shutil
 from pathlib import Path
 
-from django.conf import settings
 from django.contrib.auth import authenticate
-from django.db import transaction
-from django.db.models import ProtectedError
 from django.http import FileResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -195,32 +191,20 @@ class DatasetDetail(SafeLookup, generics.RetrieveDestroyAPIView):
         return Dataset.objects.owned_by(self.request.user)
 
     @extend_schema(responses={204: None},
-                   summary="Delete a dataset version and its files (refused while it is validating or in use)")
+                   summary="Delete a dataset version and its files, whatever its status (refused while jobs use it)")
     def delete(self, request, pk):
-        dataset = self.get_queryset().get_or_404(pk)
-        if dataset.status == Dataset.Status.VALIDATING:
-            return error_response("conflict", "The dataset is still being validated; delete it when it is done.",
-                                  status.HTTP_409_CONFLICT)
-        used = FineTuneJob.objects.filter(dataset=dataset).count()
-        if used:
-            return error_response(
-                "conflict", f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; "
-                "it is kept for their lineage.", status.HTTP_409_CONFLICT, {"jobs": used},
-            )
-        source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
-        try:
-            with transaction.atomic():
-                dataset.delete()
-                shared = Dataset.objects.filter(file_path=dataset.file_path).exists()
-        except ProtectedError:
-            return error_response("conflict", "The dataset is in use; it is kept for their lineage.",
-                                  status.HTTP_409_CONFLICT)
-        root = Path(settings.DATASET_DIR).resolve()
-        for folder in [processed] if shared else [processed, source.parent]:
-            folder = folder.resolve()
-            if root in folder.parents and folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
+        services.delete_dataset(self.get_queryset().get_or_404(pk))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DatasetRetry(APIView):
+    error_statuses = ("409",)
+
+    @extend_schema(request=None, responses={202: s.DatasetSerializer},
+                   summary="Process a dataset again from its stored file (after a failure or a stuck worker)")
+    def post(self, request, pk):
+        dataset = services.retry_dataset(Dataset.objects.owned_by(request.user).get_or_404(pk))
+        return Response(s.DatasetSerializer(dataset).data, status=status.HTTP_202_ACCEPTED)
 
 
 class DatasetDropInvalid(APIView):

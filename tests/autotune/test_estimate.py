@@ -134,6 +134,13 @@ def test_dpo_doubles_sequences_and_adds_a_reference_pass():
     assert dpo["logits"] > 2 * lora["logits"]
 
 
+def test_kto_has_dpos_reference_pass_over_one_sequence_per_example():
+    lora = breakdown(LLAMA_8B, method="lora", micro_batch=2, max_seq_len=512)
+    kto = breakdown(LLAMA_8B, method="kto", micro_batch=2, max_seq_len=512)
+    assert kto["activations"] == pytest.approx(lora["activations"], rel=0.05)  # unpaired: no second answer
+    assert kto["logits"] > lora["logits"]  # the reference forward's logits, as for dpo
+
+
 def test_prompt_tuning_lengthens_every_sequence():
     plain = breakdown(LLAMA_8B, method="prompt", max_seq_len=512, num_virtual_tokens=1)["logits"]
     longer = breakdown(LLAMA_8B, method="prompt", max_seq_len=512, num_virtual_tokens=101)["logits"]

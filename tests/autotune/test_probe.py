@@ -84,7 +84,8 @@ def test_missing_pynvml_means_no_gpus(monkeypatch):
 
 def test_probe_on_this_machine_has_the_documented_shape():
     inventory = probe()
-    assert set(inventory) == {"gpus", "cpu", "hostname"}
+    assert set(inventory) == {"gpus", "cpu", "hostname", "packages"}
+    assert isinstance(inventory["packages"]["bitsandbytes"], bool)
     assert set(inventory["cpu"]) == {"cores", "ram_total_bytes", "ram_available_bytes"}
     assert inventory["cpu"]["cores"] >= 1
     assert 0 < inventory["cpu"]["ram_available_bytes"] <= inventory["cpu"]["ram_total_bytes"]

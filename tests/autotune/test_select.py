@@ -21,7 +21,7 @@ def test_plan_has_the_contract_keys_and_fits():
     plan = plan_for()
     assert CONTRACT <= set(plan)
     assert {"fits", "warnings", "device", "dtype"} <= set(plan)
-    assert set(plan["memory"]) == {"total_bytes", "breakdown", "capacity_bytes"}
+    assert set(plan["memory"]) == {"total_bytes", "breakdown", "capacity_bytes", "evictable_bytes"}
     assert plan["fits"] and plan["memory"]["total_bytes"] <= plan["memory"]["capacity_bytes"]
     assert plan["memory"]["capacity_bytes"] == int(79.1 * GB * 0.95)
     assert (plan["method"], plan["device"], plan["dtype"]) == ("lora", "cuda", "bf16")
@@ -46,7 +46,9 @@ def test_method_reason_names_the_gpu_and_the_memory():
 def test_qlora_when_lora_does_not_fit():
     plan = plan_for(T4)
     assert plan["method"] == "qlora" and plan["fits"]
+    # A GPU without bf16 trains in fp16, with the loss scaled by a GradScaler.
     assert plan["dtype"] == "fp16"
+    assert any("GradScaler" in r for r in plan["reasons"])
     assert "LoRA needs" in plan["reasons"][0]
 
 
@@ -107,7 +109,8 @@ def test_rank_and_epochs_follow_dataset_size(rows, rank, epochs):
 
 
 @pytest.mark.parametrize("method,rate", [("lora", 2e-4), ("qlora", 2e-4), ("dora", 2e-4), ("ia3", 3e-3),
-                                         ("prefix", 1e-2), ("prompt", 3e-2), ("adapter", 1e-4), ("dpo", 5e-6)])
+                                         ("prefix", 1e-2), ("prompt", 3e-2), ("adapter", 1e-4), ("dpo", 5e-6),
+                                         ("kto", 5e-6)])
 def test_forced_method_and_its_learning_rate(method, rate):
     plan = plan_for(model=config("Llama-3.2-1B"), method=method)
     assert plan["method"] == method and plan["learning_rate"] == rate and plan["fits"]
@@ -119,6 +122,7 @@ def test_method_specific_settings():
     assert plan_for(method="prompt")["num_virtual_tokens"] == 20
     assert plan_for(method="adapter")["adapter_bottleneck"] == 64
     assert plan_for(method="dpo")["dpo_beta"] == 0.1
+    assert plan_for(method="kto")["kto_beta"] == 0.1 and "dpo_beta" not in plan_for(method="kto")
     assert plan_for(method="prefix")["target_modules"] == []
 
 
@@ -205,7 +209,7 @@ def test_max_seq_len_override_beyond_the_context_warns():
 
 @pytest.mark.parametrize("model,method,fused", [("Llama-3.1-8B", "lora", True), ("Qwen2.5-7B", "qlora", True),
                                                 ("Gemma-2-2B", "lora", False), ("Llama-3.1-8B", "dpo", False),
-                                                ("Llama-3.1-8B", "prompt", False)])
+                                                ("Llama-3.1-8B", "kto", False), ("Llama-3.1-8B", "prompt", False)])
 def test_plan_predicts_the_fused_loss_that_training_uses(model, method, fused):
     plan = plan_for(model=config(model), overrides={"method": method})
     assert plan["fused_cross_entropy"] is fused

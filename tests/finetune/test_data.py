@@ -310,8 +310,10 @@ GOOD = line({"messages": chat(("q", "a"))})
          ["Turn 1", "'role'"]),
         (line({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}), "missing_field",
          ["Turn 1", "content"]),
-        (line({"messages": chat(("q", "a")) + [{"role": "tool", "content": "x"}]}), "unknown_role",
-         ["Turn 3", "'tool'"]),
+        (line({"messages": chat(("q", "a")) + [{"role": "narrator", "content": "x"}]}), "unknown_role",
+         ["Turn 3", "'narrator'"]),
+        (line({"messages": chat(("q", "a")) + [{"role": "tool", "content": "x"}]}), "turn_order",
+         ["Turn 3", "tool result", "tool calls"]),
         (line({"messages": chat(("q", "  "))}), "empty_assistant", ["Turn 2", "empty"]),
         (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}),
          "empty_assistant", ["Turn 2"]),
@@ -580,7 +582,11 @@ def test_token_lengths_render_like_training(tiny_model_dir):
     lengths = list(token_lengths(examples, tok, batch_size=2))
     chat_len = len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
     text_len = len(tok("The quick brown fox")["input_ids"])
-    assert lengths == [chat_len, text_len, chat_len] * 3
+    rejected = messages[:2] + [{"role": "assistant", "content": "Lyon"}]
+    rejected_len = len(tok(tok.apply_chat_template(rejected, tokenize=False), add_special_tokens=False)["input_ids"])
+    # A preference pair counts the longer of prompt + chosen and prompt + rejected: training runs both.
+    assert rejected_len > chat_len
+    assert lengths == [chat_len, text_len, rejected_len] * 3
     assert chat_len > text_len > 0
 
 

@@ -10,7 +10,27 @@ import pytest
 from finetune.train import TrainSpec, train
 from tinymodel import learnable_chat_rows, write_jsonl
 
-pytestmark = pytest.mark.gpu
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Skipped here as well as by tests/conftest.py: bench/gpu_suite.sh runs this file with --noconftest, since the GPU
+# machine has no Django.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random Llama of tests/conftest.py, built here too so this file needs no conftest."""
+    from tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 METHODS = ["lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter"]
 

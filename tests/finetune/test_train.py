@@ -109,6 +109,38 @@ def test_dpo_prefers_chosen(tiny_model_dir, tmp_path):
     assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
 
 
+def _kto_rows():
+    """Unpaired feedback: each question once with a desirable answer and once with an undesirable one."""
+    rows = []
+    for q, good, bad in [("ping", "pong", "no"), ("cat", "chat", "dog"), ("hello", "bonjour", "bye")] * 8:
+        for answer, label in ((good, True), (bad, False)):
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
+                         "label": label})
+    return rows
+
+
+def test_kto_learns_desirable_over_undesirable(tiny_model_dir, tmp_path):
+    rows = _kto_rows()
+    files = (write_jsonl(tmp_path / "k.jsonl", rows), write_jsonl(tmp_path / "ke.jsonl", rows[:6]))
+    spec = _spec(tiny_model_dir, files, tmp_path, method="kto", max_steps=15, kto_beta=0.5)
+    progress = []
+    result = train(spec, on_progress=progress.append)
+    assert result.status == "succeeded"
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+    assert result.metrics["reward_accuracy"] > 0.5  # at step 0 the adapter is off: every log-ratio is 0, none right
+    assert any("reward_margin" in p for p in progress)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_kto_labels_are_never_trained_as_plain_answers(tiny_model_dir, tmp_path):
+    files = (write_jsonl(tmp_path / "k.jsonl", _kto_rows()), write_jsonl(tmp_path / "ke.jsonl", _kto_rows()[:4]))
+    with pytest.raises(TrainingError, match="method kto"):
+        train(_spec(tiny_model_dir, files, tmp_path, method="lora", max_steps=2))
+    chat = write_jsonl(tmp_path / "chat.jsonl", learnable_chat_rows(8))
+    with pytest.raises(TrainingError, match="desirable"):
+        train(_spec(tiny_model_dir, (chat, chat), tmp_path, method="kto", max_steps=2))
+
+
 def test_dpo_refuses_chat_data(tiny_model_dir, chat_files, tmp_path):
     with pytest.raises(TrainingError, match="preference"):
         train(_spec(tiny_model_dir, chat_files, tmp_path, method="dpo", max_steps=2))

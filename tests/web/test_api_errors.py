@@ -186,12 +186,6 @@ def test_dataset_delete(client, user, tiny_base_model, tmp_path, settings):
     dataset.save()
     (folder / f"processed-{dataset.pk}").mkdir()
 
-    dataset.status = Dataset.Status.VALIDATING
-    dataset.save()
-    assert_error(client.delete(f"/api/v1/datasets/{dataset.pk}"), 409, "conflict")
-    dataset.status = Dataset.Status.READY
-    dataset.save()
-
     used = ready_dataset(user, content_hash="used")
     job = client.post("/api/v1/jobs", {"dataset": used.pk, "overrides": {"max_steps": 2}}, format="json")
     assert job.status_code == 201, job.content

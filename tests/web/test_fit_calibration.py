@@ -40,6 +40,12 @@ def test_fit_checks_calibrate_the_next_plan(user, tiny_base_model):
     second = services.make_plan(tiny_base_model, dataset, "lora", gpu=GPU)
     assert second["calibration"] == {"activation_scale": 1.5, "jobs": 1, "device_name": "NVIDIA H100 80GB HBM3"}
     assert second["memory"]["breakdown"]["activations"] > breakdown["activations"] * 1.4
+    # The scale was measured over activations plus logits, so both are scaled: the calibrated estimate, less its
+    # fragmentation margin (which the fit check does not measure), is the measured peak.
+    assert second["memory"]["breakdown"]["logits"] > breakdown["logits"] * 1.4
+    calibrated = second["memory"]["breakdown"]
+    others = sum(v for k, v in calibrated.items() if k != "allocator_headroom")
+    assert others == pytest.approx(fixed + 1.5 * dynamic, rel=1e-3)
     assert any("measured by the fit check" in r for r in second["reasons"])
 
 

@@ -1,0 +1,47 @@
+"""The dataset page in a real browser: a pretty-printed JSON export and a KTO file come out ready with their
+report, a zip is refused with its own message, and the page's Process again and Delete buttons work."""
+import json
+
+import pytest
+
+from .conftest import log_in
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def _upload(page, base_url, path):
+    page.goto(f"{base_url}/datasets/")
+    page.set_input_files("#upload-form input[name=file]", str(path))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_url("**/datasets/*/")
+
+
+def test_wild_files_on_the_dataset_page(page, live_server, user, tiny_base_model, celery_worker, tmp_path):
+    log_in(page, live_server.url, "alice", "alice-pw")
+    page.goto(f"{live_server.url}/datasets/")
+    assert "separated by one or more blank lines" in page.locator("#format-help").inner_text()
+
+    kto = tmp_path / "feedback.json"
+    kto.write_text(json.dumps([{"instruction": "ping", "output": a, "kto_tag": good}
+                               for a, good in [("pong", True), ("no", False)] * 4], indent=2))
+    _upload(page, live_server.url, kto)
+    page.wait_for_selector(".badge.ready", timeout=120_000)
+    assert "4 desirable, 4 undesirable" in page.locator("#kto-labels").inner_text()
+
+    broken = tmp_path / "bundle.zip"
+    broken.write_bytes(b"PK\x03\x04\x14\x00not really")
+    _upload(page, live_server.url, broken)
+    page.wait_for_selector(".badge.invalid", timeout=120_000)
+    assert "zip archives are not supported" in page.locator("#dataset-error").inner_text()
+
+    # Process again: back to validating, then the same verdict.
+    with page.expect_navigation():
+        page.click("#retry-button")
+    page.wait_for_selector(".badge.invalid", timeout=120_000)
+    assert "zip archives are not supported" in page.locator("#dataset-error").inner_text()
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-button")
+    page.wait_for_url("**/datasets/")
+    assert "bundle.zip" not in page.locator("table").last.inner_text()
+    assert "feedback.json" in page.locator("table").last.inner_text()
