@@ -111,8 +111,7 @@ class InferenceService:
             deploy.mark_failed(spec["id"], spec["revision"], f"The inference server could not load it: {message}")
             return
         if spec["status"] == deploy.Status.LOADING:
-            deploy.mark_live(spec["id"], spec["revision"])
-            self._note(spec)
+            self._note(spec, go_live=True)
         log.info("serving %s (%s) after %.1fs", name, spec["kind"], time.monotonic() - started)
 
     def _register_on_vllm(self, spec: dict) -> bool:
@@ -154,8 +153,7 @@ class InferenceService:
             self._note(spec, engine_progress=self.vllm.progress(name))
             return
         # Served already, yet `loading`: the deploy task rewrote the row after the load went live. Say it again.
-        if deploy.mark_live(spec["id"], spec["revision"]):
-            self._note(spec, engine_progress=None)
+        self._note(spec, engine_progress=None, go_live=True)
 
     def _note(self, spec: dict, **extra) -> None:
         """Writes which engine serves it (again: the deploy task may have rewritten the details meanwhile)."""
@@ -164,9 +162,8 @@ class InferenceService:
     def _vllm_ready(self, name: str) -> None:
         spec = self.specs.get(name)
         if spec is not None:
-            if deploy.mark_live(spec["id"], spec["revision"]):
-                log.info("serving %s on vLLM", name)
-            self._note(spec, engine_progress=None)  # after: a deploy task rewriting the row meanwhile is redone
+            self._note(spec, engine_progress=None, go_live=True)
+            log.info("serving %s on vLLM", name)
         connections.close_all()  # the monitor thread's own connection
 
     def _vllm_failed(self, name: str, reason: str) -> None:

@@ -84,7 +84,7 @@ def refusal_message(key: str, reason: str) -> str:
 # ---------------------------------------------------------------- notes on the deployment
 
 
-def note(deployment_id: int, revision: int, **fields) -> bool:
+def note(deployment_id: int, revision: int, *, go_live: bool = False, **fields) -> bool:
     """Merges `fields` into the deployment's details (if it is still at `revision`) and marks it updated, so a
     slow vLLM start is not taken for a missing inference server."""
     with transaction.atomic():
@@ -99,7 +99,10 @@ def note(deployment_id: int, revision: int, **fields) -> bool:
                 details[key] = value
         deployment.details = details
         deployment.updated_at = timezone.now()
-        deployment.save(update_fields=["details", "updated_at"])
+        # Live and its engine note in one write: a deploy task rewriting the row in between cannot split them.
+        if go_live and deployment.status == Deployment.Status.LOADING:
+            deployment.status = Deployment.Status.LIVE
+        deployment.save(update_fields=["details", "updated_at", "status"])
     return True
 
 
