@@ -260,7 +260,7 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
                 details.setdefault("serving", f"unmerged: base model + adapter. {exc}")
         else:
             details.update(merged=False)
-        if not _update(deployment.pk, revision, status=Status.LOADING, path=path, details=details, error=""):
+        if not _hand_to_inference_server(deployment.pk, revision, path, details):
             return None
         if path:  # downloads for llama.cpp and Ollama, written while the inference server loads the model
             from .gguf_exports import write_for_deployment
@@ -314,6 +314,21 @@ def _update(deployment_id: int, revision: int, **fields) -> bool:
     """Writes only if the deployment is still at `revision`; False when a newer request replaced this work."""
     fields["updated_at"] = timezone.now()
     return bool(Deployment.objects.filter(pk=deployment_id, revision=revision).update(**fields))
+
+
+def _hand_to_inference_server(deployment_id: int, revision: int, path: str, details: dict) -> bool:
+    """Marks the deployment loading with what the merge found. The inference server may already have picked an
+    unmerged deployment up (it serves what is loading) and written its engine notes, or made it live: those are
+    kept, not overwritten by this task's older copy of the row."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        row = Deployment.objects.select_for_update().filter(pk=deployment_id, revision=revision).first()
+        if row is None:
+            return False
+        already_live = row.status == Status.LIVE and not path and not row.path
+        return _update(deployment_id, revision, status=row.status if already_live else Status.LOADING, path=path,
+                       details={**row.details, **details}, error="")
 
 
 def mark_failed(deployment_id: int, revision: int, reason: str) -> bool:
