@@ -215,16 +215,8 @@ def main() -> None:
 
 
 def builtin_request(server, name: str, max_tokens: int) -> dict:
-    started = time.perf_counter()
-    first = None
-    final = None
-    for item in server.stream_chat(name, QUESTION, max_tokens=max_tokens, temperature=0):
-        if isinstance(item, str):
-            first = first or time.perf_counter()
-        else:
-            final = item
-    ended = time.perf_counter()
-    return {"ttft": (first or ended) - started, "latency": ended - started, "tokens": final["completion_tokens"]}
+    timed = timed_request(server, name, max_tokens)
+    return {"ttft": timed["ttft"], "latency": timed["total"], "tokens": timed["tokens"]}
 
 
 def vllm_request(route, model: str, max_tokens: int) -> dict:

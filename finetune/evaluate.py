@@ -76,7 +76,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], *, max_new_tokens: i
     """One greedy answer per prompt, stopping at the model's end-of-turn tokens."""
     import torch
 
-    from .generation import generate
+    from .generation import decode_answer, generate
     from .modelstore import stop_token_ids
     from .tokenize import render_prompt
 
@@ -95,7 +95,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], *, max_new_tokens: i
                 eos_token_id=stops or None,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        answers.append(decode_answer(tokenizer, out[0, ids.shape[1]:]))
     return answers
 
 

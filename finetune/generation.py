@@ -8,6 +8,11 @@ pass, without a KV cache: slower, and only they pay for it. Everything else uses
 from __future__ import annotations
 
 
+def decode_answer(tokenizer, token_ids) -> str:
+    """The answer as text to store: a model may emit a NUL byte, which PostgreSQL's JSON columns refuse."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True).replace("\x00", "\ufffd").strip()
+
+
 def is_prefix_tuned(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", ""))) == \

@@ -450,7 +450,7 @@ def generate_samples(model, tokenizer, eval_file, spec: TrainSpec) -> list[dict]
     """Greedy answers to a few held-out prompts, stopping at the end-of-turn token, for side-by-side review."""
     import torch
 
-    from .generation import generate
+    from .generation import decode_answer, generate
     from .modelstore import stop_token_ids
 
     if not eval_file or spec.max_eval_generations <= 0:
@@ -481,7 +481,7 @@ def generate_samples(model, tokenizer, eval_file, spec: TrainSpec) -> list[dict]
                 eos_token_id=stops or None,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        text = decode_answer(tokenizer, out[0, ids.shape[1] :])
         samples.append({"prompt": prompt_messages[-1]["content"] if prompt_messages else "", "output": text,
                         "reference": reference})
     model.train()
