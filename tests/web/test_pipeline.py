@@ -58,7 +58,8 @@ def test_upload_train_and_download_adapter(api, celery_worker):
 
     response = api.post(f"{api.base}/jobs", json={
         "dataset": dataset["id"], "method": "lora", "adapter_name": "ping-pong",
-        "overrides": {"max_steps": 12, "micro_batch": 4, "grad_accum": 1, "learning_rate": 3e-3},
+        "overrides": {"max_steps": 12, "micro_batch": 4, "grad_accum": 1, "learning_rate": 3e-3,
+                      "early_stopping_patience": 0},  # all 12 steps: the test follows a full run
     })
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
