@@ -580,6 +580,7 @@ OVERRIDE_TYPES = {
     "kto_beta": float,
     "seed": int,
     "eval_every_steps": int,
+    "early_stopping_patience": int,  # 0: train to the end
     "checkpoint_every_steps": int,
     "checkpoint_every_minutes": float,
     "warmup_ratio": float,
