@@ -136,7 +136,10 @@ class PageProblems:
         self.handlers = {
             "console": lambda m: m.type == "error" and self.items.append(f"console: {m.text}"),
             "pageerror": lambda e: self.items.append(f"exception: {e}"),
-            "requestfailed": lambda r: self.items.append(f"request failed: {r.url} {r.failure}"),
+            # net::ERR_ABORTED is the browser cancelling a request (a favicon or poll overtaken by the next
+            # navigation), not a server failing it; 4xx/5xx answers are caught below.
+            "requestfailed": lambda r: "ERR_ABORTED" not in (r.failure or "")
+            and self.items.append(f"request failed: {r.url} {r.failure}"),
             "response": lambda r: r.status >= 400 and self.items.append(f"HTTP {r.status}: {r.url}"),
         }
         for event, handler in self.handlers.items():
