@@ -13,6 +13,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 scripts/setup.sh
+# vLLM's own environment, so the deployments served by vLLM are tested too (about 3 minutes the first time);
+# TUNEDECK_TEST_VLLM=0 skips it, and the vLLM tests then say they were skipped.
+if [ "${TUNEDECK_TEST_VLLM:-1}" != 0 ]; then scripts/setup-vllm.sh; fi
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
