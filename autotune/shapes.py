@@ -40,6 +40,10 @@ class LinearModule:
     def parameters(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
+    @property
+    def in_attention(self) -> bool:
+        return self.path.startswith(("self_attn.", "attn."))
+
     def matches(self, target: str) -> bool:
         """peft matches a target against the module name or the tail of its dotted path."""
         return target == self.name or self.path == target or self.path.endswith("." + target)
@@ -137,7 +141,7 @@ class ModelShape:
 
     def component_parameters(self) -> dict[str, int]:
         """Parameter counts per component, summing to `parameters`."""
-        attention = sum(m.parameters for m in self.linear_modules if _is_attention(m))
+        attention = sum(m.parameters for m in self.linear_modules if m.in_attention)
         return {
             "embeddings": self.embedding_parameters,
             "attention": self.num_layers * attention,
@@ -158,10 +162,6 @@ class ModelShape:
                 f"choose from {', '.join(self.linear_module_names)}"
             )
         return [m for m in self.linear_modules if any(m.matches(t) for t in targets)]
-
-
-def _is_attention(module: LinearModule) -> bool:
-    return module.path.startswith(("self_attn.", "attn."))
 
 
 # -------------------------------------------------------------------- readers
