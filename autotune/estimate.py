@@ -40,7 +40,9 @@ activations   What autograd keeps for backward, counted per token per layer for 
                                 GPT-2's Python gelu_new: 4*a*I)
                 LoRA            peft casts each adapted layer's input to fp32 for lora_A: 4*in_features per
                                 adapted layer, plus the dropout mask when dropout > 0 (1 byte per element on
-                                CUDA's fused dropout, 4 on CPU), plus 4*rank for lora_B
+                                CUDA's fused dropout, 4 on CPU), plus 4*rank for lora_B. In fp32 without
+                                dropout the cast is a no-op: the layers that read one tensor keep it once,
+                                and the attention's output projection keeps a view of what SDPA keeps
                 DoRA            adds the base output and the fp32 LoRA output per adapted layer: (a + 4)*out
                 IA3             on key/value layers the base output (a*out); on feed-forward layers peft casts
                                 the input to the vector's fp32 and keeps that copy (4*in)
@@ -450,11 +452,16 @@ def _adapter_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     if setup.method in LORA_METHODS:
         mask = _lora_dropout_mask_bytes(setup)
         total = 0.0
+        inputs = {}
         for m in adapted_modules(shape, setup):
-            total += (FP32 + mask) * m.in_features + FP32 * setup.rank
+            if not _lora_input_shared(setup):
+                inputs[m.path] = (FP32 + mask) * m.in_features
+            elif m.reads != "attention output":  # a view of the attention's output, which it keeps anyway
+                inputs[m.reads] = FP32 * m.in_features
+            total += FP32 * setup.rank
             if setup.method == "dora":
                 total += (a + FP32) * m.out_features
-        return total
+        return total + sum(inputs.values())
     if setup.method == "ia3":
         return sum(_ia3_kept_bytes(shape, setup, m) for m in adapted_modules(shape, setup))
     if setup.method == "adapter":  # created in the base dtype: input, down output, GELU output
@@ -472,6 +479,13 @@ def _ia3_kept_bytes(shape: ModelShape, setup: Setup, module: LinearModule) -> fl
 
 def _ia3_feedforward(shape: ModelShape, module: LinearModule) -> bool:
     return any(module.matches(t) for t in shape.ia3_feedforward_modules)
+
+
+def _lora_input_shared(setup: Setup) -> bool:
+    """peft hands lora_A its layer's input cast to fp32 and through dropout: a new tensor per adapted layer,
+    unless the input is already fp32 and dropout is off, when the layers that read one input keep it once
+    (measured on the CPU: q, k and v keep one norm output, gate and up another)."""
+    return setup.compute_bytes == FP32 and setup.dropout <= 0
 
 
 def _lora_dropout_mask_bytes(setup: Setup) -> int:

@@ -26,6 +26,9 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 SUPPORTED_FAMILIES = (*LLAMA_LIKE, "phi3", "gpt2")
 
 
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj")  # the last linear layer of a sublayer, in every layout
+
+
 @dataclass(frozen=True)
 class LinearModule:
     """One linear layer inside a decoder block, as peft sees it."""
@@ -43,6 +46,13 @@ class LinearModule:
     @property
     def in_attention(self) -> bool:
         return self.path.startswith(("self_attn.", "attn."))
+
+    @property
+    def reads(self) -> str:
+        """The tensor this layer reads: the layers that open a sublayer share its norm's output; an output
+        projection reads what its sublayer computed."""
+        sublayer = "attention" if self.in_attention else "mlp"
+        return f"{sublayer} {'output' if self.name in OUTPUT_PROJECTIONS else 'input'}"
 
     def matches(self, target: str) -> bool:
         """peft matches a target against the module name or the tail of its dotted path."""
