@@ -51,7 +51,9 @@ activations   What autograd keeps for backward, counted per token per layer for 
               assumed when a micro-batch has several rows (padded to the longest) without packing,
               and always with prefix tuning, whose keys and values are concatenated to the sequence's
               (2*a*q_dim per virtual token); and for eager attention (Gemma2's soft-capped logits) the fp32
-              softmax, the probabilities and the tanh output: heads*seq*(4 + 2a) per token. Without gradient
+              softmax, the probabilities and the tanh output: heads*seq*(4 + 2a) per token. On the CPU, SDPA
+              with attention dropout (GPT-2) runs its math kernel instead: fp32 copies of q, k and v and the fp32
+              softmax, dropout mask and dropped probabilities, 3*4*(q_dim + heads*seq) per token. Without gradient
               checkpointing that is L layers' worth, less what the first block keeps for nothing: autograd
               saves nothing before the first trained module, so its input norm (and, when no attention module
               trains, as with bottleneck adapters, its attention) keeps nothing, unless prompt tuning's
@@ -116,7 +118,8 @@ DOUBLE_QUANT_BLOCKSIZE = 256  # absmax per second-level fp32 constant
 ADAM_STATES = 2
 
 RMSNORM_BACKWARD_FP32_COPIES = 5  # hidden-state-sized fp32 temporaries of transformers' RMSNorm backward
-IA3_BACKWARD_FP32_COPIES = 3  # fp32 gradient of IA3's scaled feed-forward input, times vector, times input
+IA3_BACKWARD_FP32_COPIES = 3
+SDPA_MATH_FP32_COPIES = 3  # q, k, v and softmax, mask, dropped probabilities in SDPA's math kernel (CPU dropout)  # fp32 gradient of IA3's scaled feed-forward input, times vector, times input
 LOSS_FP32_BUFFERS = 3  # log-softmax output, its gradient, the gradient of its input
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask; CPU keeps a mask in the input's dtype
 CUDA_CONTEXT_BYTES = 500 * MIB
@@ -414,9 +417,13 @@ def _attention_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     repeated = implementation == "eager" or _sdpa_mask(shape, setup)
     kv = q_dim if repeated else shape.kv_dim
     core = a * (2 * q_dim + 2 * kv) + FP32 * shape.num_heads  # q, out, k, v, log-sum-exp
+    seq = setup.tokens_per_sequence
+    if implementation == "sdpa" and setup.device == "cpu" and shape.attention_dropout:
+        # the CPU's SDPA kernel has no dropout: its math fallback keeps fp32 copies of q, k and v, and per head
+        # and key the fp32 softmax, the dropout mask and the dropped probabilities (measured on GPT-2)
+        return SDPA_MATH_FP32_COPIES * FP32 * (q_dim + shape.num_heads * seq)
     if implementation != "eager":
         return core
-    seq = setup.tokens_per_sequence
     probabilities = shape.num_heads * seq * (FP32 + a)  # fp32 softmax output and its compute-dtype copy
     softcap = shape.num_heads * seq * a if shape.attn_logit_softcapping else 0  # tanh keeps its output
     return core + probabilities + softcap

@@ -81,6 +81,7 @@ class ModelShape:
     # input, the gate's output and the up projection (3); GPT-2's Python gelu_new keeps four.
     mlp_saved_tensors: int = 3
     residual_dropouts: int = 0  # dropout layers with p > 0 per block; each keeps a 1-byte mask per element
+    attention_dropout: bool = False  # dropout on the attention probabilities in training
     default_attention: str = "sdpa"  # what transformers picks without flash-attn: "sdpa" or "eager"
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -237,6 +238,7 @@ def _read_llama_like(config: dict, model_type: str) -> ModelShape:
         norms_per_layer=4 if family == "gemma2" else 2,
         # transformers has no SDPA path for soft-capped attention, so Gemma2 trains with eager attention
         default_attention="eager" if softcap else "sdpa",
+        attention_dropout=float(config.get("attention_dropout") or 0) > 0,
         attn_logit_softcapping=softcap,
         final_logit_softcapping=config.get("final_logit_softcapping"),
         # peft's own IA3 defaults for these families
@@ -272,6 +274,7 @@ def _read_phi3(config: dict, model_type: str) -> ModelShape:
         max_position_embeddings=_optional_int(config.get("max_position_embeddings")),
         linear_modules=modules,
         residual_dropouts=2 if float(config.get("resid_pdrop") or 0) > 0 else 0,
+        attention_dropout=float(config.get("attention_dropout") or 0) > 0,
         ia3_target_modules=("qkv_proj", "down_proj"),
         ia3_feedforward_modules=("down_proj",),
     )
@@ -307,6 +310,7 @@ def _read_gpt2(config: dict, model_type: str) -> ModelShape:
         gated_mlp=False,
         mlp_saved_tensors=4 if activation == "gelu_new" else 1,
         residual_dropouts=2 if float(config.get("resid_pdrop", 0.1) or 0) > 0 else 0,
+        attention_dropout=float(config.get("attn_pdrop", 0.1) or 0) > 0,
         ia3_target_modules=("c_attn", "mlp.c_proj"),
         ia3_feedforward_modules=("mlp.c_proj",),
     )
