@@ -32,44 +32,69 @@ activations   What autograd keeps for backward, counted per token per layer for 
               SDPA (flash or memory-efficient kernels: no seq x seq scores). PyTorch saves a tensor only when a
               gradient needs it, so the frozen linear layers keep nothing; what is kept:
                 RMSNorm         the fp32 upcast of its input: 4h per norm (Liger's fused norm: a*h)
-                attention       q, k, v (k and v repeated to every head, as transformers does with a padding
-                                mask), the output, and the fp32 log-sum-exp: a*(2*q_dim + 2*q_dim) + 4*heads
+                attention       q, k, v, the output, and the fp32 log-sum-exp: a*(2*q_dim + 2*kv) + 4*heads,
+                                where kv is q_dim when k and v are repeated to every head (eager attention, or
+                                SDPA given a mask) and the grouped kv_dim otherwise (flash-attention; SDPA
+                                without a mask, which transformers gives it for unpadded rows)
                 MLP             gate output, activation output, up output: 3*a*I (Liger SwiGLU: 2*a*I;
                                 GPT-2's Python gelu_new: 4*a*I)
                 LoRA            peft casts each adapted layer's input to fp32 for lora_A: 4*in_features per
                                 adapted layer, plus the dropout mask when dropout > 0 (1 byte per element on
-                                CUDA's fused dropout, 4 on CPU), plus 4*rank for lora_B
+                                CUDA's fused dropout, 4 on CPU), plus 4*rank for lora_B. In fp32 without
+                                dropout the cast is a no-op: the layers that read one tensor keep it once,
+                                and the attention's output projection keeps a view of what SDPA keeps
                 DoRA            adds the base output and the fp32 LoRA output per adapted layer: (a + 4)*out
-                IA3             the scaled tensor: a*out (a*in for feed-forward layers)
+                IA3             on key/value layers the base output (a*out); on feed-forward layers peft casts
+                                the input to the vector's fp32 and keeps that copy (4*in)
                 adapter         bottleneck adapters after attention and MLP: input and two bottleneck tensors, a bytes
-              plus per sequence per layer the padding mask SDPA turns into a compute-dtype bias (a*seq^2; skipped
-              with packing), and for eager attention (Gemma2's soft-capped logits) the fp32 softmax, the
-              probabilities and the tanh output: heads*seq*(4 + 2a) per token. Without gradient checkpointing
-              that is L layers' worth; with it, one saved hidden state per layer (a*h*L) plus one layer recomputed
-              in full. On top: the backward working set of one layer (gradients of the hidden state and the widest
-              intermediates, a*(2h + 2I) + 4*max in_features), QLoRA's dequantised copy of the largest linear
-              weight (out x in x a), and DoRA's weight-norm temporaries for the largest adapted layer (an fp32
-              identity in x in, the fp32 LoRA product and the fp32 weight and sum: 4*in^2 + 16*in*out).
-logits        The lm_head output (a) plus the loss's fp32 upcast/log-softmax output, its gradient and the
-              gradient of its input: T x V x (a + 12). A 128k vocabulary at 8 x 2048 tokens spends 29 GB here.
+              plus per sequence per layer the mask SDPA turns into a compute-dtype bias, a*seq*(seq+prefix),
+              assumed when a micro-batch has several rows (padded to the longest) without packing,
+              and always with prefix tuning, whose keys and values are concatenated to the sequence's
+              (2*a*q_dim per virtual token); and for eager attention (Gemma2's soft-capped logits) the fp32
+              softmax, the probabilities and the tanh output: heads*seq*(4 + 2a) per token. On the CPU, SDPA
+              with attention dropout (GPT-2) runs its math kernel instead: fp32 copies of q, k and v and the fp32
+              softmax, dropout mask and dropped probabilities, 3*4*(q_dim + heads*seq) per token. Without gradient
+              checkpointing that is L layers' worth, less what the first block keeps for nothing: autograd
+              saves nothing before the first trained module, so its input norm (and, when no attention module
+              trains, as with bottleneck adapters, its attention) keeps nothing, unless prompt tuning's
+              virtual tokens come in front. With checkpointing, one saved hidden state per layer (a*h*L). On
+              top: what backward adds beyond the saved tensors, the larger of the final norm's backward
+              (transformers' RMSNorm works in fp32: 5 copies of the hidden state, 20h) and a block's: the
+              gradients of the hidden state and the widest intermediates, a*(2h + 2I), plus LoRA's fp32
+              gradient of lora_A's input (4*max in_features) less the MLP output projection's fp32 input copy,
+              which its backward releases first; for IA3 the fp32 gradient of the scaled feed-forward input,
+              its product with the vector and with the input (3 x 4*in, beside a*h), when larger; QLoRA's
+              dequantised copy of the largest linear weight (out x in x a); DoRA's weight-norm temporaries for
+              the largest adapted layer (an fp32 identity in x in, the fp32 LoRA product and the fp32 weight
+              and sum: 4*in^2 + 16*in*out); and with checkpointing the recomputed layer in full. The loss's
+              buffers are freed before the first block runs backward (and the blocks' forward temporaries come
+              before the loss exists), so a block's share counts only beyond `logits`.
+logits        Forward ends with the lm_head output over every position (a per element) and, for the labelled
+              positions, its shifted copy, the fp32 upcast and its log-softmax (a + 8); backward starts with
+              the log-softmax, its gradient and the gradient of its input (12): the larger counts, 12 bytes
+              per element in bf16 and fp32 alike. A 128k vocabulary at 8 x 2048 tokens spends 25 GB here.
               Gemma2's final soft-capping keeps one more a-byte copy. With the fused linear cross-entropy
-              (finetune/fastloss.py) the logits exist only a chunk at a time: `fused_loss_chunk_rows` rows (Liger's
-              ceil(V/h) chunks rounded to a power of two, at least 256 rows, at most 256 MiB of fp32 logits, never
-              more than the labelled rows), each chunk alive as its fp32 logits and the full-size fp32 temporary
-              logsumexp makes of them (measured: more than the a-byte matmul output beside its fp32 copy):
-              rows x V x 8 bytes; plus the labelled
-              hidden states picked out of the body's output and their gradient, kept for backward (2 x T x h x a). DPO runs chosen and rejected (2 sequences per pair) and a reference
-              forward without gradients whose logits (a + 4 per element) overlap the policy's. KTO has the same
-              reference forward, over one sequence per (unpaired) example.
+              (finetune/fastloss.py) the logits exist only a chunk at a time: `fused_loss_chunk_rows` rows
+              (Liger's ceil(V/h) chunks rounded to a power of two, at least 256 rows, at most 256 MiB of fp32
+              logits, never more than the labelled rows), each chunk alive as its fp32 logits and the
+              full-size fp32 temporary logsumexp makes of them inside the operator (x - max, seen by
+              torch.profiler): rows x V x 8 bytes; plus the labelled hidden states picked out of the body's
+              output and their gradient, kept for backward (2 x T x h x a). DPO runs chosen and rejected (2
+              sequences per pair); DPO and KTO take log-probabilities from full logits whatever the plan says,
+              and their reference forward (no gradients) peaks at its fp32 logits and log-softmax beside the
+              policy's kept log-softmax: 12 bytes per element, within the policy's buffers.
 cuda_context  The CUDA context, cuBLAS handles and kernels that never pass through the caching allocator: about
               500 MiB on CUDA, nothing on CPU.
 allocator_headroom  The caching allocator's fragmentation: 7% of what is allocated and freed every step
               (activations, logits, gradients, optimizer state).
 
 The per-layer activation counts were checked against what autograd actually saves (saved_tensors_hooks on a
-bf16 model with peft LoRA, tests/autotune/test_estimate_against_autograd.py): within 2-8%, never under. Every
-constant is named below. A GPU calibration run (bench/memory_estimate.py) compares predictions with
-torch.cuda.max_memory_reserved; its corrections come back through `calibration`, e.g.
+bf16 model with peft LoRA, tests/autotune/test_estimate_against_autograd.py): within 2-8%, never under; and
+the whole step (activations + logits + gradients) against every tensor one forward and backward through
+finetune's loss path allocates on the CPU, for every method at three shapes
+(tests/autotune/test_estimate_against_allocation.py): within 0.99-1.10, over where the test's rows are
+unpadded. Every constant is named below. A GPU calibration run (bench/memory_estimate.py) compares predictions
+with torch.cuda.max_memory_reserved; its corrections come back through `calibration`, e.g.
 {"activation_scale": 1.07, "logits_scale": 0.95}, without touching the formula.
 """
 from __future__ import annotations
@@ -92,8 +117,10 @@ QUANT_BLOCKSIZE = 64  # weights per absmax
 DOUBLE_QUANT_BLOCKSIZE = 256  # absmax per second-level fp32 constant
 ADAM_STATES = 2
 
-LOSS_FP32_BUFFERS = 3  # upcast/log-softmax output, its gradient, the gradient of its input
-DPO_REFERENCE_LOGITS_EXTRA = FP32  # the reference pass's fp32 log-softmax beside its logits
+RMSNORM_BACKWARD_FP32_COPIES = 5  # hidden-state-sized fp32 temporaries of transformers' RMSNorm backward
+IA3_BACKWARD_FP32_COPIES = 3
+SDPA_MATH_FP32_COPIES = 3  # q, k, v and softmax, mask, dropped probabilities in SDPA's math kernel (CPU dropout)  # fp32 gradient of IA3's scaled feed-forward input, times vector, times input
+LOSS_FP32_BUFFERS = 3  # log-softmax output, its gradient, the gradient of its input
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask; CPU keeps a mask in the input's dtype
 CUDA_CONTEXT_BYTES = 500 * MIB
 FUSED_LOSS_MIN_CHUNK_ROWS = 256  # smaller matmuls were measured slower (finetune/fastloss.py)
@@ -280,8 +307,7 @@ def _ia3_parameters(shape: ModelShape, setup: Setup) -> int:
 
 def _ia3_vector_size(shape: ModelShape, module: LinearModule) -> int:
     """IA3 scales a feed-forward layer's input and any other layer's output."""
-    feedforward = any(module.matches(t) for t in shape.ia3_feedforward_modules)
-    return module.in_features if feedforward else module.out_features
+    return module.in_features if _ia3_feedforward(shape, module) else module.out_features
 
 
 def _prefix_parameters(shape: ModelShape, setup: Setup) -> int:
@@ -322,14 +348,21 @@ def nf4_bytes_per_parameter(double_quant: bool = True) -> float:
 
 
 def activation_bytes(shape: ModelShape, setup: Setup) -> float:
+    """What forward keeps, plus what backward adds beyond the loss buffers it has freed by then."""
     per_layer = layer_activation_bytes(shape, setup)
+    block = setup.tokens * _block_backward_bytes_per_token(shape, setup) + _weight_temporaries(shape, setup)
     if setup.gradient_checkpointing:
         # one saved hidden state per layer; backward recomputes one layer at a time
-        kept = shape.num_layers * setup.tokens * setup.compute_bytes * shape.hidden_size + per_layer
+        stored = shape.num_layers * setup.tokens * setup.compute_bytes * shape.hidden_size
+        block += per_layer
     else:
-        kept = shape.num_layers * per_layer
+        stored = shape.num_layers * per_layer - _untrained_first_layer_bytes(shape, setup)
     final_norm = setup.tokens * _norm_bytes_per_token(shape, setup)
-    return kept + final_norm + _backward_working_set(shape, setup) + _weight_temporaries(shape, setup)
+    # Backward adds, beyond the saved tensors, first the final norm's working set, then each block's; by then
+    # the loss's buffers are gone, and what backward adds reuses them.
+    in_backward = max(setup.tokens * _norm_backward_bytes_per_token(shape, setup), block)
+    beyond_loss = max(0.0, in_backward - logits_bytes(shape, setup))
+    return stored + final_norm + beyond_loss
 
 
 def layer_activation_bytes(shape: ModelShape, setup: Setup) -> float:
@@ -342,6 +375,21 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup) -> float:
         + _adapter_bytes_per_token(shape, setup)
     )
     return per_token * setup.tokens + setup.sequences * _attention_bytes_per_sequence(shape, setup)
+
+
+def _untrained_first_layer_bytes(shape: ModelShape, setup: Setup) -> float:
+    """What the first block does not keep: autograd saves nothing for a sublayer whose input and weights all
+    lack a gradient, so before the first trained module (or virtual token) nothing is kept. The first block's
+    input norm keeps nothing unless prompt tuning's virtual tokens come in front; its attention keeps nothing
+    when no attention module (nor a prefix) trains, as with bottleneck adapters, which sit after it."""
+    if setup.method == "prompt":
+        return 0.0
+    skipped = setup.tokens * _norm_bytes_per_token(shape, setup)
+    attention_trains = setup.method == "prefix" or any(m.in_attention for m in adapted_modules(shape, setup))
+    if not attention_trains:
+        skipped += setup.tokens * _attention_bytes_per_token(shape, setup)
+        skipped += setup.sequences * _attention_bytes_per_sequence(shape, setup)
+    return skipped
 
 
 def _uses_liger(shape: ModelShape, setup: Setup) -> bool:
@@ -364,25 +412,40 @@ def _attention_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     a = setup.compute_bytes
     q_dim = shape.q_dim
     implementation = _attention_implementation(shape, setup)
-    # SDPA and eager repeat k and v to every query head; flash-attention takes grouped heads as they are
-    kv = shape.kv_dim if implementation == "flash_attention_2" else q_dim
+    # Eager attention, and SDPA with a mask, repeat k and v to every query head; SDPA without a mask
+    # (enable_gqa) and flash-attention take the grouped heads as they are
+    repeated = implementation == "eager" or _sdpa_mask(shape, setup)
+    kv = q_dim if repeated else shape.kv_dim
     core = a * (2 * q_dim + 2 * kv) + FP32 * shape.num_heads  # q, out, k, v, log-sum-exp
+    seq = setup.tokens_per_sequence
+    if implementation == "sdpa" and setup.device == "cpu" and shape.attention_dropout:
+        # the CPU's SDPA kernel has no dropout: its math fallback keeps fp32 copies of q, k and v, and per head
+        # and key the fp32 softmax, the dropout mask and the dropped probabilities (measured on GPT-2)
+        return SDPA_MATH_FP32_COPIES * FP32 * (q_dim + shape.num_heads * seq)
     if implementation != "eager":
         return core
-    seq = setup.tokens_per_sequence
     probabilities = shape.num_heads * seq * (FP32 + a)  # fp32 softmax output and its compute-dtype copy
     softcap = shape.num_heads * seq * a if shape.attn_logit_softcapping else 0  # tanh keeps its output
     return core + probabilities + softcap
 
 
+def _sdpa_mask(shape: ModelShape, setup: Setup) -> bool:
+    """Whether SDPA gets a mask: rows padded to the longest (more than one sequence, without packing) or
+    prefix tuning's mask over the virtual keys. transformers drops an all-ones mask and uses is_causal."""
+    if _attention_implementation(shape, setup) != "sdpa":
+        return False
+    return setup.method == "prefix" or (setup.sequences > 1 and not setup.packing)
+
+
 def _attention_bytes_per_sequence(shape: ModelShape, setup: Setup) -> float:
     """Per-layer attention costs that grow with the sequence rather than the token."""
     a, seq = setup.compute_bytes, setup.tokens_per_sequence
+    prefix = setup.num_virtual_tokens if setup.method == "prefix" else 0
     total = 0.0
-    if _attention_implementation(shape, setup) == "sdpa" and not setup.packing:
-        total += a * seq * seq  # SDPA turns the boolean padding mask into a bias it keeps for backward
-    if setup.method == "prefix":
-        total += setup.num_virtual_tokens * 2 * a * shape.q_dim  # prefix keys and values beside the sequence's
+    if _sdpa_mask(shape, setup):
+        total += a * seq * (seq + prefix)  # SDPA turns the boolean mask into a bias it keeps for backward
+    if prefix:
+        total += prefix * 2 * a * shape.q_dim  # prefix keys and values concatenated to the sequence's
     return total
 
 
@@ -396,16 +459,40 @@ def _adapter_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     if setup.method in LORA_METHODS:
         mask = _lora_dropout_mask_bytes(setup)
         total = 0.0
+        inputs = {}
         for m in adapted_modules(shape, setup):
-            total += (FP32 + mask) * m.in_features + FP32 * setup.rank
+            if not _lora_input_shared(setup):
+                inputs[m.path] = (FP32 + mask) * m.in_features
+            elif m.reads != "attention output":  # a view of the attention's output, which it keeps anyway
+                inputs[m.reads] = FP32 * m.in_features
+            total += FP32 * setup.rank
             if setup.method == "dora":
                 total += (a + FP32) * m.out_features
-        return total
+        return total + sum(inputs.values())
     if setup.method == "ia3":
-        return sum(a * _ia3_vector_size(shape, m) for m in adapted_modules(shape, setup))
+        return sum(_ia3_kept_bytes(shape, setup, m) for m in adapted_modules(shape, setup))
     if setup.method == "adapter":  # created in the base dtype: input, down output, GELU output
         return ADAPTERS_PER_LAYER * a * (shape.hidden_size + 2 * setup.adapter_bottleneck)
     return 0.0
+
+
+def _ia3_kept_bytes(shape: ModelShape, setup: Setup, module: LinearModule) -> float:
+    """Per token: peft's IA3 casts a feed-forward layer's input to the vector's fp32 and keeps that copy for the
+    vector's gradient; on other layers it keeps the base layer's output (compute dtype) for it."""
+    if _ia3_feedforward(shape, module):
+        return FP32 * module.in_features
+    return setup.compute_bytes * module.out_features
+
+
+def _ia3_feedforward(shape: ModelShape, module: LinearModule) -> bool:
+    return any(module.matches(t) for t in shape.ia3_feedforward_modules)
+
+
+def _lora_input_shared(setup: Setup) -> bool:
+    """peft hands lora_A its layer's input cast to fp32 and through dropout: a new tensor per adapted layer,
+    unless the input is already fp32 and dropout is off, when the layers that read one input keep it once
+    (measured on the CPU: q, k and v keep one norm output, gate and up another)."""
+    return setup.compute_bytes == FP32 and setup.dropout <= 0
 
 
 def _lora_dropout_mask_bytes(setup: Setup) -> int:
@@ -415,14 +502,33 @@ def _lora_dropout_mask_bytes(setup: Setup) -> int:
     return DROPOUT_MASK_BYTES if setup.device == "cuda" else FP32
 
 
-def _backward_working_set(shape: ModelShape, setup: Setup) -> float:
-    """Gradients alive while one block runs backward: the hidden state's and the widest intermediates'."""
+def _norm_backward_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    """transformers' RMSNorm backward works in fp32: the upcast gradient, its products with the weight and the
+    normalised input, and the variance's pow and div (5 fp32 copies of the hidden state, measured). Fused norms
+    (LayerNorm, Liger) take the incoming gradient and give the outgoing one."""
+    if shape.norm_kind == "layer" or _uses_liger(shape, setup):
+        return 2 * setup.compute_bytes * shape.hidden_size
+    return RMSNORM_BACKWARD_FP32_COPIES * FP32 * shape.hidden_size
+
+
+def _block_backward_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
+    """The hidden state's gradient and the MLP's widest gradients; for LoRA the fp32 gradient of lora_A's input.
+    The MLP's backward starts at its output projection, which releases what it saved (LoRA's fp32 copy of its
+    input) before the gate and up gradients form (measured under checkpointing), so that copy is not counted
+    twice. For IA3, the fp32 gradient of the scaled feed-forward input, its product with the vector and with
+    the input, beside the hidden state's gradient."""
     a = setup.compute_bytes
-    widest_input = max(m.in_features for m in shape.linear_modules)
     per_token = a * (2 * shape.hidden_size + 2 * shape.intermediate_size)
     if setup.method in LORA_METHODS:
-        per_token += FP32 * widest_input  # the fp32 gradient of lora_A's input
-    return per_token * setup.tokens
+        adapted = adapted_modules(shape, setup)
+        per_token += FP32 * max((m.in_features for m in adapted), default=0)
+        if any(m.in_features == shape.intermediate_size for m in adapted):  # the MLP's output projection
+            per_token -= (FP32 + _lora_dropout_mask_bytes(setup)) * shape.intermediate_size
+    if setup.method == "ia3":  # the scaled feed-forward input's gradient in fp32, when that is more
+        scaled_inputs = [m.in_features for m in adapted_modules(shape, setup) if _ia3_feedforward(shape, m)]
+        widest = max(scaled_inputs, default=0)
+        per_token = max(per_token, a * shape.hidden_size + IA3_BACKWARD_FP32_COPIES * FP32 * widest)
+    return per_token
 
 
 def _weight_temporaries(shape: ModelShape, setup: Setup) -> float:
@@ -442,20 +548,20 @@ def _weight_temporaries(shape: ModelShape, setup: Setup) -> float:
 
 def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     a, vocab = setup.compute_bytes, shape.vocab_size
-    if setup.fused_cross_entropy:
+    # dpo and kto take log-probabilities from full logits (finetune/train.py) whatever the plan says
+    if setup.fused_cross_entropy and not method_traits(setup.method).preference:
         labelled = setup.tokens  # every position may carry a label (full-sequence loss)
         chunk_tokens = min(labelled, fused_loss_chunk_rows(labelled, vocab, shape.hidden_size))
         chunk_bytes_per_element = 2 * FP32  # fp32 logits and logsumexp's fp32 temporary of the same size
-        policy = chunk_tokens * vocab * chunk_bytes_per_element + 2 * labelled * shape.hidden_size * a
-    else:
-        per_element = a + LOSS_FP32_BUFFERS * FP32 + (a if shape.final_logit_softcapping else 0)
-        policy = setup.tokens * vocab * per_element
-    if not method_traits(setup.method).preference:  # dpo and kto: a reference forward of the base
-        return policy
-    reference = setup.tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
-    if setup.fused_cross_entropy:
-        reference = chunk_tokens * vocab * (a + DPO_REFERENCE_LOGITS_EXTRA)
-    return policy + reference
+        return chunk_tokens * vocab * chunk_bytes_per_element + 2 * labelled * shape.hidden_size * a
+    # Forward ends with the logits of every position (prompt tuning's virtual tokens too), then the labelled
+    # positions' shifted copy, fp32 upcast and log-softmax (a + 8 bytes); backward starts with the log-softmax,
+    # its gradient and its input's gradient (12 bytes): whichever is more. Preference methods' reference forward
+    # peaks at its own fp32 logits and log-softmax beside the policy's kept log-softmax, no more than that.
+    labelled = setup.sequences * setup.max_seq_len
+    softcap = a * setup.tokens if shape.final_logit_softcapping else 0  # the soft-capped copy
+    at_forward_end = a * setup.tokens + (a + 2 * FP32) * labelled
+    return vocab * (max(at_forward_end, LOSS_FP32_BUFFERS * FP32 * labelled) + softcap)
 
 
 # ------------------------------------------------------------------------ calibration

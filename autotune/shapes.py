@@ -26,6 +26,9 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 SUPPORTED_FAMILIES = (*LLAMA_LIKE, "phi3", "gpt2")
 
 
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj")  # the last linear layer of a sublayer, in every layout
+
+
 @dataclass(frozen=True)
 class LinearModule:
     """One linear layer inside a decoder block, as peft sees it."""
@@ -39,6 +42,17 @@ class LinearModule:
     @property
     def parameters(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+    @property
+    def in_attention(self) -> bool:
+        return self.path.startswith(("self_attn.", "attn."))
+
+    @property
+    def reads(self) -> str:
+        """The tensor this layer reads: the layers that open a sublayer share its norm's output; an output
+        projection reads what its sublayer computed."""
+        sublayer = "attention" if self.in_attention else "mlp"
+        return f"{sublayer} {'output' if self.name in OUTPUT_PROJECTIONS else 'input'}"
 
     def matches(self, target: str) -> bool:
         """peft matches a target against the module name or the tail of its dotted path."""
@@ -67,6 +81,7 @@ class ModelShape:
     # input, the gate's output and the up projection (3); GPT-2's Python gelu_new keeps four.
     mlp_saved_tensors: int = 3
     residual_dropouts: int = 0  # dropout layers with p > 0 per block; each keeps a 1-byte mask per element
+    attention_dropout: bool = False  # dropout on the attention probabilities in training
     default_attention: str = "sdpa"  # what transformers picks without flash-attn: "sdpa" or "eager"
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -137,7 +152,7 @@ class ModelShape:
 
     def component_parameters(self) -> dict[str, int]:
         """Parameter counts per component, summing to `parameters`."""
-        attention = sum(m.parameters for m in self.linear_modules if _is_attention(m))
+        attention = sum(m.parameters for m in self.linear_modules if m.in_attention)
         return {
             "embeddings": self.embedding_parameters,
             "attention": self.num_layers * attention,
@@ -158,10 +173,6 @@ class ModelShape:
                 f"choose from {', '.join(self.linear_module_names)}"
             )
         return [m for m in self.linear_modules if any(m.matches(t) for t in targets)]
-
-
-def _is_attention(module: LinearModule) -> bool:
-    return module.path.startswith(("self_attn.", "attn."))
 
 
 # -------------------------------------------------------------------- readers
@@ -227,6 +238,7 @@ def _read_llama_like(config: dict, model_type: str) -> ModelShape:
         norms_per_layer=4 if family == "gemma2" else 2,
         # transformers has no SDPA path for soft-capped attention, so Gemma2 trains with eager attention
         default_attention="eager" if softcap else "sdpa",
+        attention_dropout=float(config.get("attention_dropout") or 0) > 0,
         attn_logit_softcapping=softcap,
         final_logit_softcapping=config.get("final_logit_softcapping"),
         # peft's own IA3 defaults for these families
@@ -262,6 +274,7 @@ def _read_phi3(config: dict, model_type: str) -> ModelShape:
         max_position_embeddings=_optional_int(config.get("max_position_embeddings")),
         linear_modules=modules,
         residual_dropouts=2 if float(config.get("resid_pdrop") or 0) > 0 else 0,
+        attention_dropout=float(config.get("attention_dropout") or 0) > 0,
         ia3_target_modules=("qkv_proj", "down_proj"),
         ia3_feedforward_modules=("down_proj",),
     )
@@ -297,6 +310,7 @@ def _read_gpt2(config: dict, model_type: str) -> ModelShape:
         gated_mlp=False,
         mlp_saved_tensors=4 if activation == "gelu_new" else 1,
         residual_dropouts=2 if float(config.get("resid_pdrop", 0.1) or 0) > 0 else 0,
+        attention_dropout=float(config.get("attn_pdrop", 0.1) or 0) > 0,
         ia3_target_modules=("c_attn", "mlp.c_proj"),
         ia3_feedforward_modules=("mlp.c_proj",),
     )

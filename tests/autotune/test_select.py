@@ -76,7 +76,7 @@ def test_nothing_fits_returns_the_smallest_plan_with_the_shortfall():
 
 def test_sequence_is_shortened_before_giving_up():
     plan = plan_for(gpu_inventory(9 * GB), stats=dataset(p99=4000, longest=8000))
-    assert plan["fits"] and plan["method"] == "qlora" and plan["max_seq_len"] == 960
+    assert plan["fits"] and plan["method"] == "qlora" and plan["max_seq_len"] == 1984
     assert any("shortened from 4032" in r for r in plan["reasons"])
 
 
