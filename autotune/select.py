@@ -14,19 +14,22 @@ How it chooses, and why:
   Without a GPU, a CPU plan (fp32, no QLoRA unless asked for) against 80% of available RAM.
 - Method: LoRA unless it does not fit at micro-batch 1 with checkpointing, then QLoRA (4-bit weights cost speed
   and a little quality, so only when needed). preferences["method"] forces one.
-- Rank: 16 and alpha = 2 x rank by default; 8 under 1,000 rows (a small dataset cannot fill a larger adapter and
-  overfits it), 32 over 100,000 rows (enough signal to use the extra capacity).
+- Rank: 16 and alpha = 2 x rank by default, 32 over 100,000 rows (enough signal to use the extra capacity). The
+  rank 8 that small datasets used to get is gone: the search stage tries ranks 4-32 when its budget allows.
 - max_seq_len: the dataset's 99th-percentile length rounded up to a multiple of 64 (kernel-friendly shapes), at
   least 64 and at most the model's context. Only if nothing fits is it halved, QLoRA first.
-- micro_batch: the largest power of two up to 64 (and up to the effective batch of 16, so the optimisation does not
-  change with the GPU) that fits; grad_accum = ceil(16 / micro_batch).
+- micro_batch: the largest power of two up to 64 (and up to the effective batch, so the optimisation does not
+  change with the GPU) that fits; grad_accum = ceil(effective / micro_batch). The effective batch is 16, or 8
+  under 1,000 rows, where 16 leaves too few optimizer steps per pass.
 - Gradient checkpointing: the faster of the best batch without it and the best batch with it, with a modelled
   speed of tokens / (tokens + 512) per micro-batch (small batches leave the GPU idle) divided by 1.3 with
   checkpointing (it recomputes the forward pass). So it is off whenever a reasonably sized batch fits without it.
 - Optimizer: torch's AdamW (fused on CUDA). Only when no plan fits with it is bitsandbytes' PagedAdamW8bit tried,
   whose state lives in CUDA unified memory that the driver evicts to host RAM under pressure (see estimate.py).
-- Learning rate by method (adapters start at zero and take larger steps than full fine-tuning), epochs by dataset
-  size (3 passes under 10,000 rows, 1 above).
+- Learning rate by method (adapters start at zero and take larger steps than full fine-tuning). Epochs: enough
+  passes for 40 optimizer steps, 1 to 3; with a validation split the run stops early and keeps its best
+  checkpoint, so the epochs are a ceiling. (It was 3 passes under 10,000 rows: 3x the time of a one-pass
+  recipe that learned as much, issue 20.)
 - dtype: bf16 where the device runs it faster than fp32, decided from the worker's own matmul measurement
   (inventory["matmul_speed"], finetune/precision.py), CPU included; on a GPU without a measurement, its
   compute capability (bf16 tensor cores from Ampere on); a GPU without bf16 trains in fp16 with a gradient
@@ -68,8 +71,14 @@ MEMORY_OPTIMIZER = "paged_adamw_8bit"  # tried when nothing fits with the defaul
 
 SMALL_DATASET_ROWS = 1_000
 LARGE_DATASET_ROWS = 100_000
-MULTI_EPOCH_ROWS = 10_000
-DEFAULT_RANK, SMALL_RANK, LARGE_RANK = 16, 8, 32
+# Under SMALL_DATASET_ROWS the effective batch is halved: twice the optimizer steps per pass over few rows
+# (bench/autotune_quality.py: 16 left a 400-row task at 23 steps an epoch, behind the batch-8 recipe).
+SMALL_EFFECTIVE_BATCH = 8
+# Passes: enough for this many optimizer steps (a zero-initialised adapter barely moves in fewer), at most
+# MAX_EPOCHS; the run stops early on validation and keeps its best checkpoint, so this is a ceiling.
+MIN_OPTIMIZER_STEPS = 40
+MAX_EPOCHS = 3
+DEFAULT_RANK, LARGE_RANK = 16, 32
 DPO_BETA = 0.1
 KTO_BETA = 0.1
 
@@ -159,7 +168,7 @@ def select(inventory: dict, model_config: dict, dataset_stats: dict | None = Non
     if seq_fixed and shape.max_position_embeddings and seq > shape.max_position_embeddings:
         notes.warn(f"max_seq_len {seq} is longer than the model's {shape.max_position_embeddings:,}-token context;"
                    " positions beyond it were never trained (or do not exist, with learned position embeddings).")
-    effective = int(preferences.get("effective_batch") or DEFAULT_EFFECTIVE_BATCH)
+    effective = int(preferences.get("effective_batch") or effective_batch_for(rows))
     base = base_plan(shape, method, dtype, target, rank, overrides)
 
     fit = search(shape, base, target, method, seq, seq_fixed, overrides, effective, rows,
@@ -269,8 +278,6 @@ def choose_dtype(target: Target, overrides: dict, notes: Notes) -> str:
 def choose_rank(rows: int, overrides: dict) -> tuple[int, float]:
     if "rank" in overrides:
         rank = int(overrides["rank"])
-    elif 0 < rows < SMALL_DATASET_ROWS:
-        rank = SMALL_RANK
     elif rows > LARGE_DATASET_ROWS:
         rank = LARGE_RANK
     else:
@@ -413,17 +420,18 @@ def largest_fitting(shape, plan, target, batches, checkpointing, calibration) ->
 def assemble(shape, fit: Fit, base, rank, alpha, effective, rows, overrides, target: Target) -> dict:
     method = fit.plan["method"]
     micro_batch = fit.micro_batch
+    grad_accum = int(overrides.get("grad_accum") or math.ceil(effective / micro_batch))
     plan = {
         "method": method,
         "rank": rank,
         "alpha": alpha,
         "target_modules": target_module_names(shape, method, base["target_modules"]),
         "micro_batch": micro_batch,
-        "grad_accum": int(overrides.get("grad_accum") or math.ceil(effective / micro_batch)),
+        "grad_accum": grad_accum,
         "max_seq_len": fit.plan["max_seq_len"],
         "gradient_checkpointing": fit.checkpointing,
         "learning_rate": overrides.get("learning_rate", LEARNING_RATES[method][0]),
-        "epochs": overrides.get("epochs", epochs_for(rows)),
+        "epochs": overrides.get("epochs", epochs_for(rows, micro_batch * grad_accum)),
         "memory": {**fit.memory, "capacity_bytes": target.capacity_bytes},
         "device": base["device"],
         "dtype": base["dtype"],
@@ -457,8 +465,15 @@ def method_settings(method: str, base: dict) -> dict:
     return {}
 
 
-def epochs_for(rows: int) -> int:
-    return 3 if rows < MULTI_EPOCH_ROWS else 1
+def effective_batch_for(rows: int) -> int:
+    return SMALL_EFFECTIVE_BATCH if 0 < rows < SMALL_DATASET_ROWS else DEFAULT_EFFECTIVE_BATCH
+
+
+def epochs_for(rows: int, effective_batch: int) -> int:
+    """Passes enough for MIN_OPTIMIZER_STEPS steps, 1 to MAX_EPOCHS; one without dataset statistics."""
+    if rows <= 0:
+        return 1
+    return min(MAX_EPOCHS, max(1, math.ceil(MIN_OPTIMIZER_STEPS * effective_batch / rows)))
 
 
 # ------------------------------------------------------------------------ reasons
@@ -506,12 +521,11 @@ def rank_reason(plan, shape, rows, overrides) -> str:
     head = f"Rank {plan['rank']} (alpha {_number(plan['alpha'])})"
     if "rank" in overrides:
         return f"{head}: set by override."
-    if 0 < rows < SMALL_DATASET_ROWS:
-        why = f"{rows:,} rows are too few to fill a larger adapter, and a smaller one overfits less"
-    elif rows > LARGE_DATASET_ROWS:
+    if rows > LARGE_DATASET_ROWS:
         why = f"{rows:,} rows carry enough signal to use a larger adapter"
     elif rows:
-        why = f"the default for {rows:,} rows (8 below {SMALL_DATASET_ROWS:,}, 32 above {LARGE_DATASET_ROWS:,})"
+        why = f"the default for {rows:,} rows (32 above {LARGE_DATASET_ROWS:,}; the search tries 4 to 32 when " \
+              "its budget allows)"
     else:
         why = "the default, without dataset statistics"
     return f"{head}: {why}; alpha = 2 x rank keeps the update's scale independent of the rank."
@@ -632,10 +646,16 @@ def epochs_reason(plan, rows, overrides) -> str:
     if "epochs" in overrides:
         return f"{_number(epochs)} epochs (override){steps}."
     if not rows:
-        return f"{epochs} epochs: the default without dataset statistics."
-    if rows < MULTI_EPOCH_ROWS:
-        return f"{epochs} epochs: {rows:,} rows is a small dataset that needs several passes{steps}."
-    return f"{epochs} epoch: {rows:,} rows is enough in one pass, and more passes start to memorise{steps}."
+        return f"{epochs} epoch: the default without dataset statistics; training stops early on validation."
+    ceiling = "at most" if epochs > 1 else "and"
+    if epochs > 1:
+        why = f"{rows:,} rows give fewer than {MIN_OPTIMIZER_STEPS} optimizer steps a pass, too few for the " \
+              f"adapter to move from zero ({MAX_EPOCHS} passes {ceiling})"
+    else:
+        why = f"{rows:,} rows give at least {MIN_OPTIMIZER_STEPS} optimizer steps in one pass, and more passes " \
+              "cost time and start to memorise"
+    return f"{epochs} epoch{'s' if epochs != 1 else ''}: {why}{steps}; the run stops early when validation loss " \
+           "stops improving and keeps its best checkpoint."
 
 
 def dtype_reason(plan, target, overrides) -> str:

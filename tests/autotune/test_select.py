@@ -102,10 +102,19 @@ def test_truncation_is_counted_from_token_stats():
     assert "no example is truncated" in reason
 
 
-@pytest.mark.parametrize("rows,rank,epochs", [(500, 8, 3), (5000, 16, 3), (50_000, 16, 1), (200_000, 32, 1)])
-def test_rank_and_epochs_follow_dataset_size(rows, rank, epochs):
+@pytest.mark.parametrize("rows,rank,effective,epochs", [
+    (100, 16, 8, 3),  # 13 steps a pass: 3 passes, the ceiling
+    (200, 16, 8, 2),  # 25 steps a pass: 2 passes reach 40 steps
+    (500, 16, 8, 1),  # under 1,000 rows the effective batch is 8, so one pass is 63 steps
+    (5000, 16, 16, 1),
+    (200_000, 32, 16, 1),
+])
+def test_rank_batch_and_epochs_follow_dataset_size(rows, rank, effective, epochs):
     plan = plan_for(stats=dataset(rows=rows))
     assert (plan["rank"], plan["alpha"], plan["epochs"]) == (rank, 2 * rank, epochs)
+    assert plan["micro_batch"] * plan["grad_accum"] == effective
+    reason = next(r for r in plan["reasons"] if r.startswith(f"{epochs} epoch"))
+    assert "stops early" in reason and "best checkpoint" in reason
 
 
 @pytest.mark.parametrize("method,rate", [("lora", 2e-4), ("qlora", 2e-4), ("dora", 2e-4), ("ia3", 3e-3),
@@ -197,7 +206,7 @@ def test_unknown_target_modules_and_methods_are_errors():
 
 def test_no_dataset_statistics():
     plan = select(H100, config("Llama-3.2-1B"), {"rows": 0, "token_stats": {}}, {"method": "auto", "overrides": {}})
-    assert plan["max_seq_len"] == 1024 and plan["rank"] == 16 and plan["epochs"] == 3
+    assert plan["max_seq_len"] == 1024 and plan["rank"] == 16 and plan["epochs"] == 1
     assert plan_for(stats={})["fits"]
 
 
