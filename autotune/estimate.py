@@ -118,8 +118,8 @@ DOUBLE_QUANT_BLOCKSIZE = 256  # absmax per second-level fp32 constant
 ADAM_STATES = 2
 
 RMSNORM_BACKWARD_FP32_COPIES = 5  # hidden-state-sized fp32 temporaries of transformers' RMSNorm backward
-IA3_BACKWARD_FP32_COPIES = 3
-SDPA_MATH_FP32_COPIES = 3  # q, k, v and softmax, mask, dropped probabilities in SDPA's math kernel (CPU dropout)  # fp32 gradient of IA3's scaled feed-forward input, times vector, times input
+IA3_BACKWARD_FP32_COPIES = 3  # fp32 gradient of IA3's scaled feed-forward input, times vector, times input
+SDPA_MATH_FP32_COPIES = 3  # q, k, v and softmax, mask, dropped probabilities in SDPA's math kernel (CPU dropout)
 LOSS_FP32_BUFFERS = 3  # log-softmax output, its gradient, the gradient of its input
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask; CPU keeps a mask in the input's dtype
 CUDA_CONTEXT_BYTES = 500 * MIB
