@@ -72,7 +72,7 @@ MEMORY_OPTIMIZER = "paged_adamw_8bit"  # tried when nothing fits with the defaul
 SMALL_DATASET_ROWS = 1_000
 LARGE_DATASET_ROWS = 100_000
 # Under SMALL_DATASET_ROWS the effective batch is halved: twice the optimizer steps per pass over few rows
-# (bench/autotune_quality.py: 16 left a 400-row task at 23 steps an epoch, behind the batch-8 recipe).
+# (issue 20: at 16 a 400-row task got 23 steps an epoch and fell behind the batch-8 recipe).
 SMALL_EFFECTIVE_BATCH = 8
 # Passes: enough for this many optimizer steps (a zero-initialised adapter barely moves in fewer), at most
 # MAX_EPOCHS; the run stops early on validation and keeps its best checkpoint, so this is a ceiling.
