@@ -12,6 +12,9 @@ concurrent streaming chat requests, greedy, the same prompt and max tokens: toke
 and median time to first token. The engine that goes first alternates from one concurrency level to the next.
 Section "vllm-lora": 1/4/16 random LoRA adapters loaded at run time onto one vLLM base server, requests sent
 round-robin across them at --lora-concurrency; throughput relative to one adapter.
+Both engines run --dtype (fp32 by default, the built-in server's CPU dtype); --vllm-cpu-threads picks vLLM's CPU
+thread binding (auto: all CPUs on a host of at most 4, vLLM's own binding, which keeps a core for its scheduler,
+on larger ones).
 Section "builtin" (the default without --sections) is the in-process table below.
 
 Measures, per device, through finetune.serving.ModelServer's streaming API (what the OpenAI endpoint uses):
@@ -60,6 +63,11 @@ def parse_args():
     parser.add_argument("--waves", type=int, default=1,
                         help="engines: requests per level = max(4, waves * concurrency)")
     parser.add_argument("--lora-concurrency", type=int, default=16)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="engines/vllm-lora: both engines run this dtype (like with like; the built-in "
+                             "server's CPU default is fp32, vLLM's own default on a bf16 CPU is bf16)")
+    parser.add_argument("--vllm-cpu-threads", default="auto", choices=["auto", "all", "vllm"],
+                        help="vLLM's CPU thread binding (finetune/vllm_engine.cpu_thread_binding)")
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     return parser.parse_args()
 
@@ -282,7 +290,8 @@ def start_vllm(model_dir: Path, workdir: Path, args, *, adapters=None):
     ready = threading.Event()
     failed: list = []
     settings = EngineSettings(python=args.vllm_python, log_dir=workdir / "logs", max_adapters=16, max_loras=16,
-                              startup_timeout=1200)
+                              startup_timeout=1200, cpu_threads=args.vllm_cpu_threads,
+                              dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype])
     supervisor = VllmSupervisor(settings, on_ready=lambda name: ready.set(),
                                 on_failed=lambda name, reason: (failed.append(reason), ready.set()))
     started = time.perf_counter()
@@ -306,7 +315,7 @@ def engines_section(base_dir: Path, adapter: Path, workdir: Path, args) -> None:
 
     merged_dir = workdir / "merged-engines"
     merge_adapter(base_dir, adapter, merged_dir, device="cpu")
-    builtin = ModelServer(device="cpu")
+    builtin = ModelServer(device="cpu", dtype=args.dtype)
     builtin.add_merged("merged", merged_dir)
     builtin_request(builtin, "merged", 2)  # loads it
     supervisor = start_vllm(merged_dir, workdir, args)

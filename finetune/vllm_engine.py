@@ -175,6 +175,7 @@ class EngineSettings:
     startup_timeout: float = 600.0
     dtype: str = "auto"
     gpu: dict = field(default_factory=dict)  # autotune.probe's entry for the GPU, on CUDA
+    cpu_threads: str = "auto"  # on CPU: "all", "vllm" (its own binding) or "auto" (see cpu_thread_binding)
     extra_args: tuple = ()
 
 
@@ -244,6 +245,8 @@ class VllmServer:
             VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
             PYTHONUNBUFFERED="1",
         )
+        if self.settings.device == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env.update(cpu_thread_binding(self.settings.cpu_threads))
         return env
 
     def start(self) -> None:
@@ -303,6 +306,23 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return True  # not Linux: leave the choice to vLLM
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+SMALL_HOST_CPUS = 4
+
+
+def cpu_thread_binding(mode: str = "auto", cpus: list[int] | None = None) -> dict:
+    """vLLM's CPU thread binding. Its own ("vllm") keeps one core per worker free for its scheduler, so on a
+    2-core host the model runs on one core while the built-in server uses both. "all" binds the model's OpenMP
+    threads to every CPU this process may use (the scheduler then shares them, idle while the model computes).
+    "auto" is "all" on hosts with at most SMALL_HOST_CPUS CPUs, where one reserved core is a large share,
+    and vLLM's own binding on larger ones. Measured with bench/serving_speed.py --vllm-cpu-threads."""
+    if mode not in ("auto", "all", "vllm"):
+        raise ValueError(f"vLLM CPU thread binding must be auto, all or vllm, not {mode!r}")
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if mode == "vllm" or (mode == "auto" and len(cpus) > SMALL_HOST_CPUS):
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cpus)}
 
 
 def _free_port() -> int:

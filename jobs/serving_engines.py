@@ -55,6 +55,7 @@ def engine_settings(device: str = "auto", max_adapters: int = 8):
         max_lora_rank=settings.TUNEDECK_VLLM_MAX_LORA_RANK,
         startup_timeout=settings.TUNEDECK_VLLM_STARTUP_SECONDS,
         dtype=settings.TUNEDECK_VLLM_DTYPE,
+        cpu_threads=settings.TUNEDECK_VLLM_CPU_THREADS,
     )
 
 

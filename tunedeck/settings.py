@@ -146,6 +146,8 @@ TUNEDECK_VLLM_MAX_LORAS = int(os.environ.get("TUNEDECK_VLLM_MAX_LORAS", "16"))  
 TUNEDECK_VLLM_MAX_LORA_RANK = int(os.environ.get("TUNEDECK_VLLM_MAX_LORA_RANK", "64"))
 TUNEDECK_VLLM_STARTUP_SECONDS = float(os.environ.get("TUNEDECK_VLLM_STARTUP_SECONDS", "600"))
 TUNEDECK_VLLM_DTYPE = os.environ.get("TUNEDECK_VLLM_DTYPE", "auto")
+# auto | all | vllm: which CPUs vLLM's model threads use on CPU hosts (finetune/vllm_engine.cpu_thread_binding)
+TUNEDECK_VLLM_CPU_THREADS = os.environ.get("TUNEDECK_VLLM_CPU_THREADS", "auto")
 # Where the inference server tells the workers' GPU probe how much memory starting vLLM servers will take.
 os.environ.setdefault("TUNEDECK_SERVING_RESERVED_FILE", str(DATA_DIR / "serving-reserved.json"))
 

@@ -64,3 +64,22 @@ def test_patience_zero_trains_to_the_end_and_still_keeps_the_best(tiny_model_dir
     assert m["stopped_early"] is False and m["steps"] == 24
     assert m["best_step"] <= 24 and m["eval_loss"] == m["best_eval_loss"] <= m["last_eval_loss"]
     assert _eval_loss_of_saved_adapter(spec) == pytest.approx(m["best_eval_loss"], rel=1e-5)
+
+
+def test_validation_costs_a_bounded_share_of_a_short_run():
+    """8 evaluations of 40 validation rows on a 45-step pass of 360 rows were a third of the run's compute; a
+    short run now evaluates twice (the middle and the end), a long one 8 times, and a set interval is kept."""
+    from types import SimpleNamespace
+
+    from finetune.train import _eval_every
+
+    def every(total_steps, eval_rows, **spec):
+        fields = {"eval_every_steps": None, "early_stopping_patience": 3, "micro_batch": 8, "grad_accum": 1, **spec}
+        return _eval_every(SimpleNamespace(spec=SimpleNamespace(**fields), total_steps=total_steps,
+                                           eval_rows=[None] * eval_rows))
+
+    assert every(45, 40) == 23  # steps 23 and 45
+    assert every(1875, 200) == 235  # 15,000 rows: 8 evaluations
+    assert every(135, 40) == 20  # three passes of 360 rows: 7 evaluations, about 10 % of the compute
+    assert every(45, 40, eval_every_steps=5) == 5
+    assert every(100, 0, early_stopping_patience=0) == 25  # no validation rows: 4 progress points, as before

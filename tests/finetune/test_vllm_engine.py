@@ -83,6 +83,18 @@ def test_lora_ranks_and_gpu_share():
     assert gpu_memory_fraction("/nonexistent", {"total_bytes": 80 * 2**30, "free_bytes": 2**30}, 8 * 2**30) < 0.02
 
 
+def test_cpu_thread_binding_uses_every_core_of_a_small_host():
+    from finetune.vllm_engine import cpu_thread_binding
+
+    # vLLM's own binding keeps one of two cores for its scheduler: the model would run on one core.
+    assert cpu_thread_binding("auto", [0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1"}
+    assert cpu_thread_binding("auto", list(range(32))) == {}
+    assert cpu_thread_binding("all", [3, 1, 2]) == {"VLLM_CPU_OMP_THREADS_BIND": "1,2,3"}
+    assert cpu_thread_binding("vllm", [0, 1]) == {}
+    with pytest.raises(ValueError, match="auto, all or vllm"):
+        cpu_thread_binding("both")
+
+
 def test_a_broken_vllm_is_retried_then_reported_as_failed(tmp_path):
     """The training venv's python has no vllm module: the server exits at once; after a retry the supervisor
     gives up and reports the reason with the end of vLLM's log (the inference server then falls back)."""
