@@ -165,16 +165,17 @@ def rules_plan(model_dir: Path, task: dict, stats: dict) -> dict:
     return select(inventory, config, {"rows": task["train_rows"], "token_stats": stats}, {"method": "auto"})
 
 
-def arm_loop(model_dir, task, stats, work, ctx):
+def arm_loop(model_dir, task, stats, work, ctx, parts=("train", "validation")):
     from bench.train_quality import train_plain
 
-    rows = [json.loads(line) for name in ("train", "validation") for line in Path(task[name]).read_text().splitlines()]
+    rows = [json.loads(line) for name in parts for line in Path(task[name]).read_text().splitlines()]
     settings = {"seed": 42, "rank": PLAIN["rank"], "alpha": PLAIN["alpha"], "dropout": 0.05, "lr": PLAIN["learning_rate"],
                 "epochs": PLAIN["epochs"], "batch": PLAIN["micro_batch"],
                 "max_seq_len": max(64, -(-stats["max"] // 64) * 64)}
     started = time.monotonic()
-    train_plain(str(model_dir), rows, settings, work / "loop")
-    return {"adapter": str(work / "loop")}, time.monotonic() - started, {
+    out = work / ("loop-" + "-".join(parts))
+    train_plain(str(model_dir), rows, settings, out)
+    return {"adapter": str(out)}, time.monotonic() - started, {
         "plan": f"plain loop r16/a32 all-linear lr 2e-4 batch 8 1 epoch, {len(rows)} rows"}
 
 
@@ -230,7 +231,24 @@ def describe(plan: dict) -> str:
            f"batch {plan['micro_batch']}x{plan['grad_accum']} {plan['epochs']:g} epoch(s)"
 
 
-ARMS = {"loop": arm_loop, "plain": arm_plain, "rules": arm_rules, "search": arm_search}
+def arm_loop_split(model_dir, task, stats, work, ctx):
+    return arm_loop(model_dir, task, stats, work, ctx, parts=("train",))
+
+
+def arm_plain_all(model_dir, task, stats, work, ctx):
+    """The recipe through the product's trainer on every row, no validation: the trainer alone against `loop`."""
+    merged = work / "all.jsonl"
+    merged.write_text(Path(task["train"]).read_text() + Path(task["validation"]).read_text())
+    plan = {**PLAIN, "max_seq_len": max(64, -(-stats["max"] // 64) * 64), "device": "cpu", "dtype": "fp32"}
+    trained, seconds = train_plan(model_dir, {**task, "train": str(merged), "validation": None}, plan,
+                                  work / "plain-all")
+    return trained, seconds, {"plan": "r16/a32 all-linear lr 2e-4 batch 8 1 epoch, every row, no validation"}
+
+
+# Ablation arms (not run by default): loop-split = the loop on the training split only, plain-all = the product's
+# trainer on every row. `--tasks classify --arms loop,loop-split,plain,plain-all` separates trainer from hold-out.
+ARMS = {"loop": arm_loop, "plain": arm_plain, "rules": arm_rules, "search": arm_search,
+        "loop-split": arm_loop_split, "plain-all": arm_plain_all}
 
 
 def score(model_dir: Path, adapter: str, test: list[dict]) -> dict:
