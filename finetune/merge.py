@@ -259,6 +259,12 @@ def dequantized(model):
     around (on SmolLM2-135M that alone moves the logits by up to ~26 on a scale of ~38); re-quantising
     W + B@A would round the small update away.
     """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():  # a weight bitsandbytes repacked for a bf16 CPU kernel is not NF4 any more
+        weight = getattr(module, "weight", None)
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
     return model.dequantize()  # also drops quantization_config, so the saved folder is a plain model
 
 

@@ -509,11 +509,23 @@ def load_model_and_tokenizer(
     if quantize_4bit:
         kwargs["quantization_config"] = four_bit_config(torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if quantize_4bit:
+        same_4bit_numerics_on_every_cpu(model)
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), **({"trust_remote_code": True} if trust_remote_code else {})
     )
     _ensure_pad_token(model, tokenizer)
     return model.eval(), tokenizer
+
+
+def same_4bit_numerics_on_every_cpu(model) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for its bf16 kernel the first time an eval-mode layer runs on
+    a CPU with AVX512-BF16 (CPUs without it, and training, keep the NF4 layout). That gives other numbers on
+    other machines than the model was trained with, and transformers' dequantize() then reads the repacked bytes
+    as NF4 (logits off by ~9 in tests/finetune/test_merge.py on such a CPU). One layout everywhere."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def four_bit_config(compute_dtype):
