@@ -132,6 +132,11 @@ def make_task(name: str, rows: int, test_rows: int, seed: int, folder: Path) -> 
 # ------------------------------------------------------------------------ arms
 
 
+def seq_len_for(stats: dict) -> int:
+    """The longest row, rounded up to a multiple of 64 (at least 64): every arm's max_seq_len."""
+    return max(64, -(-stats["max"] // 64) * 64)
+
+
 def train_plan(model_dir: Path, task: dict, plan: dict, out: Path) -> tuple[dict, float]:
     from finetune.train import TrainSpec, train
 
@@ -171,7 +176,7 @@ def arm_loop(model_dir, task, stats, work, ctx, parts=("train", "validation")):
     rows = [json.loads(line) for name in parts for line in Path(task[name]).read_text().splitlines()]
     settings = {"seed": 42, "rank": PLAIN["rank"], "alpha": PLAIN["alpha"], "dropout": 0.05, "lr": PLAIN["learning_rate"],
                 "epochs": PLAIN["epochs"], "batch": PLAIN["micro_batch"],
-                "max_seq_len": max(64, -(-stats["max"] // 64) * 64)}
+                "max_seq_len": seq_len_for(stats)}
     started = time.monotonic()
     out = work / ("loop-" + "-".join(parts))
     train_plain(str(model_dir), rows, settings, out)
@@ -180,7 +185,7 @@ def arm_loop(model_dir, task, stats, work, ctx, parts=("train", "validation")):
 
 
 def arm_plain(model_dir, task, stats, work, ctx):
-    plan = {**PLAIN, "max_seq_len": max(64, -(-stats["max"] // 64) * 64), "device": "cpu", "dtype": "fp32"}
+    plan = {**PLAIN, "max_seq_len": seq_len_for(stats), "device": "cpu", "dtype": "fp32"}
     trained, seconds = train_plan(model_dir, task, plan, work / "plain")
     ctx["plain_tps"] = trained["metrics"].get("tokens_per_second")
     return trained, seconds, {"plan": "r16/a32 all-linear lr 2e-4 batch 8 1 epoch"}
@@ -239,7 +244,7 @@ def arm_plain_all(model_dir, task, stats, work, ctx):
     """The recipe through the product's trainer on every row, no validation: the trainer alone against `loop`."""
     merged = work / "all.jsonl"
     merged.write_text(Path(task["train"]).read_text() + Path(task["validation"]).read_text())
-    plan = {**PLAIN, "max_seq_len": max(64, -(-stats["max"] // 64) * 64), "device": "cpu", "dtype": "fp32"}
+    plan = {**PLAIN, "max_seq_len": seq_len_for(stats), "device": "cpu", "dtype": "fp32"}
     trained, seconds = train_plan(model_dir, {**task, "train": str(merged), "validation": None}, plan,
                                   work / "plain-all")
     return trained, seconds, {"plan": "r16/a32 all-linear lr 2e-4 batch 8 1 epoch, every row, no validation"}
@@ -272,7 +277,7 @@ def run_task(name: str, index: int, args, model_dir: Path, root: Path) -> dict:
     ctx = {"force_trials": args.search_trials, "measured_tps": None}
     search_first = "search" in order and ("plain" not in order or order.index("search") < order.index("plain"))
     if search_first:  # the search needs a measured speed before the plain arm runs: a short timing run
-        timing = {**PLAIN, "max_steps": 6, "max_seq_len": max(64, -(-stats["max"] // 64) * 64), "device": "cpu",
+        timing = {**PLAIN, "max_steps": 6, "max_seq_len": seq_len_for(stats), "device": "cpu",
                   "dtype": "fp32"}
         trained, _ = train_plan(model_dir, task, timing, root / name / "timing")
         ctx["measured_tps"] = trained["metrics"].get("tokens_per_second")
