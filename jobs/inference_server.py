@@ -129,6 +129,9 @@ class InferenceService:
         if failed and choice["engine"] == "vllm":
             choice = {"engine": "builtin", "reason": "its vLLM server failed",
                       "warning": f"vLLM could not serve it, so the built-in server does: {failed}"[:2000]}
+        # Noted before the hand-over: an adapter joining a running server goes live inside add_adapter, and that
+        # write must already carry the engine (a page never shows live with no engine).
+        self.notes[spec["name"]] = _engine_note(choice)
         if choice["engine"] == "vllm":
             try:
                 if merged:
@@ -138,8 +141,7 @@ class InferenceService:
             except (VllmUnavailable, OSError) as exc:
                 choice = {"engine": "builtin", "reason": "its vLLM server failed",
                           "warning": f"vLLM could not serve it, so the built-in server does: {exc}"}
-        self.notes[spec["name"]] = {"engine": choice["engine"], "engine_reason": choice["reason"],
-                                    "engine_warning": choice["warning"] or None}
+                self.notes[spec["name"]] = _engine_note(choice)
         self._note(spec, engine_progress=None)
         if choice["engine"] != "vllm":
             self.engine_reasons[spec["name"]] = choice["reason"]
@@ -437,3 +439,7 @@ def make_server(service: InferenceService, host: str, port: int) -> ThreadingHTT
     httpd = ThreadingHTTPServer((host, port), handler)
     httpd.daemon_threads = True
     return httpd
+
+
+def _engine_note(choice: dict) -> dict:
+    return {"engine": choice["engine"], "engine_reason": choice["reason"], "engine_warning": choice["warning"] or None}
