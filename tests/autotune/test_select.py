@@ -104,8 +104,9 @@ def test_truncation_is_counted_from_token_stats():
 
 @pytest.mark.parametrize("rows,rank,effective,epochs", [
     (100, 16, 8, 3),  # 13 steps a pass: 3 passes, the ceiling
-    (200, 16, 8, 2),  # 25 steps a pass: 2 passes reach 40 steps
-    (500, 16, 8, 1),  # under 1,000 rows the effective batch is 8, so one pass is 63 steps
+    (400, 16, 8, 1.6),  # 50 steps a pass: 1.6 passes reach 80 steps (not 2, which would cost 100)
+    (900, 16, 8, 1),  # under 1,000 rows the effective batch is 8, so one pass is 113 steps
+    (1200, 16, 16, 1.07),  # 75 steps a pass at batch 16
     (5000, 16, 16, 1),
     (200_000, 32, 16, 1),
 ])
