@@ -14,6 +14,7 @@ from django.test import Client
 
 from jobs import services
 from jobs.models import Dataset
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db
@@ -103,8 +104,10 @@ def test_upload_size_limit_while_streaming(user, token_for, settings):
 def upload(user, name, content):
     dataset, _ = services.create_dataset(user, SimpleUploadedFile(name, content))
     services.process_dataset(dataset.pk)
-    dataset.refresh_from_db()
-    return dataset
+    # A Celery worker left running by an earlier test may have claimed the upload's own task first (then the
+    # call above returns at once): wait for whichever process has it.
+    return wait_for(lambda: (d := Dataset.objects.get(pk=dataset.pk)).status != Dataset.Status.VALIDATING and d,
+                    timeout=120, what="the dataset to be processed")
 
 
 @pytest.mark.django_db(transaction=True)
