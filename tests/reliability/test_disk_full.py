@@ -65,7 +65,8 @@ def test_job_fails_clearly_on_a_full_disk_and_resumes_after(tmp_path, user, data
     worker = start_worker("diskfull", tmp_path / "worker.log", broker_url=private_redis.url,
                           extra_env={"TUNEDECK_RESEND_SECONDS": "2"})
     workers.append(worker)
-    job = make_job(user, dataset, max_steps=40, checkpoint_every_steps=5)
+    # Steps enough that the run is still going when the limit lands, however fast this machine trains.
+    job = make_job(user, dataset, max_steps=400, checkpoint_every_steps=5)
     wait_for_worker_ready(worker)
     send_train(job.pk, private_redis.url)
     wait_for(lambda: events(job.pk, "checkpoint"), timeout=120, what="a first checkpoint", log_proc=worker)
