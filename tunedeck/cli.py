@@ -578,8 +578,8 @@ def print_plan(plan, heading=""):
         ("method", plan.get("method")),
         ("rank / alpha", f"{number(plan.get('rank'))} / {number(plan.get('alpha'))}"),
         ("target modules", number(plan.get("target_modules"))),
-        ("micro batch", f"{plan.get('micro_batch')} × grad accum {plan.get('grad_accum')} "
-                        f"(effective {(plan.get('micro_batch') or 0) * (plan.get('grad_accum') or 0)})"),
+        ("micro batch", (f"{plan.get('micro_batch')} × grad accum {plan.get('grad_accum')} "
+                         f"(effective {(plan.get('micro_batch') or 0) * (plan.get('grad_accum') or 0)})")),
         ("max seq len", plan.get("max_seq_len")),
         ("grad checkpointing", number(plan.get("gradient_checkpointing"))),
         ("learning rate", number(plan.get("learning_rate"))),
