@@ -14,10 +14,12 @@ any arm (the search scores its trials on the validation split only).
           on every row, validation rows included, as a person with that recipe would train; its wall time is the
           "recipe's training time" the auto path is held to (<= 1.5x)
   plain   the same recipe through the product's trainer (finetune.train at those settings, on the training split)
-  rules   autotune.select's plan for this CPU, as a job with "skip search" trains it
+  rules   autotune.select's plan for this CPU, as a job with "skip search" trains it (the worker's probe and its
+          bf16 vs fp32 matmul measurement, so bf16 where this CPU runs it faster)
   search  the auto path with search: budget from plan_budget (tokens/s measured by this run's plain arm),
           trials (TPE + successive halving) on the training split, then the final run with the winner's params;
-          its wall time is search + final training. --search-trials forces a trial count when the default
+          its wall time is search + final training. When the budget keeps the search off, the auto path is the
+          rules plan, trained once and reported for both arms. --search-trials forces a trial count when the default
           budget (25 % of the final training) fits fewer than the minimum, and says so.
 
 Arm order alternates per task (ABC, CBA, ...), since the machine is shared and slows down and speeds up.
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_MODEL = ROOT / "var" / "test-models" / "SmolLM2-135M-Instruct"
+MEASUREMENT_CACHE = ROOT / "var" / "bench"  # the matmul measurement, taken once per machine like a worker's
 PLAIN = {"method": "lora", "rank": 16, "alpha": 32, "target_modules": "all-linear", "learning_rate": 2e-4,
          "micro_batch": 8, "grad_accum": 1, "epochs": 1, "warmup_ratio": 0.0, "lr_schedule": "constant"}
 
@@ -162,10 +165,14 @@ def token_stats(model_dir: Path, task: dict) -> dict:
 
 
 def rules_plan(model_dir: Path, task: dict, stats: dict) -> dict:
+    """The plan a CPU training worker here makes: its probe plus its bf16 vs fp32 matmul measurement (as
+    jobs.services.worker_inventory reports it), so the dtype is this machine's, not an assumption."""
     from autotune import probe, select
+    from finetune.precision import matmul_speed
 
     inventory = probe()
     inventory["gpus"] = []
+    inventory["matmul_speed"] = matmul_speed(MEASUREMENT_CACHE, devices=["cpu"])
     config = json.loads((model_dir / "config.json").read_text())
     return select(inventory, config, {"rows": task["train_rows"], "token_stats": stats}, {"method": "auto"})
 
@@ -193,7 +200,11 @@ def arm_plain(model_dir, task, stats, work, ctx):
 
 def arm_rules(model_dir, task, stats, work, ctx):
     plan = rules_plan(model_dir, task, stats)
+    if "rules_run" in ctx:  # the search arm ran first, stayed off and trained this very plan
+        trained, seconds = ctx["rules_run"]
+        return trained, seconds, {"plan": describe(plan), "note": "the search arm's run (search off)"}
     trained, seconds = train_plan(model_dir, task, plan, work / "rules")
+    ctx["rules_run"] = (trained, seconds)
     return trained, seconds, {"plan": describe(plan)}
 
 
@@ -206,7 +217,11 @@ def arm_search(model_dir, task, stats, work, ctx):
                                 source="measured by this bench's first training run", trials=ctx["force_trials"])
     if not budget["enabled"] and ctx["force_trials"] is None:
         note = f"search off by default: {budget['summary']}"
+        if "rules_run" in ctx:  # the very plan the rules arm trained (same seed, same rows): not trained twice
+            trained, seconds = ctx["rules_run"]
+            return trained, seconds, {"plan": describe(rules), "note": note + "; the rules arm's run"}
         trained, seconds = train_plan(model_dir, task, rules, work / "search-final")
+        ctx["rules_run"] = (trained, seconds)
         return trained, seconds, {"plan": describe(rules), "note": note}
     config = json.loads((model_dir / "config.json").read_text())
     setup = search.SearchSetup(plan=rules, model_config=config, base_model_path=str(model_dir),
@@ -233,7 +248,7 @@ def describe(plan: dict) -> str:
     targets = "all-linear" if targets == "all-linear" or (isinstance(targets, list) and len(targets) > 4) else \
         "attention"
     return f"{plan['method']} r{plan['rank']}/a{plan['alpha']:g} {targets} lr {plan['learning_rate']:.2g} " \
-           f"batch {plan['micro_batch']}x{plan['grad_accum']} {plan['epochs']:g} epoch(s)"
+           f"batch {plan['micro_batch']}x{plan['grad_accum']} {plan['epochs']:g} epoch(s) {plan.get('dtype', 'fp32')}"
 
 
 def arm_loop_split(model_dir, task, stats, work, ctx):
@@ -295,7 +310,7 @@ def report(results: list[dict]):
     """The auto path (search, else rules) against the recipe: the plain loop when it ran, else the product's
     trainer at the recipe's settings."""
     arms = [a for a in ARMS if a in results[0]]
-    baseline = "loop" if "loop" in arms else "plain"
+    baseline = "loop" if "loop" in arms else "plain" if "plain" in arms else arms[0]
     print(f"\n| task | arm | exact match | token F1 | wall s | vs {baseline} time | plan |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

@@ -16,10 +16,16 @@ round forwards, the next backwards), so drift on the machine hits every side ali
   plain-grouped   AutoModelForCausalLM + peft.get_peft_model + torch AdamW, loss from model(..., labels=...),
                   batches grouped by length exactly as the platform groups them (finetune.train.batch_order).
   plain-shuffled  The same in random order, each batch padded to its longest row.
+  plain-fp32      CPU only, when the plan trains in bf16: the grouped loop in fp32, a plain loop's default on a CPU
+                  (its own row: it shows what the measured dtype choice is worth, not the training path).
   peft-recipe     QLoRA only: peft's documented recipe, prepare_model_for_kbit_training (fp32 upcast of the
                   non-quantised weights) with gradient checkpointing, grouped batches: its own row, since it
                   changes both precision and checkpointing.
 QLoRA's plain sides load NF4 with bf16 compute and no upcast, like the platform.
+
+Dtype: --dtype auto (default) is what the planner picks for this device from the worker's own bf16 vs fp32 matmul
+measurement (finetune/precision.py, autotune.select.choose_dtype): bf16 on a GPU, and on a CPU whose bf16 matmuls
+are measurably faster (AVX512-BF16, AMX); every side but plain-fp32 then trains in that dtype.
 
 Rows: --lengths mixed (chat rows of 10-100% of --seq, prompt 30-70%) and full (every row --seq tokens); both by
 default. Tokens are non-padding tokens. Peak memory: CUDA max allocated, CPU peak RSS of the subprocess. MFU =
@@ -70,6 +76,8 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=5, help="ABBA rounds over all sides (at least 5)")
     p.add_argument("--lengths", default="mixed,full",
                    help="mixed: chat rows of 10-100%% of --seq with a prompt of 30-70%% (realistic); full: all --seq")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="every side's dtype (auto: the planner's choice from this device's matmul measurement)")
     p.add_argument("--checkpointing", choices=["on", "off"], default="off",
                    help="gradient checkpointing, the same on every side")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: H100 bf16 dense on CUDA)")
@@ -172,7 +180,7 @@ def run_platform(job: dict) -> dict:
         method=job["method"], rank=16, alpha=32.0, dropout=0.05, target_modules="all-linear",
         micro_batch=job["micro_batch"], grad_accum=1, max_seq_len=job["seq"],
         max_steps=job["warmup"] + job["steps"], warmup_ratio=0.0, max_eval_generations=0,
-        gradient_checkpointing=job["platform_checkpointing"], checkpoint_every_minutes=1e9,
+        gradient_checkpointing=job["platform_checkpointing"], checkpoint_every_minutes=1e9, dtype=job["dtype"],
     )
     seen = [0]
 
@@ -212,7 +220,7 @@ def run_plain(job: dict) -> dict:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[job["dtype"]]
     kwargs = dict(dtype=dtype, device_map={"": device})
     if job["method"] == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -303,12 +311,14 @@ def main():
     from transformers import AutoConfig, AutoTokenizer
 
     cuda = torch.cuda.is_available()
+    args.cuda, args.planned_dtype = cuda, planned_dtype(args.dtype, cuda)
     seq = args.seq or (2048 if cuda else 512)
     peak = args.peak_tflops or (H100_BF16_TFLOPS if cuda else None)
     device_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} threads)"
     print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {__import__('peft').__version__}; seq {seq}, micro-batch {args.micro_batch}, "
-          f"{args.warmup}+{args.steps} steps, lengths {args.lengths}, {args.rounds} rounds")
+          f"{args.warmup}+{args.steps} steps, lengths {args.lengths}, {args.rounds} rounds, "
+          f"{args.planned_dtype}{' (the planner' + chr(39) + 's choice here)' if args.dtype == 'auto' else ''}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -332,8 +342,25 @@ def main():
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
-def sides_for(method: str) -> list[str]:
-    return ["platform", "plain-grouped", "plain-shuffled"] + (["peft-recipe"] if method == "qlora" else [])
+def sides_for(method: str, dtype: str, cuda: bool) -> list[str]:
+    return ["platform", "plain-grouped", "plain-shuffled"] + (["peft-recipe"] if method == "qlora" else []) + \
+        (["plain-fp32"] if dtype != "fp32" and not cuda else [])
+
+
+def planned_dtype(requested: str, cuda: bool) -> str:
+    """--dtype, or for auto the dtype the planner picks for this device from a worker's matmul measurement."""
+    if requested != "auto":
+        return requested
+    from autotune import probe
+    from autotune.select import Notes, choose_dtype, choose_target
+    from finetune.precision import matmul_speed
+
+    inventory = probe()
+    inventory["matmul_speed"] = matmul_speed(ROOT / "var" / "bench")
+    if not cuda:
+        inventory["gpus"] = []
+    notes = Notes()
+    return choose_dtype(choose_target(inventory, {}, {}, notes), {}, notes)
 
 
 def measure_row(args, shape, folder, data, work, config, method, seq, lengths, peak) -> dict:
@@ -342,15 +369,16 @@ def measure_row(args, shape, folder, data, work, config, method, seq, lengths, p
     rounds = max(5, args.rounds)
     job = {"model": folder, "data": data, "out": str(work / "adapter"), "method": method, "seq": seq,
            "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
-           "checkpointing": checkpointing, "platform_checkpointing": checkpointing}
-    sides = sides_for(method)
+           "checkpointing": checkpointing, "platform_checkpointing": checkpointing, "dtype": args.planned_dtype}
+    sides = sides_for(method, args.planned_dtype, args.cuda)
     results = {side: [] for side in sides}
     for round_index in range(rounds):
         for side in sides if round_index % 2 == 0 else sides[::-1]:
             side_job = {**job, "order": "shuffled" if side == "plain-shuffled" else "grouped",
-                        "peft_recipe": side == "peft-recipe"}
+                        "peft_recipe": side == "peft-recipe", "dtype": "fp32" if side == "plain-fp32" else job["dtype"]}
             results[side].append(run_side("platform" if side == "platform" else "plain", side_job))
     row = {"shape": shape, "method": method, "seq": seq, "lengths": lengths, "micro_batch": args.micro_batch,
+           "dtype": args.planned_dtype,
            "checkpointing": checkpointing, "rounds": rounds, "sides": {}, "flops_counting": FLOPS_COUNTING}
     for side in sides:
         speeds = sorted(tokens_per_second(r, args.warmup) for r in results[side])
@@ -394,7 +422,7 @@ def platform_step_tokens(job: dict, steps: int) -> list[int]:
 
 
 def print_row(row):
-    print(f"{row['shape']} {row['method']} seq {row['seq']} {row['lengths']} rows, mb {row['micro_batch']}, "
+    print(f"{row['shape']} {row['method']} {row['dtype']} seq {row['seq']} {row['lengths']} rows, mb {row['micro_batch']}, "
           f"checkpointing {'on' if row['checkpointing'] else 'off'} on every side, {row['rounds']} ABBA rounds:")
     for side, s in row["sides"].items():
         speed = s["tokens_per_second"]
