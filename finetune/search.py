@@ -37,6 +37,7 @@ DEFAULT_BUDGET_FRACTION = 0.25  # of the estimated final training time
 MIN_TRIALS = 4  # fewer than this and TPE is only random sampling: search is off by default
 FULL_TRIALS = 5  # a trial is as long as the budget allows for this many unpruned trials ...
 MIN_TRIAL_STEPS, MAX_TRIAL_STEPS = 8, 60  # ... within these bounds
+MAX_FINAL_SLOWDOWN = 1.2  # the winner's settings may train at most this much slower than the planned ones
 TRIAL_OVERHEAD_SECONDS = 6.0  # loading the model, evaluating, generating: measured on the 2-core CPU, 135M model
 SHORT_REFERENCE_WORDS = 4  # median reference length up to this: exact match; longer: token F1
 RANKS = (4, 8, 16, 32)
@@ -95,6 +96,7 @@ class TrialRecord:
     curve: list = field(default_factory=list)  # [[step, eval_loss], ...]
     duration: float = 0.0
     reason: str = ""
+    tokens_per_second: float | None = None  # its training steps alone: what the final run would cost with it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -351,6 +353,7 @@ def _close(study, trial, record: TrialRecord, state, observer: Observer, value=N
     trial.set_user_attr("curve", record.curve)
     trial.set_user_attr("reason", record.reason)
     trial.set_user_attr("duration", record.duration)
+    trial.set_user_attr("tokens_per_second", record.tokens_per_second)
     record.state = {optuna.trial.TrialState.COMPLETE: STATE_COMPLETE,
                     optuna.trial.TrialState.PRUNED: STATE_PRUNED}.get(state, STATE_FAILED)
     study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
@@ -367,6 +370,8 @@ def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, obse
     state = {"prune": False}
 
     def on_progress(info: dict):
+        if info.get("train_tokens_per_second"):
+            record.tokens_per_second = float(info["train_tokens_per_second"])
         loss = info.get("eval_loss")
         if loss is None or not info.get("step"):
             return
@@ -421,7 +426,8 @@ def trial_records(study) -> list[TrialRecord]:
             t.number, dict(t.params), states.get(t.state, STATE_FAILED), t.value,
             study.user_attrs.get("metric", ""), t.user_attrs.get("curve") or
             [[step, v] for step, v in sorted(t.intermediate_values.items())],
-            float(t.user_attrs.get("duration") or 0.0), t.user_attrs.get("reason", "")))
+            float(t.user_attrs.get("duration") or 0.0), t.user_attrs.get("reason", ""),
+            t.user_attrs.get("tokens_per_second")))
     return records
 
 
@@ -434,26 +440,53 @@ def best_record(records: list[TrialRecord]) -> TrialRecord | None:
     return max(complete, key=lambda r: ((r.score if maximise else -r.score), -(r.curve[-1][1] if r.curve else 0)))
 
 
+def affordable_records(records: list[TrialRecord], plan: dict) -> tuple[list[TrialRecord], list[str]]:
+    """The trials whose settings train at most MAX_FINAL_SLOWDOWN x slower than the rules' plan would (the fastest
+    trial with the plan's method and micro-batch: the cost the budget was shown for), and a reason for each
+    complete one left out. Without such a trial there is nothing to compare with, and none is left out.
+    Short trials reward whatever learns fastest in a few steps (a higher learning rate, DoRA, a smaller batch), and
+    a final run at such a setting could take several times the time the budget was shown for: measured, DoRA at
+    micro-batch 4 won 6 trials on a 400-row task and its final run took 2.7x the rules' run."""
+    like_plan = [r for r in records if r.tokens_per_second
+                 and r.params.get("method", plan.get("method")) == plan.get("method")
+                 and int(r.params.get("micro_batch") or 0) == int(plan.get("micro_batch") or 0)]
+    if not like_plan:
+        return records, []
+    reference = max(r.tokens_per_second for r in like_plan)
+    kept, notes = [], []
+    for r in records:
+        slowdown = reference / r.tokens_per_second if r.tokens_per_second else 1.0
+        if slowdown <= MAX_FINAL_SLOWDOWN:
+            kept.append(r)
+        elif r.state == STATE_COMPLETE:
+            notes.append(f"Trial {r.number} was left out: it trained at {r.tokens_per_second:,.0f} tokens/s, "
+                         f"{slowdown:.1f}x slower than the planned settings, so the final run would take about "
+                         f"that much longer than planned (limit {MAX_FINAL_SLOWDOWN:g}x).")
+    return kept, notes
+
+
 def apply_winner(plan: dict, records: list[TrialRecord], model_config: dict) -> dict:
-    """The final training's plan: the winner's parameters, with reasons that cite the trials. Without a complete
-    trial, the rules' plan, saying so."""
-    winner = best_record(records)
+    """The final training's plan: the best affordable trial's parameters, with reasons that cite the trials.
+    Without a complete affordable trial, the rules' plan, saying so."""
+    affordable, left_out = affordable_records(records, plan)
+    winner = best_record(affordable)
     reasons = list(plan.get("reasons") or [])
     summary = {"trials": len(records), "complete": sum(r.state == STATE_COMPLETE for r in records),
                "pruned": sum(r.state == STATE_PRUNED for r in records),
                "failed": sum(r.state == STATE_FAILED for r in records)}
     if winner is None:
-        reasons.append(f"Search: none of {len(records)} trials completed; the rules' settings are kept.")
-        return {**plan, "reasons": reasons, "search_result": {**summary, "winner": None}}
+        why = "completed" if not left_out else "completed at an affordable speed"
+        reasons.append(f"Search: none of {len(records)} trials {why}; the rules' settings are kept.")
+        return {**plan, "reasons": reasons + left_out, "search_result": {**summary, "winner": None}}
     final = candidate_plan(plan, winner.params, model_config)
     from autotune import estimate
 
     final["memory"] = {**estimate(model_config, final), "capacity_bytes": plan["memory"]["capacity_bytes"]} \
         if (plan.get("memory") or {}).get("capacity_bytes") else plan.get("memory")
-    cited = [winner_reason(name, winner, records) for name in PARAM_LABELS if name in winner.params]
+    cited = [winner_reason(name, winner, affordable) for name in PARAM_LABELS if name in winner.params]
     final["reasons"] = [(f"Search: trial {winner.number} won, of {len(records)} trials ({summary['complete']} "
                         f"complete, {summary['pruned']} pruned, {summary['failed']} failed), by validation "
-                        f"{_metric_label(winner.metric)}.")] + cited + reasons
+                        f"{_metric_label(winner.metric)}.")] + cited + left_out + reasons
     final["search_result"] = {**summary, "winner": winner.number, "metric": winner.metric, "score": winner.score,
                               "params": winner.params}
     return final

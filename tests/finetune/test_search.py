@@ -65,7 +65,9 @@ def test_study_prunes_a_bad_learning_rate_skips_what_does_not_fit_and_uses_the_w
     assert 2 not in observer.started_numbers and records[2].curve == []  # never trained
     assert {r.number for r in observer.finished_records} == {0, 1, 2, 3}
 
-    winner = search.best_record(list(records.values()))
+    assert records[0].tokens_per_second > 0  # its training steps timed, for the cost check below
+    affordable, _ = search.affordable_records(list(records.values()), setup.plan)
+    winner = search.best_record(affordable)
     final = search.apply_winner(setup.plan, list(records.values()), config)
     assert final["learning_rate"] == pytest.approx(winner.params["learning_rate"])
     assert final["rank"] == winner.params["rank"] and final["micro_batch"] == winner.params["micro_batch"]
@@ -74,6 +76,25 @@ def test_study_prunes_a_bad_learning_rate_skips_what_does_not_fit_and_uses_the_w
     assert any(r.startswith("Learning rate") and "best of 4 trials, validation exact match" in r
                for r in final["reasons"])
     assert final["reasons"][-1] == "rules"
+
+
+def test_a_winner_that_trains_much_slower_than_the_plan_is_left_out():
+    # Measured: 8-step trials on a 400-row task crowned DoRA at micro-batch 4, whose final run took 2.7x the rules'.
+    plan = {"method": "lora", "micro_batch": 8}
+    def trial(number, method, micro_batch, score, speed, state=search.STATE_COMPLETE):
+        return search.TrialRecord(number, {"method": method, "micro_batch": micro_batch, "learning_rate": 2e-4},
+                                  state, score, "exact_match", [[8, 0.5]], 10.0, "", speed)
+    records = [trial(0, "lora", 8, 0.80, 250.0), trial(1, "dora", 4, 0.90, 95.0), trial(2, "lora", 4, 0.85, 220.0),
+               trial(3, "lora", 8, None, 260.0, search.STATE_PRUNED)]
+    kept, notes = search.affordable_records(records, plan)
+    assert [r.number for r in kept] == [0, 2, 3]
+    assert search.best_record(kept).number == 2  # 220 tokens/s is within 1.2x of the plan's 260
+    assert len(notes) == 1 and notes[0].startswith("Trial 1 was left out: it trained at 95 tokens/s, 2.7x slower "
+                                                   "than the planned settings")
+    untimed = [trial(0, "lora", 8, 0.8, None), trial(1, "dora", 4, 0.9, None)]
+    assert search.affordable_records(untimed, plan) == (untimed, [])  # nothing measured: nothing left out
+    unlike = [trial(0, "lora", 4, 0.8, 250.0), trial(1, "dora", 2, 0.9, 60.0)]
+    assert search.affordable_records(unlike, plan) == (unlike, [])  # no trial at the plan's settings to compare
 
 
 def test_budget_reads_in_words_and_skips_when_too_small():
