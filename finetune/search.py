@@ -37,7 +37,7 @@ DEFAULT_BUDGET_FRACTION = 0.25  # of the estimated final training time
 MIN_TRIALS = 4  # fewer than this and TPE is only random sampling: search is off by default
 FULL_TRIALS = 5  # a trial is as long as the budget allows for this many unpruned trials ...
 MIN_TRIAL_STEPS, MAX_TRIAL_STEPS = 8, 60  # ... within these bounds
-MAX_FINAL_SLOWDOWN = 1.2  # the winner's settings may train at most this much slower than the planned ones
+MAX_FINAL_SLOWDOWN = 1.3  # the winner's settings may train at most this much slower than the planned ones
 TRIAL_OVERHEAD_SECONDS = 6.0  # loading the model, evaluating, generating: measured on the 2-core CPU, 135M model
 SHORT_REFERENCE_WORDS = 4  # median reference length up to this: exact match; longer: token F1
 RANKS = (4, 8, 16, 32)
@@ -234,7 +234,10 @@ def open_study(storage, name: str, metric: str, seed: int = 42, eval_every: int 
 
 
 def budget_left(study, budget: Budget) -> bool:
-    started = len(study.get_trials(deepcopy=False))
+    import optuna
+
+    waiting = optuna.trial.TrialState.WAITING  # enqueued, not started: the planned trial before it runs
+    started = sum(t.state != waiting for t in study.get_trials(deepcopy=False))
     if budget.max_trials is not None and started >= budget.max_trials:
         return False
     began = study.user_attrs.get("started_at") or time.time()
@@ -252,6 +255,11 @@ def run_trials(study, setup: SearchSetup, budget: Budget, observer: Observer | N
         setup.max_new_tokens = min(64, 2 * longest + 6)
     space = {**search_space(setup.plan, setup.model_config), "learning_rates": tuple(setup.learning_rates),
              "fixed": dict(setup.fixed)}
+    if not study.get_trials(deepcopy=False) and not study.user_attrs.get("planned_trial"):
+        planned = planned_params(setup.plan, space, setup.model_config)
+        if planned:  # the rules' own settings run first: a candidate to beat, and the speed the budget assumed
+            study.set_user_attr("planned_trial", planned)
+            study.enqueue_trial(planned)
     ran = 0
     while budget_left(study, budget) and not should_stop():
         trial = study.ask()
@@ -267,6 +275,28 @@ def search_space(plan: dict, model_config: dict) -> dict:
     if plan.get("method") == "qlora" or not methods:
         methods = [plan.get("method") or "lora"]
     return {"methods": methods, "micro_batches": batches}
+
+
+def planned_params(plan: dict, space: dict, model_config: dict) -> dict | None:
+    """The rules' plan as a point of the search space (what the user fixed in place), or None where the plan lies
+    outside it (accumulated batches, a rank or alpha ratio the search does not try, hand-picked modules)."""
+    if int(plan.get("grad_accum") or 1) != 1 or not plan.get("rank"):
+        return None
+    targets = plan.get("target_modules")
+    common = {"learning_rate": 1e-3, "rank": 8, "alpha_ratio": 1.0}
+    target_set = "all-linear" if targets == "all-linear" else next(
+        (name for name in TARGET_SETS
+         if candidate_plan(plan, {**common, "target_set": name}, model_config)["target_modules"] == targets), None)
+    params = {"learning_rate": float(plan.get("learning_rate") or 0), "rank": int(plan["rank"]),
+              "alpha_ratio": float(plan.get("alpha") or 0) / int(plan["rank"]), "target_set": target_set,
+              "method": plan.get("method"), "micro_batch": int(plan.get("micro_batch") or 0),
+              **(space.get("fixed") or {})}
+    low, high = space.get("learning_rates", LEARNING_RATE_RANGE)
+    choices = {"rank": RANKS, "alpha_ratio": ALPHA_RATIOS, "target_set": TARGET_SETS, "method": space["methods"],
+               "micro_batch": space["micro_batches"]}
+    inside = low <= params["learning_rate"] <= high and all(
+        params[name] in values or name in (space.get("fixed") or {}) for name, values in choices.items())
+    return params if inside else None
 
 
 def sample(trial, space: dict) -> dict:
@@ -453,6 +483,16 @@ def affordable_records(records: list[TrialRecord], plan: dict) -> tuple[list[Tri
     if not like_plan:
         return records, []
     reference = max(r.tokens_per_second for r in like_plan)
+    kept, notes = _within(records, reference, "the planned settings")
+    if not any(r.state == STATE_COMPLETE for r in kept):  # the planned settings lost: the quickest that learned
+        fastest = max((r.tokens_per_second for r in records if r.state == STATE_COMPLETE and r.tokens_per_second),
+                      default=None)
+        if fastest:
+            kept, notes = _within(records, fastest, "the fastest completed trial")
+    return kept, notes
+
+
+def _within(records: list[TrialRecord], reference: float, what: str) -> tuple[list[TrialRecord], list[str]]:
     kept, notes = [], []
     for r in records:
         slowdown = reference / r.tokens_per_second if r.tokens_per_second else 1.0
@@ -460,7 +500,7 @@ def affordable_records(records: list[TrialRecord], plan: dict) -> tuple[list[Tri
             kept.append(r)
         elif r.state == STATE_COMPLETE:
             notes.append(f"Trial {r.number} was left out: it trained at {r.tokens_per_second:,.0f} tokens/s, "
-                         f"{slowdown:.1f}x slower than the planned settings, so the final run would take about "
+                         f"{slowdown:.1f}x slower than {what}, so the final run would take about "
                          f"that much longer than planned (limit {MAX_FINAL_SLOWDOWN:g}x).")
     return kept, notes
 
@@ -483,7 +523,9 @@ def apply_winner(plan: dict, records: list[TrialRecord], model_config: dict) -> 
 
     final["memory"] = {**estimate(model_config, final), "capacity_bytes": plan["memory"]["capacity_bytes"]} \
         if (plan.get("memory") or {}).get("capacity_bytes") else plan.get("memory")
-    cited = [winner_reason(name, winner, affordable) for name in PARAM_LABELS if name in winner.params]
+    among = f"of {len(records)} trials" if not left_out else \
+        f"of {len(affordable)} trials fast enough to train (of {len(records)})"
+    cited = [winner_reason(name, winner, affordable, among) for name in PARAM_LABELS if name in winner.params]
     final["reasons"] = [(f"Search: trial {winner.number} won, of {len(records)} trials ({summary['complete']} "
                         f"complete, {summary['pruned']} pruned, {summary['failed']} failed), by validation "
                         f"{_metric_label(winner.metric)}.")] + cited + left_out + reasons
@@ -492,13 +534,14 @@ def apply_winner(plan: dict, records: list[TrialRecord], model_config: dict) -> 
     return final
 
 
-def winner_reason(name: str, winner: TrialRecord, records: list[TrialRecord]) -> str:
+def winner_reason(name: str, winner: TrialRecord, records: list[TrialRecord], among: str = "") -> str:
     """'learning rate 0.0004: best of 12 trials, validation exact match 0.97 vs 0.85 at 0.0002'"""
     value = winner.params[name]
     label, metric = PARAM_LABELS[name], _metric_label(winner.metric)
     complete = [r for r in records if r.state == STATE_COMPLETE and r.score is not None]
     others = [r for r in complete if name in r.params and r.params[name] != value]
-    head = f"{label.capitalize()} {format_value(value)}: best of {len(records)} trials, validation {metric} " \
+    among = among or f"of {len(records)} trials"
+    head = f"{label.capitalize()} {format_value(value)}: best {among}, validation {metric} " \
            f"{winner.score:.3g}"
     if not others:
         return f"{head} (no completed trial tried another value)."
