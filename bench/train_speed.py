@@ -220,7 +220,7 @@ def run_plain(job: dict) -> dict:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[job["dtype"]]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job["dtype"]]
     kwargs = dict(dtype=dtype, device_map={"": device})
     if job["method"] == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
