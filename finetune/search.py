@@ -452,6 +452,8 @@ def trial_records(study) -> list[TrialRecord]:
               optuna.trial.TrialState.RUNNING: STATE_RUNNING}
     records = []
     for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.WAITING:  # enqueued (the planned trial) but never started
+            continue
         records.append(TrialRecord(
             t.number, dict(t.params), states.get(t.state, STATE_FAILED), t.value,
             study.user_attrs.get("metric", ""), t.user_attrs.get("curve") or
