@@ -25,7 +25,7 @@ from helpers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = 400  # long enough for both restarts on an idle machine (tens of steps a second)
+STEPS = 4000  # long enough for both restarts on an idle machine (a bf16-fast CPU ran 400 in about 6 s)
 SETUP = """
 from django.contrib.auth import get_user_model
 from conftest import make_base_model
