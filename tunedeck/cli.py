@@ -10,6 +10,7 @@ import argparse
 import getpass
 import json
 import mimetypes
+import math
 import os
 import re
 import shutil
@@ -562,7 +563,7 @@ def parse_setting(text: str):
         parsed = json.loads(value)
     except ValueError:
         parsed = value
-    if isinstance(parsed, dict) or (isinstance(parsed, float) and parsed != parsed):
+    if isinstance(parsed, dict) or (isinstance(parsed, float) and math.isnan(parsed)):
         parsed = value
     return key, parsed
 
