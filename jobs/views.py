@@ -422,7 +422,7 @@ def _job_context(job):
             log_lines.append("  ".join(parts))
     return {
         "job": job,
-        "events": list(job.events.order_by("-created_at", "-id")[:30]),
+        "events": recent_events(job),
         "version": AdapterVersion.objects.filter(job=job).select_related("line").first(),
         "elapsed": format_duration(elapsed),
         "remaining": format_duration(remaining),
@@ -462,6 +462,18 @@ def _steps_plan(job):
     steps, epochs = plan_display.planned_steps(plan, job.dataset.train_rows if job.dataset_id else 0)
     return {"steps": job.total_steps or steps, "epochs": epochs, "planned_epochs": plan.get("epochs"),
             "cut_by_max_steps": bool(plan.get("max_steps")) and epochs != plan.get("epochs")}
+
+
+# Evaluations and checkpoints come every few steps; on a fast machine dozens land in seconds, so they get
+# their own short window and never push the job's milestones (started, warnings, stopped) out of view.
+ROUTINE_EVENT_KINDS = ("evaluated", "checkpoint")
+
+
+def recent_events(job, milestones=30, routine=10):
+    newest_first = ("-created_at", "-id")
+    events = list(job.events.exclude(kind__in=ROUTINE_EVENT_KINDS).order_by(*newest_first)[:milestones])
+    events += job.events.filter(kind__in=ROUTINE_EVENT_KINDS).order_by(*newest_first)[:routine]
+    return sorted(events, key=lambda e: (e.created_at, e.id), reverse=True)
 
 
 def _fit_check_view(check):

@@ -126,6 +126,22 @@ def test_job_page_shows_progress_memory_fit_check_events_and_log(client, user, o
     assert client.get(f"/jobs/{job.pk}/metrics.json").status_code == 404
 
 
+def test_a_flood_of_evaluations_and_checkpoints_keeps_the_milestones_in_view(client, user, base_model):
+    # A fast machine logs hundreds of evaluations and checkpoints in seconds; "started" and warnings stay listed.
+    job = make_jobs(user, base_model, make_dataset(user), 2)[1]
+    JobEvent.objects.create(job=job, kind="oom_recovered", message="Out of memory: micro_batch 4 -> 2.")
+    later = timezone.now() + timedelta(seconds=1)
+    JobEvent.objects.bulk_create([event for s in range(200) for event in (
+        JobEvent(job=job, kind="evaluated", message=f"Step {s}: eval loss 0.5.", created_at=later),
+        JobEvent(job=job, kind="checkpoint", message=f"Checkpoint saved at step {s}.", created_at=later))])
+    client.force_login(user)
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    events = page.split('id="job-events"')[1].split("</ul>")[0]
+    assert "<b>started</b>" in events and "oom_recovered" in events
+    assert "Checkpoint saved at step 199." in events and "Step 199: eval loss" in events, "the newest routine ones"
+    assert events.count("<li") <= 40
+
+
 def test_finished_job_page_stops_polling(client, user, base_model):
     job = make_jobs(user, base_model, make_dataset(user), 3)[2]  # succeeded
     client.force_login(user)
