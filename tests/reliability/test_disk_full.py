@@ -7,10 +7,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import events, job_state, make_job, send_train, start_worker, wait_for, wait_for_worker_ready
-from conftest import purge_broker
-from jobs import services
+
+from jobs import queue, services
 from jobs.models import AdapterVersion, JobStatus
 
 LIMIT = 100 * 1024  # above the tiny model's trainable weights and the worker log, below its optimizer state
@@ -60,7 +59,8 @@ except checkpoint.DiskFullError as exc:
 
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-def test_job_fails_clearly_on_a_full_disk_and_resumes_after(tmp_path, user, dataset, private_redis, workers):
+def test_job_fails_clearly_on_a_full_disk_and_resumes_after(tmp_path, user, dataset, private_redis, workers,
+                                                            monkeypatch):
     # The worker re-sends queued jobs after 2 s: the retry below reaches it through its own (private) broker.
     worker = start_worker("diskfull", tmp_path / "worker.log", broker_url=private_redis.url,
                           extra_env={"TUNEDECK_RESEND_SECONDS": "2"})
@@ -85,8 +85,12 @@ def test_job_fails_clearly_on_a_full_disk_and_resumes_after(tmp_path, user, data
     assert {"trainable.pt", "optimizer.pt", "rng.pt", "state.json"} <= set(before)
 
     limit_file_size(worker, resource.RLIM_INFINITY)  # room again
+    # retry_job publishes to the tests' shared broker, where the session's worker (if an earlier test started
+    # it) could take the job before a purge: that message is held back, and the worker's resend delivers it.
+    held_back = []
+    monkeypatch.setattr(queue, "send_training", held_back.append)
     services.retry_job(failed)
-    purge_broker()  # retry_job also sent its message to the tests' shared broker, where no worker of ours listens
+    assert held_back == [job.pk]
     done = wait_for(lambda: (j := job_state(job.pk)).status in (JobStatus.SUCCEEDED, JobStatus.FAILED) and j,
                     timeout=180, what="the retried job", log_proc=worker)
     assert done.status == JobStatus.SUCCEEDED, done.error
