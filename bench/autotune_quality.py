@@ -100,7 +100,10 @@ TASKS = {"classify": classify, "extract": extract, "convert": convert, "generate
 
 def make_task(name: str, rows: int, test_rows: int, seed: int, folder: Path) -> dict:
     """Held-out test prompts first (unique), then training rows that never repeat a test prompt (they may repeat
-    each other once the generator's variety runs out, as real intent data does)."""
+    each other once the generator's variety runs out, as real intent data does). A name that is a .jsonl file is
+    a task of your own (kept outside the repo, so the rules were never tuned on it): see task_from_file."""
+    if name.endswith(".jsonl"):
+        return task_from_file(Path(name), rows, test_rows, seed, folder)
     rng = random.Random(f"{name}-{seed}")
     test, seen = [], set()
     for _ in range(50 * test_rows):
@@ -119,7 +122,37 @@ def make_task(name: str, rows: int, test_rows: int, seed: int, folder: Path) -> 
         data.append((prompt, answer))
         if len(data) == rows:
             break
-    n_val = max(8, rows // 10)
+    return write_task(folder, data, test)
+
+
+def task_from_file(path: Path, rows: int, test_rows: int, seed: int, folder: Path) -> dict:
+    """A JSONL file of chat rows (a user turn, then the assistant's answer): shuffled with the seed, the first
+    test_rows distinct prompts are held out and up to `rows` rows whose prompt is not among them are trained on."""
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        turns = json.loads(line).get("messages") or []
+        prompt = next((t["content"] for t in turns if t.get("role") == "user"), None)
+        answer = next((t["content"] for t in reversed(turns) if t.get("role") == "assistant"), None)
+        if prompt is None or answer is None:
+            raise SystemExit(f"{path}, line {number}: needs a user turn and an assistant answer in 'messages'")
+        pairs.append((prompt, answer))
+    random.Random(seed).shuffle(pairs)
+    test, seen = [], set()
+    for prompt, answer in pairs:
+        if len(test) < test_rows and prompt not in seen:
+            seen.add(prompt)
+            test.append((prompt, answer))
+    data = [(p, a) for p, a in pairs if p not in seen][:rows]
+    if len(test) < test_rows or len(data) < 2 * max(8, rows // 10):
+        raise SystemExit(f"{path}: {len(pairs)} rows are too few for {test_rows} test and {rows} training rows")
+    return write_task(folder, data, test)
+
+
+def write_task(folder: Path, data: list[tuple], test: list[tuple]) -> dict:
+    """Training and validation files (a tenth, at least 8 rows, held out for validation) and the test prompts."""
+    n_val = max(8, len(data) // 10)
 
     def write(path, pairs):
         path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
@@ -285,7 +318,8 @@ def score(model_dir: Path, adapter: str, test: list[dict]) -> dict:
 
 
 def run_task(name: str, index: int, args, model_dir: Path, root: Path) -> dict:
-    task = make_task(name, args.rows, args.test_rows, args.seed, root / name)
+    label = Path(name).stem if name.endswith(".jsonl") else name  # a file of your own: its name, its own folder
+    task = make_task(name, args.rows, args.test_rows, args.seed, root / label)
     stats = token_stats(model_dir, task)
     order = list(args.arms.split(","))
     order = order if index % 2 == 0 else order[::-1]
@@ -294,15 +328,15 @@ def run_task(name: str, index: int, args, model_dir: Path, root: Path) -> dict:
     if search_first:  # the search needs a measured speed before the plain arm runs: a short timing run
         timing = {**PLAIN, "max_steps": 6, "max_seq_len": seq_len_for(stats), "device": "cpu",
                   "dtype": "fp32"}
-        trained, _ = train_plan(model_dir, task, timing, root / name / "timing")
+        trained, _ = train_plan(model_dir, task, timing, root / label / "timing")
         ctx["measured_tps"] = trained["metrics"].get("tokens_per_second")
-    out = {"task": name, "train_rows": task["train_rows"], "test_rows": len(task["test"]), "order": order}
+    out = {"task": label, "train_rows": task["train_rows"], "test_rows": len(task["test"]), "order": order}
     for arm in order:
-        trained, seconds, info = ARMS[arm](model_dir, task, stats, root / name, ctx)
+        trained, seconds, info = ARMS[arm](model_dir, task, stats, root / label, ctx)
         metrics = trained.get("metrics") or {}
         kept = {key: metrics[key] for key in ("steps", "best_step", "best_eval_loss", "stopped_early") if key in metrics}
         out[arm] = {"seconds": round(seconds, 1), **score(model_dir, trained["adapter"], task["test"]), **info, **kept}
-        print(json.dumps({"task": name, "arm": arm, **out[arm]}), flush=True)
+        print(json.dumps({"task": label, "arm": arm, **out[arm]}), flush=True)
     return out
 
 
@@ -332,7 +366,8 @@ def report(results: list[dict]):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated: {', '.join(TASKS)}, or a .jsonl file of chat rows of your own")
     parser.add_argument("--rows", type=int, default=400, help="train + validation rows per task")
     parser.add_argument("--test-rows", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
