@@ -132,7 +132,11 @@ def task_from_file(path: Path, rows: int, test_rows: int, seed: int, folder: Pat
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        turns = json.loads(line).get("messages") or []
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{path}, line {number}: not JSON ({exc.msg})") from None
+        turns = (record.get("messages") if isinstance(record, dict) else None) or []
         prompt = next((t["content"] for t in turns if t.get("role") == "user"), None)
         answer = next((t["content"] for t in reversed(turns) if t.get("role") == "assistant"), None)
         if prompt is None or answer is None:
