@@ -76,9 +76,8 @@ logits        Forward ends with the lm_head output over every position (a per el
               Gemma2's final soft-capping keeps one more a-byte copy. With the fused linear cross-entropy
               (finetune/fastloss.py) the logits exist only a chunk at a time: `fused_loss_chunk_rows` rows
               (Liger's ceil(V/h) chunks rounded to a power of two, at least 256 rows, at most 256 MiB of fp32
-              logits, never more than the labelled rows), each chunk alive as its fp32 logits and the
-              full-size fp32 temporary logsumexp makes of them inside the operator (x - max, seen by
-              torch.profiler): rows x V x 8 bytes; plus the labelled hidden states picked out of the body's
+              logits, never more than the labelled rows), each chunk alive as its fp32 logits and their
+              fp32 log-softmax: rows x V x 8 bytes; plus the labelled hidden states picked out of the body's
               output and their gradient, kept for backward (2 x T x h x a). DPO runs chosen and rejected (2
               sequences per pair); DPO and KTO take log-probabilities from full logits whatever the plan says,
               and their reference forward (no gradients) peaks at its fp32 logits and log-softmax beside the
@@ -552,7 +551,7 @@ def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     if setup.fused_cross_entropy and not method_traits(setup.method).preference:
         labelled = setup.tokens  # every position may carry a label (full-sequence loss)
         chunk_tokens = min(labelled, fused_loss_chunk_rows(labelled, vocab, shape.hidden_size))
-        chunk_bytes_per_element = 2 * FP32  # fp32 logits and logsumexp's fp32 temporary of the same size
+        chunk_bytes_per_element = 2 * FP32  # fp32 logits and their fp32 log-softmax
         return chunk_tokens * vocab * chunk_bytes_per_element + 2 * labelled * shape.hidden_size * a
     # Forward ends with the logits of every position (prompt tuning's virtual tokens too), then the labelled
     # positions' shifted copy, fp32 upcast and log-softmax (a + 8 bytes); backward starts with the log-softmax,

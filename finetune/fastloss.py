@@ -129,19 +129,22 @@ def _function():
                 h = hidden[start : start + rows]
                 t = targets[start : start + rows]
                 logits = (h @ weight.t()).to(acc)
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+                # One kernel (logsumexp, then sub_ and exp_, took 151 against 141 ms for SmolLM2's 512 rows on the
+                # CPU); the fp32 logits and their log-softmax are the two chunk-sized buffers the estimate counts.
+                logp = torch.log_softmax(logits, dim=-1)
+                logits = None
+                total -= logp.gather(1, t.unsqueeze(1)).sum()
                 if need_hidden or need_weight:
-                    # d(sum CE)/d(logits) = softmax - one_hot, formed in place over the logits.
-                    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+                    # d(sum CE)/d(logits) = softmax - one_hot, formed in place over the log-softmax.
+                    grad = logp.exp_()
                     grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                     grad = grad.to(h.dtype)
-                    logits = None  # the fp32 gradient, done with once its copy exists
+                    logp = None  # the fp32 gradient, done with once its copy exists
                     if need_hidden:
                         grad_hidden[start : start + rows] = grad @ weight
                     if need_weight:
                         grad_weight += (grad.t() @ h).to(acc)
-                logits = grad = None  # before the next chunk's matmul: one chunk alive at a time (as estimated)
+                logp = grad = None  # before the next chunk's matmul: one chunk alive at a time (as estimated)
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
             return total

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoint as ckpt
-from . import fastloss, fourbit
+from . import cpudropout, fastloss, fourbit
 from .data import iter_examples
 from .errors import OutOfMemory, TrainingError
 from .method_traits import method_traits
@@ -291,6 +291,8 @@ def load_for_training(spec: TrainSpec):
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads() is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_for_training(model, spec.as_plan())
+    if cpudropout.use_on(model):
+        spec.plan["kernels"].append(cpudropout.KERNEL_NAME)
     if quantize:
         compute = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
         for p in model.parameters():
