@@ -59,6 +59,7 @@ ABLATIONS = {
     "no-clip": {"max_grad_norm": None},
     "clip": {"max_grad_norm": 1.0},
     "full-logits": {"plan": {"fused_cross_entropy": False}},
+    "torch-dropout": {"plan": {"cpu_dropout": False}},  # torch's own CPU dropout masks (finetune/cpudropout.py)
     "packing": {"packing": True},
     "accum": {"_accum": 2},        # micro-batch halved, 2 accumulation steps: the same effective batch
     "holdout": {"_holdout": 0.1},  # the jobs layer's default validation split taken out of the training rows

@@ -291,7 +291,7 @@ def load_for_training(spec: TrainSpec):
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads() is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_for_training(model, spec.as_plan())
-    if cpudropout.use_on(model):
+    if spec.plan.get("cpu_dropout") is not False and cpudropout.use_on(model):
         spec.plan["kernels"].append(cpudropout.KERNEL_NAME)
     if quantize:
         compute = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
