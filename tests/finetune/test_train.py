@@ -76,6 +76,13 @@ def test_lora_learns_and_reports_every_step(tiny_model_dir, chat_files, tmp_path
     assert all(g["output"] == g["reference"] for g in result.generations), result.generations
 
 
+def test_a_plan_can_keep_torchs_own_cpu_dropout(tiny_model_dir, chat_files, tmp_path):
+    spec = _spec(tiny_model_dir, chat_files, tmp_path, max_steps=2, cpu_dropout=False, max_eval_generations=0)
+    result = train(spec)
+    assert result.status == "succeeded"
+    assert "cpu-dropout-16-bit" not in result.metrics["kernels"]
+
+
 def test_model_is_in_train_mode_with_checkpointing(tiny_model_dir, chat_files, tmp_path):
     from finetune.train import load_for_training
 
