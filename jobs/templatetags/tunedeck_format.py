@@ -35,6 +35,7 @@ LABELS = {
     "eta_seconds": "Time left",
     "epoch": "Epoch",
     "loss_path": "Loss computation",
+    "kernels": "Faster kernels used",
     "device": "Device",
     "base_model": "Base model",
     "dataset": "Dataset",
