@@ -505,7 +505,7 @@ def wait_for_dataset(client, dataset_id, quiet=False, interval=0.5, timeout=3600
 
 def cmd_datasets(args):
     client = Client.from_config()
-    items, total = client.list("/datasets")
+    items, _total = client.list("/datasets")
     if args.json:
         return print_json(items)
     table([[d["id"], d["name"], d["status"], d.get("schema") or "-", d.get("rows"), human_bytes(d.get("size_bytes")),
