@@ -14,9 +14,18 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from finetune.errors import DatasetError, ModelFolderError, TunedeckError
+from finetune.errors import DatasetError
 
 from . import queue
+from .base_models import (  # noqa: F401 (callers use services.*)
+    ADMINS_ONLY,
+    base_model_fields,
+    configured_model_roots,
+    default_base_model,
+    may_register_folders,
+    register_base_model,
+)
+from .errors import InputError, NotAllowed  # noqa: F401 (re-exported: views and tasks import them from here)
 from .models import (
     METHODS,
     AdapterLine,
@@ -34,56 +43,6 @@ log = logging.getLogger(__name__)
 
 SCHEMAS = ["messages", "sharegpt", "prompt_completion", "alpaca", "text", "preference", "kto"]
 COPY_CHUNK = 1024 * 1024
-
-
-class InputError(TunedeckError):
-    """Bad input from a user: shown to them, with the field it concerns."""
-
-    def __init__(self, message, field=None, code="invalid"):
-        super().__init__(message)
-        self.field = field
-        self.code = code
-
-
-# ---------------------------------------------------------------- base models
-
-
-def register_base_model(user, name: str, path: str, *, shared=False, trust_remote_code=False) -> BaseModel:
-    """Validates a local Hugging Face folder and records it. Nothing is stored if the folder is not usable."""
-    from finetune.modelstore import inspect_model_folder
-
-    name = (name or "").strip()
-    if not name:
-        raise InputError("Give the model a name.", field="name")
-    if not path or not str(path).strip():
-        raise InputError("Give the path of a Hugging Face model folder on the server.", field="path")
-    try:
-        info = inspect_model_folder(str(path).strip(), allow_remote_code=trust_remote_code)
-    except ModelFolderError as exc:
-        raise InputError(str(exc), field="path") from exc
-    return BaseModel.objects.create(
-        owner=None if shared else user,
-        name=name,
-        path=str(Path(path).resolve()),
-        trust_remote_code=trust_remote_code,
-        **base_model_fields(info),
-    )
-
-
-def base_model_fields(info: dict) -> dict:
-    """The BaseModel fields read off a model folder by finetune.modelstore (inspect or import)."""
-    return dict(
-        architecture=info.get("architecture", ""),
-        model_type=info.get("model_type", ""),
-        parameters=info.get("parameters", 0),
-        config=info.get("config", {}),
-        sha256=info.get("sha256", ""),
-        has_chat_template=bool(info.get("has_chat_template")),
-    )
-
-
-def default_base_model() -> BaseModel | None:
-    return BaseModel.objects.filter(is_default=True).first()
 
 
 # ---------------------------------------------------------------- datasets

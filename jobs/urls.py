@@ -56,3 +56,10 @@ urlpatterns += [
     path("jobs/<int:pk>/trials", search_views.job_trials, name="job-trials"),
     path("jobs/<int:pk>/trials.json", search_views.job_trials_json, name="job-trials-json"),
 ]
+
+# Base models (jobs/model_views.py).
+from . import model_views  # noqa: E402
+
+urlpatterns += [
+    path("models/", model_views.model_list, name="models"),
+]

@@ -447,6 +447,15 @@ def cmd_base_models(args):
           ["ID", "NAME", "ARCHITECTURE", "PARAMS", "OWNER"], empty="No base models registered.")
 
 
+def cmd_register_model(args):
+    client = Client.from_config()
+    model = client.post("/base-models", json={"name": args.name, "path": args.path, "shared": not args.private})
+    if args.json:
+        return print_json(model)
+    print(f"Registered base model {model['id']}: {model['name']} ({model.get('architecture')}, "
+          f"{model.get('parameters', 0) / 1e6:.1f}M parameters, {'shared' if model.get('shared') else 'yours only'}).")
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -991,6 +1000,11 @@ def _account_commands(sub):
     p.add_argument("--password", help="default: $TUNEDECK_PASSWORD, else asked for")
     _command(sub, "logout", cmd_logout, "revoke the stored token and forget it")
     _command(sub, "base-models", cmd_base_models, "list the base models you can fine-tune", json_flag=True)
+    p = _command(sub, "register-model", cmd_register_model, "register a model folder on the server as a base "
+                 "model (administrators; the folder must be inside the server's TUNEDECK_MODEL_ROOTS)", json_flag=True)
+    p.add_argument("name")
+    p.add_argument("path", help="absolute path of the Hugging Face model folder on the server")
+    p.add_argument("--private", action="store_true", help="only you may use it (default: every user)")
 
 
 def _dataset_commands(sub):

@@ -135,6 +135,9 @@ MODEL_DIR = DATA_DIR / "models"
 ADAPTER_DIR = DATA_DIR / "adapters"
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 DEPLOYMENT_DIR = DATA_DIR / "deployments"
+# Folders an administrator may register base models from (page, API, manage.py register_model), separated by
+# os.pathsep. Empty: no server folder can be registered. Never the data directory (jobs/base_models.py).
+MODEL_ROOTS = [r for r in os.environ.get("TUNEDECK_MODEL_ROOTS", "").split(os.pathsep) if r.strip()]
 # The inference server (`manage.py serve_inference`) that the OpenAI-compatible /v1 endpoints proxy to.
 TUNEDECK_INFERENCE_URL = os.environ.get("TUNEDECK_INFERENCE_URL", "http://127.0.0.1:8100")
 # vLLM, in its own environment (scripts/setup-vllm.sh): the inference server starts one vLLM server per merged

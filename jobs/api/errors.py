@@ -63,7 +63,8 @@ def exception_handler(exc, context):
     if isinstance(exc, InputError):
         details = {"field": exc.field} if exc.field else None
         set_rollback()
-        code = status.HTTP_409_CONFLICT if exc.code == "conflict" else status.HTTP_400_BAD_REQUEST
+        code = {"conflict": status.HTTP_409_CONFLICT, "forbidden": status.HTTP_403_FORBIDDEN}.get(
+            exc.code, status.HTTP_400_BAD_REQUEST)
         return error_response(exc.code, str(exc), code, details)
     if isinstance(exc, TunedeckError):
         set_rollback()

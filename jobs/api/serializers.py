@@ -79,8 +79,20 @@ class BaseModelSerializer(serializers.ModelSerializer):
 
 
 class BaseModelCreateSerializer(serializers.Serializer):
+    """Administrators only; the folder must lie inside TUNEDECK_MODEL_ROOTS and outside the data directory."""
+
     name = StrictCharField(max_length=200)
-    path = StrictCharField(max_length=1000)
+    path = StrictCharField(max_length=1000, help_text="absolute path of a Hugging Face model folder on the server")
+    shared = StrictBooleanField(default=True, help_text="every user may use it (false: only you)")
+
+    def validate(self, attrs):
+        if "trust_remote_code" in self.initial_data:
+            raise serializers.ValidationError({"trust_remote_code": "A model's own code is allowed only from the "
+                                               "server's command line: manage.py register_model --trust-remote-code."})
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({unknown[0]: "Unknown field; the fields are name, path and shared."})
+        return attrs
 
 
 class DatasetSerializer(serializers.ModelSerializer):

@@ -120,11 +120,16 @@ class BaseModelList(generics.ListCreateAPIView):
     def get_queryset(self):
         return BaseModel.visible_to(self.request.user)
 
-    @extend_schema(request=s.BaseModelCreateSerializer, responses={201: s.BaseModelSerializer})
+    @extend_schema(request=s.BaseModelCreateSerializer, responses={201: s.BaseModelSerializer},
+                   summary="Register a model folder on the server (administrators only)")
     def post(self, request):
+        if not services.may_register_folders(request.user):  # before the body is read: nothing about it leaks
+            raise services.NotAllowed(services.ADMINS_ONLY)
         body = s.BaseModelCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        model = services.register_base_model(request.user, body.validated_data["name"], body.validated_data["path"])
+        data = body.validated_data
+        owner = None if data["shared"] else request.user
+        model = services.register_base_model(request.user, data["name"], data["path"], owner=owner)
         return Response(s.BaseModelSerializer(model).data, status=status.HTTP_201_CREATED)
 
 

@@ -132,8 +132,13 @@ def test_gzip_bomb_filename_and_content_sniffing(user, tiny_base_model, settings
     assert binary.status == "invalid" and binary.error
 
 
-def test_models_load_from_safetensors_only_and_remote_code_only_if_an_admin_allows(user, tiny_model_dir, tmp_path):
+def test_models_load_from_safetensors_only_and_remote_code_only_if_an_admin_allows(user, tiny_model_dir, tmp_path,
+                                                                                    settings):
     import shutil
+
+    settings.MODEL_ROOTS = [str(tmp_path)]
+    user.is_staff = True  # registering a server folder is an admin action (tests/web/test_model_registration.py)
+    user.save()
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

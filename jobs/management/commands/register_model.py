@@ -5,7 +5,8 @@ from ...services import InputError, register_base_model
 
 
 class Command(BaseCommand):
-    help = "Registers a local Hugging Face model folder, shared with every user unless --owner is given."
+    help = ("Registers a Hugging Face model folder inside TUNEDECK_MODEL_ROOTS (never inside the data directory), "
+            "shared with every user unless --owner is given.")
 
     def add_arguments(self, parser):
         parser.add_argument("name")
@@ -21,7 +22,7 @@ class Command(BaseCommand):
             if user is None:
                 raise CommandError(f"No user {owner!r}.")
         try:
-            model = register_base_model(user, name, path, shared=user is None, trust_remote_code=trust_remote_code)
+            model = register_base_model(None, name, path, owner=user, trust_remote_code=trust_remote_code)
         except InputError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Registered {model.name} ({model.architecture}, {model.parameters:,} parameters).")
