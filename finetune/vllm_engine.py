@@ -7,7 +7,8 @@ training stack), so it runs as child processes of the inference server, never im
   (started with --enable-lora; adapters are loaded at run time through POST /v1/load_lora_adapter, the least
   recently used unloaded beyond `max_adapters`);
 - each listens on a free port of 127.0.0.1 and wants an API key only the supervisor knows, so nothing of vLLM's
-  own API is reachable except through Tunedeck's /v1;
+  own API is reachable except through Tunedeck's /v1; the key reaches vLLM through its environment
+  (VLLM_API_KEY), never its command line, which any local user can read in /proc/<pid>/cmdline;
 - a monitor thread waits for each server's /health, reports when it answers (the deployment goes live), restarts
   a server that dies, and gives up on one that cannot start (the deployment then falls back to the built-in
   server).
@@ -210,7 +211,7 @@ class VllmServer:
         s = self.settings
         cmd = [s.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--api-key", self.api_key, "--dtype", self.dtype(), "--max-model-len", str(self.context_length()),
+               "--dtype", self.dtype(), "--max-model-len", str(self.context_length()),
                # The request decides how to decode, as in the OpenAI API (not the model's generation_config).
                "--generation-config", "vllm"]
         if self.lora:
@@ -239,7 +240,10 @@ class VllmServer:
         env = dict(os.environ)
         for inherited in ("PYTHONPATH", "VIRTUAL_ENV", "DJANGO_SETTINGS_MODULE"):
             env.pop(inherited, None)  # the training venv's paths must not leak into vLLM's
+        for secret in ("SECRET_KEY", "TUNEDECK_INTERNAL_TOKEN", "DATABASE_URL"):
+            env.pop(secret, None)  # vLLM needs none of Tunedeck's own secrets
         env.update(
+            VLLM_API_KEY=self.api_key,  # read by vLLM's OpenAI server; /proc/<pid>/environ is the owner's only
             VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
             VLLM_CPU_KVCACHE_SPACE=str(max(1, round(self.settings.kv_cache_gb))),
             VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -253,7 +257,7 @@ class VllmServer:
         self.port = _free_port()
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
-            shown = " ".join(self.command()).replace(self.api_key, "***")
+            shown = " ".join(self.command())
             out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shown}\n".encode())
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             env=self.environment(), start_new_session=True)

@@ -2,6 +2,9 @@
 # Sets up and runs Tunedeck: installs into .venv, migrates, imports the default base model, creates the demo
 # user, starts a training worker, a dataset worker, an interactive worker and the inference server, and serves the web app. Ctrl-C stops
 # everything.
+# Production settings unless a developer asks otherwise (TUNEDECK_ENV=development or TUNEDECK_DEBUG=1): DEBUG off,
+# a random SECRET_KEY made once in $TUNEDECK_DATA_DIR/secret-key (mode 0600), served on 127.0.0.1 only (HOST opens
+# it wider). README, "Production and security".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -54,12 +57,14 @@ if [ -z "$up" ]; then
   tail -20 "$TUNEDECK_DATA_DIR/logs/web.log" >&2
   exit 1
 fi
+mode=$($py -c 'import tunedeck.settings as s; print(s.ENVIRONMENT + ", DEBUG " + ("on" if s.DEBUG else "off"))')
 cat <<MSG
 
   Tunedeck is running at http://$HOST:$PORT/
   Log in as: $DEMO_USER / $DEMO_PASSWORD
   OpenAI-compatible API of your deployments: http://$HOST:$PORT/v1 (Bearer token from the API tokens page)
   Logs: $TUNEDECK_DATA_DIR/logs/   (Ctrl-C stops the web server, the workers and the inference server)
+  Settings: $mode; secrets in $TUNEDECK_DATA_DIR (secret-key, inference-token, mode 0600)
 
 MSG
 wait -n "${pids[@]}"

@@ -1,41 +1,60 @@
 """Settings come from the environment; with none set, embedded defaults (SQLite, an SQLite-backed Celery
-broker) let `scripts/run.sh` work on a bare machine."""
+broker) let `scripts/run.sh` work on a bare machine.
+
+Safe by default (README, "Production and security"): DEBUG is off and the SECRET_KEY is random unless a developer
+asks otherwise (TUNEDECK_ENV=development or TUNEDECK_DEBUG=1). HTTPS is the reverse proxy's job; TUNEDECK_HTTPS=1
+says the site is served over it and switches on Secure cookies, the HTTPS redirect and HSTS."""
 import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from tunedeck.secretfile import read_or_create_secret
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value in ("1", "true", "yes", "on")
+
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("TUNEDECK_DATA_DIR", BASE_DIR / "var")).resolve()
-ENVIRONMENT = os.environ.get("TUNEDECK_ENV", "development")
-DEVELOPMENT = ENVIRONMENT != "production"
+ENVIRONMENT = os.environ.get("TUNEDECK_ENV", "production").strip().lower() or "production"
+if ENVIRONMENT not in ("production", "development"):
+    raise ImproperlyConfigured(f"TUNEDECK_ENV is {ENVIRONMENT!r}: say production (the default) or development.")
+DEVELOPMENT = ENVIRONMENT == "development"
+DEBUG = _flag("TUNEDECK_DEBUG", default=DEVELOPMENT)
 
-_DEVELOPMENT_SECRET_KEY = "tunedeck-development-key-not-for-production"
-if DEVELOPMENT:
-    SECRET_KEY = os.environ.get("SECRET_KEY", _DEVELOPMENT_SECRET_KEY)
-else:
-    SECRET_KEY = os.environ["SECRET_KEY"]  # production refuses to start without one
-    if SECRET_KEY == _DEVELOPMENT_SECRET_KEY or len(SECRET_KEY) < 32:
-        from django.core.exceptions import ImproperlyConfigured
+# Given, or made once at random and kept in the data directory (mode 0600), where every process of this
+# installation (web server, workers, inference server) reads the same one.
+SECRET_KEY = os.environ.get("SECRET_KEY", "").strip()
+SECRET_KEY_FILE = DATA_DIR / "secret-key"
+if not SECRET_KEY:
+    SECRET_KEY = read_or_create_secret(SECRET_KEY_FILE)
+elif len(SECRET_KEY) < 32 and not DEVELOPMENT:
+    raise ImproperlyConfigured("SECRET_KEY must be a random string of at least 32 characters (or leave it unset: "
+                               f"Tunedeck then makes one and keeps it in {SECRET_KEY_FILE}).")
 
-        raise ImproperlyConfigured("In production SECRET_KEY must be a random string of at least 32 characters.")
-
-DEBUG = DEVELOPMENT and os.environ.get("TUNEDECK_DEBUG", "1") == "1"
 ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h]
 if DEVELOPMENT:
     ALLOWED_HOSTS += ["testserver"]
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
-if not DEVELOPMENT:
+# Off by default: the one-command run is plain http://127.0.0.1:8000, where a Secure cookie or an HTTPS redirect
+# breaks login. Behind the operator's TLS proxy (which must set X-Forwarded-Proto), TUNEDECK_HTTPS=1.
+HTTPS = _flag("TUNEDECK_HTTPS")
+if HTTPS:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    SECURE_CONTENT_TYPE_NOSNIFF = True
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    SECURE_SSL_REDIRECT = os.environ.get("SECURE_SSL_REDIRECT", "1") == "1"
+    SECURE_SSL_REDIRECT = _flag("SECURE_SSL_REDIRECT", default=True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # liveness checks from inside the network speak plain http
     SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "3600"))
     # Opt-in: they bind every subdomain (and, preloaded, every browser) to HTTPS for a long time.
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = os.environ.get("SECURE_HSTS_INCLUDE_SUBDOMAINS", "0") == "1"
-    SECURE_HSTS_PRELOAD = os.environ.get("SECURE_HSTS_PRELOAD", "0") == "1"
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = _flag("SECURE_HSTS_INCLUDE_SUBDOMAINS")
+    SECURE_HSTS_PRELOAD = _flag("SECURE_HSTS_PRELOAD")
+SECURE_CONTENT_TYPE_NOSNIFF = True
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_HTTPONLY = True  # pages send the token from the template (hx-headers), never from the cookie
@@ -208,6 +227,10 @@ DATASET_LARGE_QUEUE = "datasets-large"
 DATASET_LARGE_BYTES = int(os.environ.get("TUNEDECK_DATASET_LARGE_BYTES", str(4 * 1024 * 1024)))
 DATASET_MAX_ROWS = int(os.environ.get("TUNEDECK_DATASET_MAX_ROWS", "5000000"))
 DATASET_MAX_SECONDS = float(os.environ.get("TUNEDECK_DATASET_MAX_SECONDS", "1800"))
+# One row (a line of JSONL or text) over this is that row's problem; a gzip may expand to at most
+# DATASET_MAX_DECOMPRESSED_BYTES (0: 100x the upload, at least 64 MiB), counted as it streams.
+DATASET_MAX_ROW_BYTES = int(os.environ.get("TUNEDECK_DATASET_MAX_ROW_BYTES", str(1024 * 1024)))
+DATASET_MAX_DECOMPRESSED_BYTES = int(os.environ.get("TUNEDECK_DATASET_MAX_DECOMPRESSED_BYTES", "0")) or None
 DATASET_TOKEN_STATS_SECONDS = float(os.environ.get("TUNEDECK_DATASET_TOKEN_STATS_SECONDS", "600"))
 DATASET_LEASE_SECONDS = float(os.environ.get("TUNEDECK_DATASET_LEASE_SECONDS", "120"))
 DATASET_MAX_ATTEMPTS = 2
@@ -252,3 +275,28 @@ LOGGING = {
 
 for _folder in (DATA_DIR, UPLOAD_DIR / "incoming", DATASET_DIR, MODEL_DIR, ADAPTER_DIR, CHECKPOINT_DIR, DEPLOYMENT_DIR):
     _folder.mkdir(parents=True, exist_ok=True)
+
+# ---- issue 31: limits an operator sets (jobs/limits.py) and API token lifetimes (jobs/tokens.py) ----
+# A search may run at most MAX_SEARCH_TRIALS trials and MAX_SEARCH_MINUTES minutes (a request for more is refused,
+# the auto-planned budget is capped), on at most MAX_SEARCH_HELPERS workers besides the job's own; a user may have
+# at most MAX_QUEUED_JOBS_PER_USER jobs queued (running ones do not count). Tokens made by POST /api/v1/auth/token
+# without an expiry expire after LOGIN_TOKEN_DAYS days (0: never), so scripts that log in on every run do not
+# pile up permanent tokens.
+def _limit(name: str, default: str, kind=int, minimum=1):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raw = os.environ.get(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, not {raw!r}.") from None
+    if not minimum <= value < float("inf"):
+        raise ImproperlyConfigured(f"{name} must be a finite number of at least {minimum}, not {raw!r}.")
+    return value
+
+
+MAX_SEARCH_TRIALS = _limit("TUNEDECK_MAX_SEARCH_TRIALS", "20")
+MAX_SEARCH_MINUTES = _limit("TUNEDECK_MAX_SEARCH_MINUTES", "120", float, minimum=0.5)
+MAX_SEARCH_HELPERS = _limit("TUNEDECK_MAX_SEARCH_HELPERS", "2", minimum=0)
+MAX_QUEUED_JOBS_PER_USER = _limit("TUNEDECK_MAX_QUEUED_JOBS_PER_USER", "10")
+LOGIN_TOKEN_DAYS = _limit("TUNEDECK_LOGIN_TOKEN_DAYS", "30", minimum=0)
