@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from finetune import search
 
+from . import limits
 from .models import FineTuneJob, JobEvent, JobStatus, SearchTrial, Worker
 from .periodic import run_every
 
@@ -44,8 +45,10 @@ DB_ERRORS = (OperationalError, InterfaceError)
 
 
 def split_search_options(overrides: dict) -> tuple[dict, dict]:
-    """(plan overrides, search options): the search_* keys are not plan fields for autotune."""
+    """(plan overrides, search options): the search_* keys are not plan fields for autotune. A budget over the
+    operator's limits (jobs/limits.py) is refused here, so the plan preview says so before Train is clicked."""
     options = {k: overrides[k] for k in SEARCH_OVERRIDES if k in overrides}
+    limits.refuse_over_limit(options)
     return {k: v for k, v in overrides.items() if k not in SEARCH_OVERRIDES}, options
 
 
@@ -66,7 +69,7 @@ def attach_budget(plan: dict, base_model, dataset, options: dict, method: str = 
                                 on_by_default=method == "auto")
     if options.get("search") is not False and not dataset.validation_rows:
         budget["summary"] += " (The dataset has no validation rows to score trials on.)"
-    plan["search"] = budget
+    plan["search"] = limits.cap_budget(budget)
     plan.setdefault("reasons", []).append(budget["summary"])
     return plan
 
@@ -244,14 +247,15 @@ def run_helper_trials(job_id: int, worker_name: str) -> int:
 
 
 def send_helpers(job: FineTuneJob) -> int:
-    """One helper task per other live worker that takes training work (none with a single worker)."""
+    """One helper task per other live worker that takes training work (none with a single worker), at most
+    MAX_SEARCH_HELPERS of them: one job's search never takes every training worker."""
     from .queue import send_search_trials
 
     now = timezone.now()
     others = [w for w in Worker.objects.exclude(hostname=job.worker)
               if w.is_alive(now) and "gpu" in (w.queues or "").split(",")]
     expected = int(job.plan["search"].get("expected_trials") or job.plan["search"].get("max_trials") or 0)
-    helpers = min(len(others), max(0, expected - 1))
+    helpers = limits.helper_workers(len(others), expected - 1)
     for _ in range(helpers):
         send_search_trials(job.pk)
     return helpers

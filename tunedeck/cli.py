@@ -410,13 +410,13 @@ def cmd_login(args):
         if not sys.stdin.isatty():
             raise CliError("Give --password or set TUNEDECK_PASSWORD (no terminal to prompt on).", EXIT_USAGE)
         password = getpass.getpass(f"Password for {username} at {url}: ")
-    client = Client(url)
-    body = client.post("/auth/token", json={"username": username, "password": password,
-                                            "name": f"cli@{socket.gethostname()}"[:100]})
+    body = Client(url).post("/auth/token", json={"username": username, "password": password,
+                                                 "name": f"tunedeck-cli@{socket.gethostname()}"[:100]})
     if not isinstance(body, dict) or not body.get("token"):
         raise CliError(f"{url} did not return a token; is it a Tunedeck server?")
     path = save_config({**config, "url": url, "token": body["token"], "username": username})
-    print(f"Logged in to {url} as {username}; token saved in {path}.")
+    until = f"; it expires on {body['expires_at'][:10]}" if body.get("expires_at") else ""
+    print(f"Logged in to {url} as {username}; token saved in {path}{until}.")
 
 
 def cmd_logout(args):

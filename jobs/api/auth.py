@@ -1,3 +1,5 @@
+from datetime import UTC
+
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
@@ -5,14 +7,17 @@ from rest_framework import authentication, exceptions
 from ..models import ApiToken
 
 
-def user_for_token(raw: str):
-    """The active user behind a raw API token, or None."""
+def token_for(raw: str) -> ApiToken | None:
+    """The token row behind a raw API token whatever its state (active, expired or revoked), or None."""
     if not raw:
         return None
-    token = ApiToken.objects.select_related("user").filter(
-        token_hash=ApiToken.hash(raw), revoked_at__isnull=True
-    ).first()
-    if token is None or not token.user.is_active:
+    return ApiToken.objects.select_related("user").filter(token_hash=ApiToken.hash(raw)).first()
+
+
+def user_for_token(raw: str):
+    """The active user behind a raw API token that is neither revoked nor expired, or None."""
+    token = token_for(raw)
+    if token is None or token.state != "active" or not token.user.is_active:
         return None
     ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
     return token.user
@@ -30,8 +35,18 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Send the token as 'Authorization: Bearer <token>'.")
         user = user_for_token(parts[1])
         if user is None:
-            raise exceptions.AuthenticationFailed("The API token is invalid or revoked.")
+            raise self.refusal(token_for(parts[1]))
         return user, parts[1]
+
+    @staticmethod
+    def refusal(token) -> exceptions.AuthenticationFailed:
+        """An expired token says so (its holder knows the token, so its name and date tell them nothing new)."""
+        if token is not None and token.state == "expired" and token.user.is_active:
+            when = token.expires_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            return exceptions.AuthenticationFailed(
+                f"The API token {token.name!r} expired at {when}. Make a new one: log in again "
+                "(POST /api/v1/auth/token, `tunedeck login`) or on the API tokens page.", code="token_expired")
+        return exceptions.AuthenticationFailed("The API token is invalid or revoked.")
 
     def authenticate_header(self, request):
         return self.keyword
