@@ -14,6 +14,10 @@ A `ModelServer` holds loaded models and answers chat and completion requests for
 
 Adapter switching and generation mutate per-base state, so each loaded base has a lock held for the whole
 request; requests for different bases run in parallel.
+
+BUILTIN_FIELDS says what this engine does with each field of an OpenAI request: honours it (sampling with
+top-k/top-p/min-p, penalties and logit_bias are logits processors over transformers' generate), or accepts only
+the values that ask for nothing; the inference server refuses everything else by name.
 """
 
 from __future__ import annotations
@@ -32,6 +36,79 @@ from finetune.modelstore import load_model_and_tokenizer, stop_token_ids
 
 # peft types that attach to the model as prompt-learning wrappers rather than injected layers.
 PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What this engine does with each field of an OpenAI request
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One request field: `how` this engine treats it. `accepts(value, body)` is None for a field it honours;
+    otherwise it says which values ask for nothing (`n: 1`, `tool_choice: "none"`), the only ones accepted.
+    The inference server refuses (400, naming the field) any other value, and any field not in BUILTIN_FIELDS."""
+
+    how: str
+    accepts: object = None
+
+    @property
+    def honoured(self) -> bool:
+        return self.accepts is None
+
+
+def _only(*neutral):
+    # Compared with their JSON type too: completions' `logprobs: 0` asks for something, `logprobs: false` not.
+    return lambda value, body: any(type(value) is type(n) and value == n for n in neutral)
+
+
+def _tools_accepted(tools, body) -> bool:
+    return body.get("tool_choice") == "none"
+
+
+BUILTIN_FIELDS: dict[str, RequestField] = {
+    "model": RequestField("the deployment that answers"),
+    "messages": RequestField("chat: rendered with the model's chat template"),
+    "prompt": RequestField("completions: the text to continue"),
+    "max_tokens": RequestField("at most this many new tokens (and what the context holds)"),
+    "temperature": RequestField("0 is greedy"),
+    "top_p": RequestField("nucleus sampling"),
+    "top_k": RequestField("samples among the k most likely tokens (0 or -1: all), as vLLM does"),
+    "min_p": RequestField("drops tokens less likely than min_p times the most likely one, as vLLM does"),
+    "repetition_penalty": RequestField(
+        "transformers' and vLLM's: logits of tokens in the prompt or answer divided (or negative ones multiplied)"),
+    "presence_penalty": RequestField("OpenAI's: subtracted once from the logit of each token in the answer"),
+    "frequency_penalty": RequestField("OpenAI's: subtracted from a token's logit per time it is in the answer"),
+    "logit_bias": RequestField("added to the logits of the token ids named"),
+    "stop": RequestField("up to 4 strings that end the answer (cut from it)"),
+    "seed": RequestField("a generator of the request's own: the same seed gives the same answer"),
+    "stream": RequestField("server-sent events, token by token"),
+    "stream_options": RequestField("include_usage: a last chunk with the token counts"),
+    "tool_choice": RequestField("'none' only: this engine never calls a tool", _only("none")),
+    "tools": RequestField(
+        "with tool_choice 'none' only: shown to the model through its chat template, as vLLM does, never called",
+        _tools_accepted),
+    "parallel_tool_calls": RequestField("nothing to do: this engine never calls a tool", lambda v, body: True),
+    "n": RequestField("one choice per request", _only(1)),
+    "best_of": RequestField("one candidate per request", _only(1)),
+    "logprobs": RequestField("no log probabilities", _only(False)),
+    "top_logprobs": RequestField("no log probabilities", _only(0)),
+    "echo": RequestField("the answer without the prompt", _only(False)),
+    "response_format": RequestField("plain text: no JSON mode or schema", _only({"type": "text"})),
+    "modalities": RequestField("text", _only(["text"])),
+    # vLLM's extras, sent with their default values by some clients.
+    "ignore_eos": RequestField("stops at the end-of-sequence token", _only(False)),
+    "min_tokens": RequestField("may stop at any token", _only(0)),
+    "use_beam_search": RequestField("no beam search", _only(False)),
+    "skip_special_tokens": RequestField("special tokens are left out of the text", _only(True)),
+    "include_stop_str_in_output": RequestField("the stop string is cut from the answer", _only(False)),
+    "add_generation_prompt": RequestField("the chat template's generation prompt is added", _only(True)),
+    "continue_final_message": RequestField("the answer is a new message", _only(False)),
+}
+# The honoured fields that ModelServer.chat/complete take as keyword arguments (the rest pick the model and
+# prompt, or are the inference server's: stream, stream_options).
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "logit_bias", "stop", "seed")
 
 
 class UnknownModel(TunedeckError):
@@ -273,30 +350,20 @@ class ModelServer:
 
     # --- requests ------------------------------------------------------------------------------------------
 
-    def chat(
-        self, name, messages, *, max_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None
-    ) -> dict:
-        params = _SamplingParams(max_tokens, temperature, top_p, _stop_list(stop), seed)
-        return self._run(name, _ChatPrompt(messages), params).as_dict()
+    def chat(self, name, messages, *, tools=None, **sampling) -> dict:
+        """`sampling`: the request's honoured fields (SAMPLING_FIELDS: max_tokens=, temperature=, top_k=, ...);
+        `tools` are only shown to the model, through its chat template (tool_choice "none": none is called)."""
+        return self._run(name, _ChatPrompt(messages, tools), _SamplingParams(**sampling)).as_dict()
 
-    def complete(
-        self, name, prompt, *, max_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None
-    ) -> dict:
-        params = _SamplingParams(max_tokens, temperature, top_p, _stop_list(stop), seed)
-        return self._run(name, _TextPrompt(prompt), params).as_dict()
+    def complete(self, name, prompt, **sampling) -> dict:
+        return self._run(name, _TextPrompt(prompt), _SamplingParams(**sampling)).as_dict()
 
-    def stream_chat(
-        self, name, messages, *, max_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None
-    ):
+    def stream_chat(self, name, messages, *, tools=None, **sampling):
         """Yields text deltas, then a final dict like chat()'s."""
-        params = _SamplingParams(max_tokens, temperature, top_p, _stop_list(stop), seed)
-        return self._stream(name, _ChatPrompt(messages), params)
+        return self._stream(name, _ChatPrompt(messages, tools), _SamplingParams(**sampling))
 
-    def stream_complete(
-        self, name, prompt, *, max_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None
-    ):
-        params = _SamplingParams(max_tokens, temperature, top_p, _stop_list(stop), seed)
-        return self._stream(name, _TextPrompt(prompt), params)
+    def stream_complete(self, name, prompt, **sampling):
+        return self._stream(name, _TextPrompt(prompt), _SamplingParams(**sampling))
 
     def _run(self, name, prompt, params, emit=None, cancelled=None) -> _Result:
         deployment, group = self._lookup(name)
@@ -338,10 +405,11 @@ def _stop_list(stop) -> list[str]:
 
 
 class _ChatPrompt:
-    def __init__(self, messages):
+    def __init__(self, messages, tools=None):
         self.messages = [_plain_message(m) for m in (messages or [])]
         if not self.messages:
             raise GenerationRequestError("messages must be a non-empty list of {role, content} objects.")
+        self.tools = tools or None
 
     def token_ids(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):
@@ -349,7 +417,7 @@ class _ChatPrompt:
                 "This model has no chat template; use the completions endpoint instead."
             )
         encoded = tokenizer.apply_chat_template(
-            self.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            self.messages, tools=self.tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         return encoded["input_ids"]
 
@@ -387,41 +455,67 @@ class _TextPrompt:
 
 @dataclass
 class _SamplingParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list
-    seed: int | None
+    """The request's honoured sampling fields (SAMPLING_FIELDS); None means the field was not sent."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    stop: object = None
+    seed: int | None = None
 
     def __post_init__(self):
         self.max_tokens = 256 if self.max_tokens is None else int(self.max_tokens)
         self.temperature = 1.0 if self.temperature is None else float(self.temperature)
         self.top_p = 1.0 if self.top_p is None else float(self.top_p)
+        self.top_k = 0 if self.top_k is None or self.top_k < 0 else int(self.top_k)
+        self.min_p = 0.0 if self.min_p is None else float(self.min_p)
+        self.repetition_penalty = 1.0 if self.repetition_penalty is None else float(self.repetition_penalty)
+        self.presence_penalty = float(self.presence_penalty or 0)
+        self.frequency_penalty = float(self.frequency_penalty or 0)
+        self.logit_bias = _token_biases(self.logit_bias)
+        self.stop = _stop_list(self.stop)
         if self.max_tokens < 1:
             raise GenerationRequestError("max_tokens must be at least 1.")
         if self.temperature < 0:
             raise GenerationRequestError("temperature must not be negative.")
         if not 0 < self.top_p <= 1:
             raise GenerationRequestError("top_p must be in (0, 1].")
+        if not 0 <= self.min_p <= 1:
+            raise GenerationRequestError("min_p must be in [0, 1].")
+        if self.repetition_penalty <= 0:
+            raise GenerationRequestError("repetition_penalty must be greater than 0.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
+def _token_biases(logit_bias) -> dict[int, float]:
+    try:
+        return {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise GenerationRequestError("logit_bias must map token ids to numbers.") from None
+
+
 def _generate(model, group: _LoadedBase, input_ids, params: _SamplingParams, on_token, cancelled) -> _Result:
     import torch
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     prompt_tokens = input_ids.shape[1]
     max_new = _room_left(group, prompt_tokens, params.max_tokens)
     watcher = _TokenWatcher(group.tokenizer, prompt_tokens, params.stop, on_token, cancelled)
-    processors = LogitsProcessorList([] if params.greedy else [_SeededSampler(params)])
+    processors = request_processors(params, prompt_tokens, _vocab_size(model))
     pad_id = group.tokenizer.pad_token_id
     pad_id = group.stop_ids[0] if pad_id is None else pad_id
     # The request decides how to decode, as in the OpenAI API. generate fills every field left None from the
     # model's generation_config, which may carry sampling and repetition-penalty defaults, so the neutral
-    # values are spelled out.
+    # values are spelled out; what the request asks for is in `processors`.
     config = GenerationConfig(
         max_new_tokens=max_new,
         do_sample=False,  # sampling, when asked for, happens in _SeededSampler with a per-request generator
@@ -444,6 +538,25 @@ def _generate(model, group: _LoadedBase, input_ids, params: _SamplingParams, on_
         )
     new_tokens = output[0, prompt_tokens:].tolist()
     return _finish(group, new_tokens, params.stop, prompt_tokens)
+
+
+def _vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def request_processors(params: _SamplingParams, prompt_tokens: int, vocab_size: int):
+    """The logits processors that carry out the request, in vLLM's order: penalties and biases on the raw
+    logits (so they steer greedy decoding too), then temperature, top-k, top-p and min-p when sampling."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.presence_penalty or params.frequency_penalty or params.logit_bias:
+        processors.append(_AnswerPenalties(params, prompt_tokens, vocab_size))
+    if not params.greedy:
+        processors.append(_SeededSampler(params))
+    return processors
 
 
 def _room_left(group: _LoadedBase, prompt_tokens: int, max_tokens: int) -> int:
@@ -508,8 +621,35 @@ class _TokenWatcher:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+class _AnswerPenalties:
+    """OpenAI's presence and frequency penalties, counted over the answer so far, and logit_bias."""
+
+    def __init__(self, params: _SamplingParams, prompt_tokens: int, vocab_size: int):
+        outside = [token for token in params.logit_bias if not 0 <= token < vocab_size]
+        if outside:
+            raise GenerationRequestError(
+                f"logit_bias names token id {outside[0]}; this model's token ids run from 0 to {vocab_size - 1}."
+            )
+        self.presence = params.presence_penalty
+        self.frequency = params.frequency_penalty
+        self.biases = params.logit_bias
+        self.prompt_tokens = prompt_tokens
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.clone()
+        if self.presence or self.frequency:
+            answer = input_ids[:, self.prompt_tokens :]
+            counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+            scores -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        for token, bias in self.biases.items():
+            scores[:, token] += bias
+        return scores
+
+
 class _SeededSampler:
-    """Temperature and nucleus sampling with the request's own generator.
+    """Temperature, top-k, nucleus and min-p sampling with the request's own generator.
 
     It picks the token itself and leaves only that token's score finite, so generate runs greedily over it. A
     private torch.Generator makes `seed` reproducible even while other threads sample from other models; the
@@ -519,8 +659,7 @@ class _SeededSampler:
     def __init__(self, params: _SamplingParams):
         import torch
 
-        self.temperature = params.temperature
-        self.top_p = params.top_p
+        self.params = params
         self.generator = torch.Generator()
         if params.seed is None:
             self.generator.seed()
@@ -530,12 +669,24 @@ class _SeededSampler:
     def __call__(self, input_ids, scores):
         import torch
 
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
-        if self.top_p < 1.0:
-            probs = _nucleus(probs, self.top_p)
+        probs = torch.softmax(scores.float() / self.params.temperature, dim=-1).cpu()
+        probs = _keep_likely(probs, self.params)
         choice = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter(1, choice, 0.0)
+
+
+def _keep_likely(probs, params: _SamplingParams):
+    """Zeroes the tokens that top-k, top-p and min-p leave out (the most likely token always stays)."""
+    if 0 < params.top_k < probs.shape[-1]:
+        kth = probs.topk(params.top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p then measures the mass of what is left
+    if params.top_p < 1.0:
+        probs = _nucleus(probs, params.top_p)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
 
 
 def _nucleus(probs, top_p: float):

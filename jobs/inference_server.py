@@ -8,7 +8,8 @@ the web process validates and authenticates OpenAI requests and proxies them her
   load their merged folder; unmerged ones are adapters on their base, several adapters of one base sharing one
   loaded copy (multi-LoRA, loaded on demand, least recently used evicted). A `loading` deployment is loaded at
   once and marked `live` (or `failed` with the reason).
-- A small internal HTTP API, bound to 127.0.0.1 by default and guarded by a token derived from SECRET_KEY:
+- A small internal HTTP API, bound to 127.0.0.1 by default and guarded by a random internal token
+  (jobs.deploy.internal_token: TUNEDECK_INTERNAL_TOKEN, or made once in the data directory):
       GET  /health                 {"ok": true, "models": <how many>}   (no token: for liveness checks)
       GET  /models                 {"models": [{name, kind, base, adapter_dir, quantized_4bit, loaded}, ...]}
       POST /v1/chat/completions    OpenAI request body (already validated by the web side), stream or not
@@ -35,8 +36,6 @@ from . import deploy, serving_engines
 from .periodic import run_every
 
 log = logging.getLogger("tunedeck.inference")
-
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 
 
 class InferenceService:
@@ -300,7 +299,7 @@ class Handler(BaseHTTPRequestHandler):
             reason = self.service.engine_reasons.get(name, "built-in server")
             return self._error(400, serving_engines.refusal_message(refused, reason), "unsupported_parameter",
                                param=refused)
-        params = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        params = serving_engines.builtin_params(body)
         server = self.service.server
         stream = bool(body.get("stream"))
         try:

@@ -17,6 +17,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 
+from . import openai_fields
 from .api.auth import BearerTokenAuthentication
 from .deploy import internal_token
 from .models import Deployment, ObjectNotFound
@@ -24,6 +25,7 @@ from .models import Deployment, ObjectNotFound
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 8192
+MAX_CHOICES = 16
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
@@ -111,18 +113,16 @@ def model_detail(request, name):
 @_openai_view(["POST"])
 def chat_completions(request):
     user = _user(request)
-    body = _body(request)
-    payload = _common(body)
-    payload["messages"] = clean_messages(body.get("messages"))
+    payload = request_fields(_body(request), openai_fields.CHAT)
+    payload["messages"] = clean_messages(payload.get("messages"))
     return proxy("/v1/chat/completions", _deployment(user, payload["model"]).name, payload)
 
 
 @_openai_view(["POST"])
 def completions(request):
     user = _user(request)
-    body = _body(request)
-    payload = _common(body)
-    prompt = body.get("prompt")
+    payload = request_fields(_body(request), openai_fields.COMPLETIONS)
+    prompt = payload.get("prompt")
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):
             raise OpenAIError(400, "Send one prompt string per request (a list of one string is accepted).",
@@ -168,77 +168,120 @@ def _number(body, key, low, high, *, integer=False, low_open=False):
     return value
 
 
-def _common(body: dict) -> dict:
-    """The fields both endpoints share, checked; fields that change nothing here (user, metadata) are dropped."""
-    model = body.get("model")
+# Numbers checked here: (lowest, highest, integer, the lowest itself excluded). vLLM checks its other extras.
+NUMBERS = {
+    "max_tokens": (1, MAX_TOKENS_LIMIT, True, False),
+    "temperature": (0, 2, False, False),
+    "top_p": (0, 1, False, True),
+    "seed": (-(2**63), 2**63 - 1, True, False),
+    "n": (1, MAX_CHOICES, True, False),
+    "best_of": (1, MAX_CHOICES, True, False),
+    "top_logprobs": (0, 20, True, False),
+    "presence_penalty": (-2, 2, False, False),
+    "frequency_penalty": (-2, 2, False, False),
+    "top_k": (-1, 2**31 - 1, True, False),
+    "min_p": (0, 1, False, False),
+    "repetition_penalty": (0, 10, False, True),
+    "min_tokens": (0, MAX_TOKENS_LIMIT, True, False),
+}
+# Fields that must be true or false; the built-in engine compares them with the values that ask for nothing.
+BOOLEANS = ("stream", "echo", "parallel_tool_calls", "ignore_eos", "use_beam_search", "include_stop_str_in_output",
+            "skip_special_tokens", "add_generation_prompt", "continue_final_message")
+OBJECTS = (("response_format", dict, "an object such as {\"type\": \"json_object\"}"),
+           ("tools", list, "a list of tool definitions"),
+           ("tool_choice", (str, dict), "'none', 'auto', 'required' or a tool object"),
+           ("logit_bias", dict, "an object of token id -> bias"),
+           ("structured_outputs", dict, "an object such as {\"regex\": \"[0-9]+\"}"))
+
+
+def request_fields(body: dict, endpoint: str) -> dict:
+    """What the inference server gets: an unknown field refused by name, OpenAI's bookkeeping fields and nulls
+    ("not given") left out, the fields checked here checked; the rest pass as sent, for the engine serving the
+    deployment to honour or refuse by name (jobs.openai_fields lists every field and what becomes of it)."""
+    unknown = openai_fields.unknown_field(body, endpoint)
+    if unknown is not None:
+        what = "chat completions" if endpoint == openai_fields.CHAT else "completions"
+        raise OpenAIError(400, f"Unknown parameter: '{unknown}' is not a field of {what} requests this server "
+                          "knows, so it would have no effect. Send the request without it.", "unknown_parameter",
+                          param=unknown)
+    dropped = openai_fields.METADATA
+    payload = {key: value for key, value in body.items() if value is not None and key not in dropped}
+    model = payload.get("model")
     if not isinstance(model, str) or not model.strip():
         raise OpenAIError(400, "'model' is required: the name of one of your live deployments.", "invalid_model",
                           param="model")
-    payload = {"model": model.strip(), **_engine_options(body)}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        payload["max_tokens"] = _number({"max_tokens": max_tokens}, "max_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
-    for key, low, high, low_open, integer in (
-        ("temperature", 0, 2, False, False),
-        ("top_p", 0, 1, True, False),
-        ("seed", -(2**63), 2**63 - 1, False, True),
-    ):
-        value = _number(body, key, low, high, integer=integer, low_open=low_open)
-        if value is not None:
-            payload[key] = value
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-            raise OpenAIError(400, "'stop' must be a string or a list of up to 4 strings.", "invalid_value",
-                              param="stop")
-        payload["stop"] = stops
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise OpenAIError(400, "'stream' must be true or false.", "invalid_value", param="stream")
-    payload["stream"] = stream
-    options = body.get("stream_options")
-    if isinstance(options, dict) and stream:
-        payload["stream_options"] = {"include_usage": bool(options.get("include_usage"))}
+    payload["model"] = model.strip()
+    if "max_completion_tokens" in payload:  # OpenAI's newer name; both engines take max_tokens
+        payload["max_tokens"] = payload.pop("max_completion_tokens")
+    for key, (low, high, integer, low_open) in NUMBERS.items():
+        _number(payload, key, low, high, integer=integer, low_open=low_open)
+    for key in BOOLEANS:
+        if key in payload and not isinstance(payload[key], bool):
+            raise OpenAIError(400, f"'{key}' must be true or false.", "invalid_value", param=key)
+    payload["stream"] = payload.get("stream", False)
+    _check_logprobs(payload, endpoint)
+    _check_objects(payload)
+    _check_stop(payload)
+    _check_stream_options(payload)
     return payload
 
 
-MAX_CHOICES = 16
+def _check_logprobs(payload: dict, endpoint: str) -> None:
+    if "logprobs" not in payload:
+        return
+    if endpoint == openai_fields.CHAT:  # chat: whether to return them
+        if not isinstance(payload["logprobs"], bool):
+            raise OpenAIError(400, "'logprobs' must be true or false.", "invalid_value", param="logprobs")
+    else:  # completions: how many alternatives per token
+        _number(payload, "logprobs", 0, 20, integer=True)
 
 
-def _engine_options(body: dict) -> dict:
-    """The OpenAI fields vLLM honours, checked for shape and passed on; the inference server refuses (400) the ones
-    the deployment's engine cannot honour, so none is ever silently ignored."""
-    options = {}
-    for key, low, high, integer in (("n", 1, MAX_CHOICES, True), ("top_logprobs", 0, 20, True),
-                                    ("presence_penalty", -2, 2, False), ("frequency_penalty", -2, 2, False)):
-        value = _number(body, key, low, high, integer=integer)
-        if value is not None:
-            options[key] = value
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        # chat: true/false; completions: how many alternatives per token (0-20)
-        if not isinstance(logprobs, bool):
-            logprobs = _number(body, "logprobs", 0, 20, integer=True)
-        options["logprobs"] = logprobs
-    for key, kind, what in (("response_format", dict, "an object such as {\"type\": \"json_object\"}"),
-                            ("tools", list, "a list of tool definitions"),
-                            ("tool_choice", (str, dict), "'none', 'auto', 'required' or a tool object"),
-                            ("logit_bias", dict, "an object of token id -> bias")):
-        value = body.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, kind):
+def _check_objects(payload: dict) -> None:
+    for key, kind, what in OBJECTS:
+        if key in payload and not isinstance(payload[key], kind):
             raise OpenAIError(400, f"'{key}' must be {what}.", "invalid_value", param=key)
-        options[key] = value
-    if isinstance(options.get("response_format"), dict) and options["response_format"].get("type") not in (
+    if payload.get("tools") == []:
+        raise OpenAIError(400, "'tools' must not be empty: send at least one tool, or leave it out.",
+                          "invalid_value", param="tools")
+    if "response_format" in payload and payload["response_format"].get("type") not in (
             "text", "json_object", "json_schema"):
         raise OpenAIError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
                           "invalid_value", param="response_format")
-    for key in ("echo", "parallel_tool_calls"):
-        if isinstance(body.get(key), bool):
-            options[key] = body[key]
-    return options
+    for token, bias in payload.get("logit_bias", {}).items():
+        if not str(token).isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not (
+                -100 <= bias <= 100):
+            raise OpenAIError(400, "'logit_bias' maps token ids (\"42\") to biases from -100 to 100.",
+                              "invalid_value", param="logit_bias")
+
+
+def _check_stop(payload: dict) -> None:
+    stop = payload.get("stop")
+    if stop is None:
+        return
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise OpenAIError(400, "'stop' must be a string or a list of up to 4 strings.", "invalid_value",
+                          param="stop")
+    payload["stop"] = stops
+
+
+def _check_stream_options(payload: dict) -> None:
+    options = payload.get("stream_options")
+    if options is None:
+        return
+    if not payload["stream"]:
+        raise OpenAIError(400, "'stream_options' is only allowed with \"stream\": true.", "invalid_value",
+                          param="stream_options")
+    if not isinstance(options, dict):
+        raise OpenAIError(400, "'stream_options' must be an object such as {\"include_usage\": true}.",
+                          "invalid_value", param="stream_options")
+    for key, value in options.items():
+        if key != "include_usage":  # the one option both engines honour
+            raise OpenAIError(400, f"'stream_options.{key}' is not supported: only include_usage is.",
+                              "unsupported_parameter", param=f"stream_options.{key}")
+        if not isinstance(value, bool):
+            raise OpenAIError(400, "'stream_options.include_usage' must be true or false.", "invalid_value",
+                              param="stream_options.include_usage")
 
 
 def clean_messages(messages) -> list[dict]:

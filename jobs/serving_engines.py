@@ -4,7 +4,8 @@ What lives here, so jobs/inference_server.py only calls in:
 - the vLLM settings (TUNEDECK_VLLM_*) turned into finetune.vllm_engine.EngineSettings;
 - notes on a deployment (details["engine"], ...) saying which engine serves it and why, its loading progress
   and any fallback warning; the page and the REST API show them;
-- the OpenAI parameters each engine can honour: the built-in server refuses the others with a 400 naming them;
+- each engine's refusal of the OpenAI fields it cannot honour (jobs.openai_fields,
+  finetune.serving.BUILTIN_FIELDS): a 400 naming the field and saying what would serve it;
 - relaying a request to a deployment's vLLM server, the stream passed through byte for byte.
 """
 from __future__ import annotations
@@ -17,26 +18,16 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from . import openai_fields
 from .models import Deployment
 
 log = logging.getLogger("tunedeck.inference")
 
-# OpenAI request fields that change the answer and that the built-in server cannot honour, with the value that
-# means "not used" (sent that way, they are accepted).
-BUILTIN_UNSUPPORTED = {
-    "n": 1,
-    "logprobs": False,
-    "top_logprobs": None,
-    "response_format": None,
-    "tools": None,
-    "tool_choice": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "logit_bias": None,
-    "echo": False,
-    "best_of": None,
-    "suffix": None,
-}
+# Why a deployment is on the built-in server, where vLLM would serve it: choose_engine's reason when vLLM's
+# interpreter is missing (finetune.vllm_engine), and jobs.inference_server's two.
+VLLM_MISSING = "vLLM is not available"
+VLLM_OFF = "vLLM is switched off for this inference server"
+VLLM_FAILED = "its vLLM server failed"
 
 
 def engine_settings(device: str = "auto", max_adapters: int = 8):
@@ -66,20 +57,42 @@ def _gpus() -> list[dict]:
 
 
 def refused_parameter(body: dict) -> str | None:
-    """The first field the built-in server would have to ignore, or None."""
-    for key, neutral in BUILTIN_UNSUPPORTED.items():
-        value = body.get(key)
-        if value is None or value == neutral or (key == "response_format" and value == {"type": "text"}):
-            continue
-        if key in ("tools", "logit_bias") and not value:
-            continue
-        return key
+    """The first field of `body` the built-in engine would have to ignore (finetune.serving.BUILTIN_FIELDS:
+    one it does not know, or a value it cannot honour), or None."""
+    from finetune.serving import BUILTIN_FIELDS
+
+    for key, value in body.items():
+        field = BUILTIN_FIELDS.get(key)
+        if field is None or not (field.honoured or field.accepts(value, body)):
+            return key
     return None
 
 
+def builtin_params(body: dict) -> dict:
+    """The keyword arguments of ModelServer.chat/complete: the sampling fields sent, and a chat's tools."""
+    from finetune.serving import SAMPLING_FIELDS
+
+    return {key: body[key] for key in (*SAMPLING_FIELDS, "tools") if body.get(key) is not None}
+
+
 def refusal_message(key: str, reason: str) -> str:
-    return (f"'{key}' is not supported by the built-in server that serves this deployment ({reason}). Send the "
-            "request without it, or deploy a method that vLLM serves.")
+    """Why the built-in server, serving a deployment because of `reason`, refuses `key`; what would serve it."""
+    refused = f"'{key}' is not supported by the built-in server that serves this deployment ({reason})."
+    vllm = openai_fields.VLLM_FIELDS.get(key)
+    if vllm is None or not vllm.passed:
+        why = f": {vllm.refused}" if vllm else ""
+        return f"{refused} vLLM does not take it either{why}. Send the request without it."
+    if reason == VLLM_MISSING:
+        return (f"{refused} vLLM serves it and could serve this deployment, but vLLM's environment is not "
+                "installed on this server: run scripts/setup-vllm.sh (or point TUNEDECK_VLLM_PYTHON at it), "
+                "then restart the inference server. Or send the request without it.")
+    if reason == VLLM_OFF:
+        return (f"{refused} vLLM serves it, but this inference server runs with --no-vllm. Send the request "
+                "without it.")
+    if reason == VLLM_FAILED:
+        return (f"{refused} vLLM serves it, but this deployment's vLLM server failed (its engine warning says "
+                "why). Send the request without it.")
+    return f"{refused} vLLM serves it, but cannot serve this deployment. Send the request without it."
 
 
 # ---------------------------------------------------------------- notes on the deployment
@@ -112,8 +125,14 @@ def note(deployment_id: int, revision: int, *, go_live: bool = False, **fields) 
 
 def relay(handler, route, path: str, body: dict) -> None:
     """Sends `body` to the vLLM server in `route` and writes its answer to `handler` (a BaseHTTPRequestHandler)
-    unchanged: status, content type, and a stream chunk by chunk."""
-    payload = json.dumps({**body, "model": route.model}).encode()
+    unchanged: status, content type, and a stream chunk by chunk. A field vLLM cannot honour is refused first
+    (400, naming it), and its removed guided_* fields go as the structured_outputs it reads now."""
+    refused = openai_fields.vllm_refusal(body)
+    if refused:
+        key, why = refused
+        return handler._error(400, f"'{key}' is not supported by vLLM, which serves this deployment: {why}. Send "
+                              "the request without it.", "unsupported_parameter", param=key)
+    payload = json.dumps({**openai_fields.for_vllm(body), "model": route.model}).encode()
     host, port = route.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=600)
     try:

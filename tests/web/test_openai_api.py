@@ -172,7 +172,7 @@ def test_builtin_engine_refuses_what_it_cannot_do_and_exports_gguf(
     assert deployment["engine"]["name"] == "builtin" and "head size 16" in deployment["engine"]["reason"]
     client = client_for(live_server, alice.token)
     for extra, param in (({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}},
-                         "response_format"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+                         "response_format"), ({"n": 2}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
                          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools")):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="refuser", messages=PING, max_tokens=4, **extra)
