@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from . import cpudropout, fastloss, fourbit
 from .data import iter_examples
 from .errors import OutOfMemory, TrainingError
+from .learning_guard import LearningGuard
 from .method_traits import method_traits
 from .optim import build_optimizer
 from .methods import ALL_METHODS, save_adapter, wrap_for_training
@@ -731,44 +732,9 @@ class Run:
     total_params: int
     state: dict
     resumed: bool
-    guard: "LearningGuard"
+    guard: LearningGuard
     lengths: list = field(default_factory=list)
     order: list = field(default_factory=list)
-
-
-# How many optimizer steps may pass without any gradient before a run is declared to be learning nothing.
-STEPS_BEFORE_NO_GRADIENT_IS_AN_ERROR = 3
-
-
-class LearningGuard:
-    """Fails a run that learns nothing instead of letting it "succeed" with the base model: no trainable parameter
-    got a non-zero gradient in the first optimizer steps, or the trained weights are unchanged at the end."""
-
-    def __init__(self, params):
-        self.params = params
-        self.start = self._fingerprint()
-        self.steps = 0
-        self.saw_gradient = False
-
-    def _fingerprint(self) -> list[tuple[float, float]]:
-        # Sum and sum of squares per tensor in float64: equal before and after only if nothing moved, without
-        # keeping a copy of every weight.
-        return [(float(p.detach().double().sum()), float(p.detach().double().square().sum())) for p in self.params]
-
-    def after_step(self, grad_norm: float) -> None:
-        self.steps += 1
-        self.saw_gradient = self.saw_gradient or (math.isfinite(grad_norm) and grad_norm > 0)
-        if not self.saw_gradient and self.steps >= STEPS_BEFORE_NO_GRADIENT_IS_AN_ERROR:
-            raise TrainingError(
-                f"No trainable parameter received a gradient in the first {self.steps} optimizer steps (gradient "
-                "norm 0), so this run would learn nothing. The job was stopped instead of saving an adapter that "
-                "is the base model; please report it with the job's log.")
-
-    def check_weights_moved(self) -> None:
-        if self.steps and self._fingerprint() == self.start:
-            raise TrainingError(
-                f"The adapter's weights are unchanged after {self.steps} optimizer steps, so it is the base model. "
-                "No version was saved; check the learning rate and please report it with the job's log.")
 
 
 def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> TrainResult:
@@ -786,7 +752,7 @@ def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> Tra
         report_step(run, outcome, clock, on_progress, on_event)
         if clock.get("stopped_early"):
             break
-    run.guard.check_weights_moved()
+    run.guard.check_finished(initial_eval, clock.get("best"))
     return finish_run(run, clock, initial_eval, oom_recoveries)
 
 
@@ -808,7 +774,8 @@ def setup_run(spec: TrainSpec, on_event) -> Run:
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / spec.grad_accum))
     total_steps = int(spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch)))
     trainable, total_params = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
     optimizer = build_optimizer(params, {**spec.plan, "learning_rate": spec.learning_rate,
                                          "weight_decay": spec.weight_decay}, device)
 
@@ -828,7 +795,7 @@ def setup_run(spec: TrainSpec, on_event) -> Run:
               eval_rows=eval_rows, data_stats=data_stats, params=params, optimizer=optimizer,
               scaler=_grad_scaler(model, device), total_steps=total_steps,
               warmup=int(spec.warmup_ratio * total_steps), trainable=trainable, total_params=total_params,
-              state=state, resumed=bool(resumed), guard=LearningGuard(params))
+              state=state, resumed=bool(resumed), guard=LearningGuard(named_params))
     run.lengths = [len(r["input_ids"]) if "input_ids" in r else len(r["chosen"]["input_ids"]) for r in train_rows]
     run.order = _epoch_order(run, state["epoch"])
     return run

@@ -15,19 +15,19 @@ Nothing here imports torch: the worker-side merge imports finetune.merge's heavy
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from finetune.errors import TunedeckError
+from tunedeck.secretfile import read_or_create_secret
 
 from . import queue
 from .models import AdapterVersion, Deployment
@@ -69,8 +69,10 @@ def deploy_version(user, version: AdapterVersion, *, merge: bool = True, name: s
                 raise InputError(f"The name {name!r} is taken; choose another.", field="name", code="name_taken")
         else:
             existing = (
-                Deployment.objects.select_for_update()
-                .filter(owner=user, version__line_id=version.line_id)
+                Deployment.objects.select_for_update(of=("self",))  # the version side may be null (deleted)
+                .filter(owner=user)
+                .filter(Q(version__line_id=version.line_id) | Q(version__isnull=True,
+                                                                 details__deleted_version__line_id=version.line_id))
                 .order_by("-updated_at", "-pk")
                 .first()
             )
@@ -115,10 +117,11 @@ def _repoint(deployment: Deployment, version: AdapterVersion, merge: bool, reaso
     history = list(deployment.details.get("history") or [])
     if deployment.status != Status.STOPPED or deployment.version_id != version.pk:
         history.append({
-            "version": deployment.version_id,
-            "label": deployment.details.get("version_label") or "",
+            "version": deployment.version_id or (deployment.version_deleted or {}).get("id"),
+            "label": deployment.details.get("version_label") or deployment.version_label,
             "status": deployment.status,
             "until": timezone.now().isoformat(),
+            **({"deleted": True} if deployment.version_deleted else {}),
         })
     deployment.version = version
     deployment.merge = merge
@@ -167,6 +170,13 @@ def _enqueue_on_commit(deployment: Deployment) -> None:
     transaction.on_commit(lambda: queue.send_deploy(pk, revision))
 
 
+def deleted_version_reason(deployment: Deployment) -> str:
+    """Why a deployment whose version was deleted cannot be deployed again or rolled back, and what to do."""
+    deleted = deployment.version_deleted or {}
+    return (f"{deleted.get('label') or 'The version it served'} was deleted, with its files, so {deployment.name} "
+            "cannot be deployed again or rolled back; deploy another version under this name from its page.")
+
+
 def stop(deployment: Deployment) -> Deployment:
     """Undeploys: the inference server drops the model within a second. Merged files stay for export."""
     with transaction.atomic():
@@ -182,8 +192,10 @@ def stop(deployment: Deployment) -> Deployment:
 
 
 def previous_version(deployment: Deployment) -> AdapterVersion | None:
-    """The version just before the deployed one in the same adapter line."""
+    """The version just before the deployed one in the same adapter line (None once that version is deleted)."""
     current = deployment.version
+    if current is None:
+        return None
     return (
         AdapterVersion.objects.filter(line_id=current.line_id, version__lt=current.version)
         .select_related("line", "base_model")
@@ -195,7 +207,10 @@ def previous_version(deployment: Deployment) -> AdapterVersion | None:
 def rollback(deployment: Deployment) -> Deployment:
     """Repoints the deployment to the previous version of its adapter line, keeping its name and merge choice."""
     with transaction.atomic():
-        deployment = Deployment.objects.select_for_update().select_related("version__line").get(pk=deployment.pk)
+        deployment = (Deployment.objects.select_for_update(of=("self",)).select_related("version__line")
+                      .get(pk=deployment.pk))
+        if deployment.version is None:
+            raise InputError(deleted_version_reason(deployment), code="version_deleted")
         target = previous_version(deployment)
         if target is None:
             raise InputError(
@@ -232,6 +247,9 @@ def run_deploy(deployment_id: int, revision: int) -> str | None:
         log.info("deployment %s revision %s is no longer wanted; skipped", deployment_id, revision)
         return None
     version = deployment.version
+    if version is None:
+        mark_failed(deployment.pk, revision, deleted_version_reason(deployment))
+        return Status.FAILED
     details = dict(deployment.details)
     if deployment.status == Status.MERGING:
         # From here the page says "merging" instead of "queued (position N)"; the Workers page shows us busy.
@@ -348,7 +366,8 @@ def mark_live(deployment_id: int, revision: int) -> bool:
 def serving_specs() -> list[dict]:
     """What the inference server should hold: every deployment that is loading or live."""
     specs = []
-    queryset = Deployment.objects.filter(status__in=SERVED).select_related("version__base_model")
+    queryset = Deployment.objects.filter(status__in=SERVED, version__isnull=False).select_related(
+        "version__base_model")
     for d in queryset:
         merged = bool(d.path)
         spec = {
@@ -372,18 +391,26 @@ def loading_stalled(deployment: Deployment) -> bool:
     return deployment.status == Status.LOADING and waited > LOADING_PATIENCE_SECONDS
 
 
+INTERNAL_TOKEN_FILE = "inference-token"  # in the data directory
+
+
 def internal_token() -> str:
-    """The shared secret between the web process and the inference server (both know SECRET_KEY)."""
-    return hmac.new(settings.SECRET_KEY.encode(), b"tunedeck-inference", hashlib.sha256).hexdigest()
+    """The secret the web process shows the inference server (header X-Tunedeck-Internal): TUNEDECK_INTERNAL_TOKEN,
+    or a random one made once in the data directory (mode 0600) that the web server, the workers and the inference
+    server share. Never derived from SECRET_KEY, so knowing one gives nothing of the other."""
+    return os.environ.get("TUNEDECK_INTERNAL_TOKEN", "").strip() or read_or_create_secret(
+        Path(settings.DATA_DIR) / INTERNAL_TOKEN_FILE)
 
 
 # ---------------------------------------------------------------- export
 
 
-def export_commands(deployment: Deployment) -> dict:
+def export_commands(deployment: Deployment) -> dict | None:
     """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base. vLLM gets
-    port 8001 (TGI 8080): 8000 is Tunedeck's own default port."""
+    port 8001 (TGI 8080): 8000 is Tunedeck's own default port. None once its version is deleted."""
     version = deployment.version
+    if version is None:
+        return None
     name = deployment.name
     archive = f"{name}-merged.zip"
     base_path = version.base_model.path
@@ -423,6 +450,8 @@ def export_commands(deployment: Deployment) -> dict:
 
 def export_problem(deployment: Deployment):
     """(code, message, http status) when the deployment has no merged model to download, else None."""
+    if deployment.version_id is None:
+        return "gone", deleted_version_reason(deployment), 410
     if not deployment.path:
         if deployment.status in (Deployment.Status.MERGING, Deployment.Status.LOADING) and deployment.merge:
             return "not_ready", "The merge has not finished yet; try again when the deployment is live.", 409

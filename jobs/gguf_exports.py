@@ -49,6 +49,8 @@ def gguf_problem(deployment: Deployment, kind: str):
     """(code, message, http status) when that GGUF download is not there, else None."""
     if kind not in KINDS:
         return "not_found", f"Unknown GGUF download {kind!r}; choose f16, q8_0 or modelfile.", 404
+    if deployment.version_id is None:  # its version was deleted, with the merged model and these files
+        return "gone", f"{deployment.version_label or 'Its version'} was deleted, with its GGUF files.", 410
     if not deployment.path:
         return ("not_merged", "GGUF files are made from the merged model; this deployment serves the adapter "
                 "unmerged. Deploy it merged to get them.", 409)

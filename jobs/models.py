@@ -295,7 +295,10 @@ class Deployment(models.Model):
         STOPPED = "stopped"
 
     owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="deployments")
-    version = models.ForeignKey(AdapterVersion, on_delete=models.PROTECT, related_name="deployments")
+    # None once the version it served was deleted (jobs.versions.delete_version, only while the deployment is
+    # stopped or failed): the record, its name and history stay, and details["deleted_version"] says what it was.
+    version = models.ForeignKey(AdapterVersion, null=True, blank=True, on_delete=models.PROTECT,
+                                related_name="deployments")
     name = models.CharField(max_length=200, unique=True)
     merge = models.BooleanField(default=True)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.MERGING)
@@ -316,13 +319,31 @@ class Deployment(models.Model):
     def __str__(self):
         return self.name
 
+    @property
+    def version_deleted(self) -> dict | None:
+        """{"id", "label", "line_id", "deleted_at"} of the deleted version it served, else None."""
+        return (self.details or {}).get("deleted_version") if self.version_id is None else None
+
+    @property
+    def version_label(self) -> str:
+        """The version it serves or served ("support v2"), also once that version is deleted."""
+        if self.version_id is not None:
+            return self.version.label
+        return (self.version_deleted or {}).get("label") or (self.details or {}).get("version_label") or ""
+
 
 class TokenQuerySet(OwnedQuerySet):
     owner_field = "user"
 
+    def usable(self, now=None):
+        """Neither revoked nor expired."""
+        now = now or timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(models.Q(expires_at__isnull=True) |
+                                                            models.Q(expires_at__gt=now))
+
 
 class ApiToken(models.Model):
-    """Only a hash is stored; the token itself is shown once, when made."""
+    """Only a hash is stored; the token itself is shown once, when made. expires_at None: never expires."""
 
     lookup_label = "API token"
 
@@ -332,6 +353,7 @@ class ApiToken(models.Model):
     token_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)  # issue 31
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     objects = TokenQuerySet.as_manager()
@@ -343,10 +365,21 @@ class ApiToken(models.Model):
         return hashlib.sha256(raw.encode()).hexdigest()
 
     @classmethod
-    def issue(cls, user, name="token"):
+    def issue(cls, user, name="token", expires_at=None):
         raw = cls.PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, prefix=raw[:10], token_hash=cls.hash(raw))
+        token = cls.objects.create(user=user, name=name, prefix=raw[:10], token_hash=cls.hash(raw),
+                                   expires_at=expires_at)
         return token, raw
+
+    def is_expired(self, now=None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+    @property
+    def state(self) -> str:
+        """active, expired or revoked (revoked wins: it was a person's decision)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.is_expired() else "active"
 
 
 class Worker(models.Model):

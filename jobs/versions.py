@@ -1,5 +1,5 @@
 """Adapter versions behind the pages and the REST API: the one parser of version id lists, mark the line's
-champion, delete (refused while deployed)."""
+champion, delete (refused while deployed; stopped and failed deployments keep their records)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,10 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 from django.db.models import ProtectedError
+from django.utils import timezone
 
+from .deploy import merged_dir_for
+from .gguf_exports import gguf_dir
 from .models import MAX_ID, AdapterLine, AdapterVersion, Deployment, ObjectNotFound
 from .services import InputError
 
@@ -88,28 +91,64 @@ def _inside(path: str, root: Path) -> Path | None:
     return resolved if resolved != Path(root).resolve() else None
 
 
-def delete_version(version: AdapterVersion) -> None:
-    """Deletes the version, its stopped/failed deployments and, after commit, their files on disk. Refused
-    (VersionInUse) while a deployment of it is merging, loading or live."""
+def delete_version(version: AdapterVersion) -> list[Deployment]:
+    """Deletes the version and, after commit, its adapter folder and merged folders. Its stopped and failed
+    deployments are kept (name, history, details) with version None and details["deleted_version"]; they are
+    returned. Refused (VersionInUse) while a deployment of it is merging, loading or live."""
     with transaction.atomic():
-        locked = AdapterVersion.objects.select_for_update().filter(pk=version.pk).first()
+        locked = AdapterVersion.objects.select_for_update().select_related("line").filter(pk=version.pk).first()
         if locked is None:
-            return
+            return []
         deployments = list(Deployment.objects.select_for_update().filter(version=locked))
         active = [d for d in deployments if d.status not in INACTIVE]
         if active:
             names = ", ".join(f"{d.name} ({d.status})" for d in active)
             raise VersionInUse(f"{version.label} is deployed: {names}. Stop the deployment first.", active)
-        folders = [p for p in (_inside(d.path, settings.DEPLOYMENT_DIR) for d in deployments) if p]
-        adapter = _inside(locked.path, settings.ADAPTER_DIR)
-        if adapter:
-            folders.append(adapter)
+        folders = _folders_of(locked, deployments)
+        for deployment in deployments:
+            _keep_without_version(deployment, locked)
         try:
-            Deployment.objects.filter(pk__in=[d.pk for d in deployments]).delete()
             locked.delete()
         except ProtectedError as exc:  # a deployment created meanwhile
             raise VersionInUse(f"{version.label} has just been deployed; stop the deployment first.", []) from exc
         transaction.on_commit(lambda: _remove_folders(folders))
+    return deployments
+
+
+def deleted_message(version: AdapterVersion, kept: list[Deployment]) -> str:
+    """'Deleted support v2; the deployment support (stopped) keeps its record.'"""
+    if not kept:
+        return f"Deleted {version.label}."
+    names = ", ".join(f"{d.name} ({d.status})" for d in kept)
+    if len(kept) == 1:
+        return f"Deleted {version.label}; the deployment {names} keeps its record."
+    return f"Deleted {version.label}; the deployments {names} keep their records."
+
+
+def kept_deployments(version: AdapterVersion) -> list[Deployment]:
+    """The stopped and failed deployments of the version: deleting it keeps their records (the confirmation page
+    names them)."""
+    return list(version.deployments.filter(status__in=INACTIVE).order_by("name"))
+
+
+def _keep_without_version(deployment: Deployment, version: AdapterVersion) -> None:
+    """Detaches a stopped or failed deployment from the version being deleted, saying which version it served.
+    Its merged folder goes with the version, so it no longer has one."""
+    deleted = {"id": version.pk, "label": version.label, "line_id": version.line_id,
+               "deleted_at": timezone.now().isoformat()}
+    deployment.details = {**deployment.details, "deleted_version": deleted}
+    deployment.version = None
+    deployment.path = ""
+    deployment.save(update_fields=["version", "path", "details"])
+
+
+def _folders_of(version: AdapterVersion, deployments) -> list[Path]:
+    """The version's adapter folder, its merged model (kept per version, so also when no deployment points at it
+    any more) and that model's GGUF files: every one inside the data directories, never anything else."""
+    merged = {str(merged_dir_for(version))} | {d.path for d in deployments if d.path}
+    candidates = [(p, settings.DEPLOYMENT_DIR) for m in merged for p in (m, gguf_dir(m))]
+    candidates.append((version.path, settings.ADAPTER_DIR))
+    return [p for p in (_inside(path, root) for path, root in candidates) if p]
 
 
 def _remove_folders(folders):

@@ -16,7 +16,8 @@ from ..services import InputError
 from .errors import error_response
 from .serializers import DeploymentSerializer
 
-STATUS_FOR_CODE = {"not_found": 404, "gone": 410, "no_previous_version": 409, "name_taken": 409}
+STATUS_FOR_CODE = {"not_found": 404, "gone": 410, "no_previous_version": 409, "name_taken": 409,
+                   "version_deleted": 409}
 
 
 class DeployRequestSerializer(serializers.Serializer):
@@ -60,7 +61,7 @@ class DeploymentList(generics.ListAPIView):
     serializer_class = DeploymentSerializer
 
     def get_queryset(self):
-        queryset = Deployment.objects.owned_by(self.request.user)
+        queryset = Deployment.objects.owned_by(self.request.user).select_related("version__line")
         wanted = self.request.query_params.get("status")
         return queryset.filter(status=wanted) if wanted else queryset
 

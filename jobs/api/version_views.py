@@ -22,11 +22,13 @@ def _owned_version(request, pk):
 
 
 class AdapterVersionDetailDelete(AdapterVersionDetail):
-    """GET as before; DELETE removes the version (409 while it is deployed)."""
+    """GET as before; DELETE removes the version (409 while it is deployed). Its stopped and failed deployments
+    keep their records: `version` becomes null and `details.deleted_version` says which version it was."""
 
     @extend_schema(responses={204: None, 404: OpenApiResponse(ErrorSerializer, "Not found"),
                               409: OpenApiResponse(ErrorSerializer, "The version is deployed")},
-                   summary="Delete an adapter version (refused while deployed)")
+                   summary="Delete an adapter version (refused while deployed; stopped deployments keep their "
+                           "records, with version null and details.deleted_version)")
     def delete(self, request, pk):
         version = _owned_version(request, pk)
         try:

@@ -1,13 +1,16 @@
-"""A run that learns nothing fails loudly, and QLoRA learns whatever the CPU's features.
+"""A run that learns nothing, or whose adapter mostly cannot learn, fails loudly; QLoRA learns whatever the CPU.
 
 bitsandbytes repacks 4-bit weights for CPU inference on AVX512-BF16 CPUs (and only there) after an evaluation
 forward, and the repacked path passes no gradient back. These tests exercise both sides on every CPU: the repacking
-is prevented for models being trained, and a layer that was repacked anyway is restored."""
+is prevented for models being trained, a layer that was repacked anyway is restored, and a run where the repacking
+happens anyway (the workaround switched off) fails with the learning guard's message (finetune/learning_guard.py).
+"""
 import pytest
 import torch
 
 from finetune import fourbit
 from finetune.errors import TrainingError
+from finetune.learning_guard import LearningGuard
 from finetune.train import TrainSpec, evaluate, load_encoded, load_for_training, token_loss_sum, train
 from tinymodel import learnable_chat_rows, write_jsonl
 
@@ -113,3 +116,100 @@ def test_fp16_trains_with_a_gradient_scaler(tiny_model_dir, files, tmp_path):
     result = train(spec)
     assert result.status == "succeeded"
     assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+
+
+# ------------------------------------------------------------------------------------------ the real fault
+
+
+def _unpack_cpu_layout(packed, shape, absmax, code, blocksize):
+    """The weights of bitsandbytes' AVX512-BF16 CPU layout (functional._convert_weight_packed_for_cpu), in bf16."""
+    n, k = shape
+    rows = packed.contiguous().view(torch.uint8).reshape(-1, 32)
+    nibbles = torch.cat([rows & 0xF, rows >> 4], dim=1)  # the packing puts 32 low nibbles, then 32 high ones
+    codes = nibbles.reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(n, k).long()
+    scales = absmax.float().T.reshape(n, k // blocksize, 1)  # the packing stores absmax as [k / blocksize, n]
+    return (code.float()[codes].reshape(n, k // blocksize, blocksize) * scales).reshape(n, k).to(torch.bfloat16)
+
+
+def _native_cpu_gemv(A, B, shapeB, absmax, code, blocksize):
+    """Stands in for bitsandbytes' native AVX512-BF16 kernel (backends/cpu/ops.py, registered only on such CPUs):
+    the same bf16 product from the same packed bytes, computed out of autograd's sight as a C++ kernel is."""
+    with torch.no_grad():
+        return A.detach().to(torch.bfloat16) @ _unpack_cpu_layout(B, shapeB, absmax, code, blocksize).T
+
+
+@pytest.fixture
+def avx512_bf16_bitsandbytes(monkeypatch):
+    """bitsandbytes as it runs on an AVX512-BF16 CPU without Tunedeck's workaround: its Linear4bit layers repack
+    their weights in their own forward (the evaluation before training does it), and the packed product is a
+    kernel autograd cannot see. On a CPU without AVX512-BF16 the kernel is the stand-in above (bitsandbytes' own
+    default kernel for that op is plain torch and would pass gradients); on one with it, bitsandbytes' own."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    import finetune.train as train_module
+
+    def advertise_avx512_bf16(model):
+        for layer in fourbit.four_bit_layers(model):
+            layer.support_avx512bf16_for_cpu = True
+        return 0
+
+    monkeypatch.setattr(train_module.fourbit, "keep_trainable", advertise_avx512_bf16)
+    library = None
+    if not has_avx512bf16():
+        library = torch.library.Library("bitsandbytes", "FRAGMENT")
+        torch.library.register_kernel("bitsandbytes::gemv_4bit", "cpu", _native_cpu_gemv, lib=library)
+    yield
+    if library is not None:
+        library._destroy()
+
+
+def test_the_stand_in_kernel_computes_bitsandbytes_packed_product(tiny_model_dir, files, tmp_path):
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
+
+    spec = _spec(tiny_model_dir, files, tmp_path, method="qlora")
+    model, _ = load_for_training(spec)
+    layer = fourbit.four_bit_layers(model)[0]
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    packed, state = _convert_weight_packed_for_cpu(layer.weight.data.clone(), layer.weight.quant_state)
+    x = torch.randn(3, weight.shape[1])
+    product = _native_cpu_gemv(x, packed, state.shape, state.absmax, state.code, state.blocksize)
+    torch.testing.assert_close(product.float(), x @ weight.T, rtol=3e-2, atol=3e-2)
+
+
+def test_qlora_with_bitsandbytes_cpu_repacking_fails_with_the_guards_message(
+        tiny_model_dir, files, tmp_path, avx512_bf16_bitsandbytes):
+    """Only the LoRA weights writing straight into the residual stream (o_proj, down_proj) get a gradient at first;
+    the loss still falls (7.6 to 2.6 on this task), so neither "no gradient at all" nor "weights unchanged" nor
+    the validation check would stop it: the per-tensor count must."""
+    with pytest.raises(TrainingError, match=r"20 of the adapter's 28 trainable tensors received no gradient") as err:
+        train(_spec(tiny_model_dir, files, tmp_path, method="qlora"))
+    assert "layers.0.self_attn.q_proj.lora_B" in str(err.value) and "o_proj" not in str(err.value)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_every_tensor_is_judged_at_its_first_due_step():
+    """LoRA's A gets no gradient while its B is still zero; it is judged at the step after B first moved."""
+    lora_a = torch.nn.Parameter(torch.ones(2, 2))
+    lora_b = torch.nn.Parameter(torch.zeros(2, 2))
+    guard = LearningGuard([("q_proj.lora_A.default.weight", lora_a), ("q_proj.lora_B.default.weight", lora_b)])
+    lora_b.grad = torch.ones(2, 2)
+    guard.after_step(1.0)  # B is due and has its gradient; say the update left B at zero (a tiny step)
+    assert guard.got_gradient == {1: True} and not guard.partners_free
+    with torch.no_grad():
+        lora_b.add_(0.1)  # this step's update moves B
+    lora_a.grad = torch.zeros(2, 2)
+    guard.after_step(1.0)  # so A was still held back in this step: not judged, due from the next one
+    assert guard.got_gradient == {1: True} and guard.partners_free
+    guard.after_step(float("inf"))  # a step the fp16 scaler skipped is not counted
+    assert 0 not in guard.got_gradient
+    lora_a.grad = torch.ones(2, 2)
+    guard.after_step(1.0)
+    assert guard.got_gradient == {0: True, 1: True} and guard.decided
+
+
+def test_a_run_whose_validation_never_improves_fails(tiny_model_dir, files, tmp_path):
+    # A learning rate far too high: the adapter moves a lot and the validation loss only gets worse.
+    with pytest.raises(TrainingError, match="validation loss never went below the base model's") as err:
+        train(_spec(tiny_model_dir, files, tmp_path, learning_rate=30.0, max_steps=8, eval_every_steps=4))
+    assert "no better than the base model" in str(err.value)
+    assert not (tmp_path / "adapter").exists()

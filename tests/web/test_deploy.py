@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from helpers import worker_database_url
+
 from tests.conftest import ROOT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -76,7 +76,7 @@ def trained_adapters(tiny_model_dir, tmp_path_factory):
 def make_version(user, base_model, adapter_dir, line_name, method=None, *, break_it=False):
     """Records a copy of a trained adapter as the next version of `line_name`, as a finished job would."""
     from jobs.models import Dataset, FineTuneJob
-    from jobs.services import record_adapter_version
+    from jobs.services.version_recording import record_adapter_version
 
     method = method or json.loads((Path(adapter_dir) / "tunedeck.json").read_text())["method"]
     dataset = Dataset.objects.create(owner=user, name="ping", content_hash=uuid.uuid4().hex, file_path="/dev/null",
@@ -374,6 +374,17 @@ def test_inference_server_refuses_requests_without_the_internal_token(serving):
     body = {"model": "anything", "messages": PING}
     assert requests.post(f"{serving}/v1/chat/completions", json=body).status_code == 401
     assert requests.get(f"{serving}/models").status_code == 401
+    # The token is random (jobs.deploy.internal_token), not the HMAC of SECRET_KEY it once was.
+    import hashlib
+    import hmac
+
+    from django.conf import settings
+
+    from jobs.deploy import internal_token
+
+    derived = hmac.new(settings.SECRET_KEY.encode(), b"tunedeck-inference", hashlib.sha256).hexdigest()
+    assert requests.get(f"{serving}/models", headers={"X-Tunedeck-Internal": derived}).status_code == 401
+    assert requests.get(f"{serving}/models", headers={"X-Tunedeck-Internal": internal_token()}).status_code == 200
     health = requests.get(f"{serving}/health").json()
     assert health["ok"] is True and isinstance(health["models"], int), "liveness only: no names without the token"
 
