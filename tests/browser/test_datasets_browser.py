@@ -1,5 +1,6 @@
 """The dataset page in a real browser: a pretty-printed JSON export and a KTO file come out ready with their
-report, a zip is refused with its own message, and the page's Process again and Delete buttons work."""
+report, a zip is refused with its own message, and the page's Process again and Delete buttons work; a CSV whose
+columns match no layout is mapped on the page, with a live preview, and processed again ready."""
 import json
 
 import pytest
@@ -45,3 +46,23 @@ def test_wild_files_on_the_dataset_page(page, live_server, user, tiny_base_model
     page.wait_for_url("**/datasets/")
     assert "bundle.zip" not in page.locator("table").last.inner_text()
     assert "feedback" in page.locator("table").last.inner_text()  # named after the file, without its extension
+
+
+def test_unrecognised_columns_are_mapped_with_a_live_preview(page, live_server, user, tiny_base_model, celery_worker,
+                                                              tmp_path):
+    log_in(page, live_server.url, "alice", "alice-pw")
+    faq = tmp_path / "faq.csv"
+    faq.write_text("question,reply\n" + "".join(f"What is {i} plus {i}?,It is {2 * i}.\n" for i in range(6)))
+    _upload(page, live_server.url, faq)
+    page.wait_for_selector(".badge.invalid", timeout=120_000)
+    assert "Map your columns" in page.locator("#dataset-error").inner_text()
+
+    page.select_option("#map-prompt", "question")
+    page.wait_for_function("document.querySelector('#mapping-preview').innerText.includes(\"no 'completion'\")")
+    page.select_option("#map-completion", "reply")
+    page.wait_for_function("document.querySelector('#mapping-preview').innerText.includes('It is 2.')")
+    assert "What is 1 plus 1?" in page.locator("#mapping-preview").inner_text()
+    with page.expect_navigation():
+        page.click("#mapping-submit")
+    page.wait_for_selector(".badge.ready", timeout=120_000)
+    assert page.locator("#column-mapping").count() == 0 and page.locator("#train-button").is_visible()

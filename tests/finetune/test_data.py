@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from finetune import data
 from finetune.data import (
+    dedup,
     iter_examples,
     overlap_report,
     process_dataset,
@@ -480,7 +480,7 @@ def test_near_duplicates_within_a_file(tmp_path):
 
 
 def test_near_duplicate_cap_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "NEAR_DUPLICATE_MAX_ROWS", 3)
+    monkeypatch.setattr(dedup, "NEAR_DUPLICATE_MAX_ROWS", 3)
     report, _ = run(tmp_path, "".join(line({"text": f"row number {i}"}) for i in range(10)))
     near = report.near_duplicates
     assert near["rows_examined"] == 3 and near["rows_not_examined"] == 7 and "first 3" in near["note"]
@@ -613,7 +613,7 @@ def test_token_lengths_without_template_or_fast_backend():
 
 
 def test_minhash_signatures_do_not_depend_on_the_batch():
-    index = data._MinHashIndex(10)
+    index = dedup.MinHashIndex(10)
     texts = [["a"], ["x", "y"], "the quick brown fox jumps".split(), ["p", "q", "r"], []]
     together = index.signatures(texts)
     for i, words in enumerate(texts):
