@@ -1,5 +1,5 @@
-"""Errors the services raise for a person to read. Apart from jobs/services.py so that small service modules
-(jobs/base_models.py) can raise them without importing the big one."""
+"""Errors the services raise for a person to read. Apart from jobs/services so that every service module
+(jobs/base_models.py, jobs/limits.py, ...) can raise them without importing the package."""
 from finetune.errors import TunedeckError
 
 

@@ -325,7 +325,8 @@ def run_training(job_id: int, worker_name: str):
 def _replan_for_this_worker(job: FineTuneJob, worker_name: str):
     """The plan may have been made for another machine (or none: no training worker was alive); the fit check in
     training then measures the plan this worker will really run."""
-    from .services import replan_for_worker, training_queue, worker_inventory
+    from .services.plans import training_queue
+    from .services.worker_planning import replan_for_worker, worker_inventory
 
     replan_for_worker(job, worker_inventory(training_queue()), worker_name)
 
@@ -350,7 +351,7 @@ def _train(job: FineTuneJob, reporter: JobReporter):
 
 
 def _succeed(job, token, result, reporter):
-    from .services import record_adapter_version
+    from .services.version_recording import record_adapter_version
 
     metrics = _jsonable({**reporter.latest, **(result.metrics or {})})
     plan = _jsonable(result.plan or job.plan)

@@ -12,7 +12,7 @@ from .evaluation import run_evaluation
 from .models import Dataset
 from .runner import run_training
 from .search import run_helper_trials
-from .services import process_dataset
+from .services.dataset_processing import process_dataset
 
 log = logging.getLogger(__name__)
 

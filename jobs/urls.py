@@ -1,15 +1,16 @@
 from django.urls import path
 
-from . import views
+from . import dataset_views, token_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
-    path("datasets/", views.dataset_list, name="datasets"),
-    path("datasets/<int:pk>/", views.dataset_detail, name="dataset-detail"),
-    path("datasets/<int:pk>/drop-invalid", views.dataset_drop_invalid, name="dataset-drop-invalid"),
-    path("datasets/<int:pk>/retry", views.dataset_retry, name="dataset-retry"),
-    path("datasets/<int:pk>/delete", views.dataset_delete, name="dataset-delete"),
+    path("datasets/", dataset_views.dataset_list, name="datasets"),
+    path("datasets/<int:pk>/", dataset_views.dataset_detail, name="dataset-detail"),
+    path("datasets/<int:pk>/drop-invalid", dataset_views.dataset_drop_invalid, name="dataset-drop-invalid"),
+    path("datasets/<int:pk>/retry", dataset_views.dataset_retry, name="dataset-retry"),
+    path("datasets/<int:pk>/mapping", dataset_views.dataset_mapping, name="dataset-mapping"),
+    path("datasets/<int:pk>/delete", dataset_views.dataset_delete, name="dataset-delete"),
     path("jobs/", views.job_list, name="jobs"),
     path("jobs/new/", views.job_new, name="job-new"),
     path("jobs/plan-preview", views.plan_preview, name="plan-preview"),
@@ -20,7 +21,7 @@ urlpatterns = [
     path("versions/<int:pk>/", views.version_detail, name="version-detail"),
     path("versions/<int:pk>/download", views.version_download, name="version-download"),
     path("workers/", views.worker_list, name="workers"),
-    path("tokens/", views.token_list, name="tokens"),
+    path("tokens/", token_views.token_list, name="tokens"),  # issue 31
 ]
 
 # Monitoring, versions and comparison (issues 6 and 7).

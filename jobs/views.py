@@ -1,7 +1,9 @@
 """Pages. Each looks objects up through the user's own querysets, so another user's ids give 404.
 
-List pages run a fixed number of queries whatever the number of rows (select_related / prefetch_related and one
-query for queue positions); tests/web/test_monitoring.py holds them to that."""
+List pages run a fixed number of queries whatever the number of rows (select_related / prefetch_related, and the
+queue read once for queue positions: jobs/waiting.py); tests/web/test_monitoring.py holds them to that.
+The dataset pages are jobs/dataset_views.py; deployments, search trials, base models and tokens have their own
+view modules too (jobs/urls.py lists them)."""
 import json
 import math
 from pathlib import Path
@@ -25,7 +27,6 @@ from .models import (
     METHODS,
     AdapterLine,
     AdapterVersion,
-    ApiToken,
     BaseModel,
     Dataset,
     Deployment,
@@ -33,8 +34,16 @@ from .models import (
     JobStatus,
     Worker,
 )
-from .services import SCHEMAS, InputError
-from .versions import VersionInUse, delete_version, owned_versions, parse_version_ids, set_champion
+from .services import InputError
+from .versions import (
+    VersionInUse,
+    delete_version,
+    deleted_message,
+    kept_deployments,
+    owned_versions,
+    parse_version_ids,
+    set_champion,
+)
 
 JOBS_PER_PAGE = 50
 INACTIVE_DEPLOYMENT = [Deployment.Status.STOPPED, Deployment.Status.FAILED]
@@ -72,14 +81,13 @@ def _timing(job, now):
 
 
 def _decorate_jobs(jobs):
-    """Adds display fields to each job; queue positions come from one query over the queued jobs of all users
-    (workers serve everyone in arrival order), run only when the page shows a queued job."""
+    """Adds display fields to each job; queue positions come from one read of the gpu queue, every user's work in
+    it (workers serve everyone in arrival order), made only when the page shows a queued job."""
     jobs = list(jobs)
     now = timezone.now()
     positions = {}
     if any(j.status == JobStatus.QUEUED for j in jobs):
-        queued = FineTuneJob.objects.filter(status=JobStatus.QUEUED).order_by("created_at", "id")
-        positions = {pk: i + 1 for i, pk in enumerate(queued.values_list("pk", flat=True))}
+        positions = waiting.job_positions()
     for job in jobs:
         elapsed, remaining = _timing(job, now)
         job.elapsed_display = format_duration(elapsed)
@@ -122,7 +130,7 @@ def _first_run_guide(user, context):
     if has_deployment:
         return None
     has_dataset = Dataset.objects.owned_by(user).filter(status=Dataset.Status.READY).exists()
-    has_job = FineTuneJob.objects.owned_by(user).exists()
+    has_job = bool(context["jobs"])  # the user's latest jobs, already read
     has_version = bool(context["versions"])
     return [
         {"done": has_dataset, "text": "Upload a dataset (JSONL, CSV, Parquet…)", "url": reverse("datasets"),
@@ -134,107 +142,6 @@ def _first_run_guide(user, context):
         {"done": has_deployment, "text": "Deploy it and chat with it, or call it on the OpenAI-compatible API",
          "url": reverse("deployments"), "action": "Deployments"},
     ]
-
-
-# ---------------------------------------------------------------- datasets
-
-
-@login_required
-def dataset_list(request):
-    error = None
-    if request.method == "POST":
-        error = getattr(request, "upload_refused", None)
-        if not error:
-            try:
-                base_model = None
-                if request.POST.get("base_model"):
-                    base_model = BaseModel.visible_to(request.user).get_or_404(request.POST["base_model"])
-                dataset, created = services.create_dataset(
-                    request.user,
-                    request.FILES.get("file"),
-                    name=request.POST.get("name", ""),
-                    base_model=base_model,
-                    validation_file=request.FILES.get("validation_file"),
-                    validation_fraction=request.POST.get("validation_fraction"),
-                    schema=request.POST.get("schema", ""),
-                    column_map=request.POST.get("column_map", ""),
-                )
-                if not created and request.POST.get("name", "").strip():
-                    messages.info(request, "This file was uploaded before with the same settings; reusing it "
-                                           "under the new name.")
-                    return redirect("dataset-detail", pk=dataset.pk)
-                if not created:
-                    messages.info(request, "This file was uploaded before with the same settings; reusing it.")
-                return redirect("dataset-detail", pk=dataset.pk)
-            except InputError as exc:
-                error = str(exc)
-    context = {
-        "datasets": Dataset.objects.owned_by(request.user).select_related("base_model"),
-        "base_models": BaseModel.visible_to(request.user),
-        "schemas": SCHEMAS,
-        "error": error,
-    }
-    return render(request, "jobs/datasets.html", context, status=400 if error else 200)
-
-
-@login_required
-def dataset_detail(request, pk):
-    dataset = Dataset.objects.owned_by(request.user).select_related("base_model").get_or_404(pk)
-    template = "jobs/_dataset_status.html" if request.htmx else "jobs/dataset_detail.html"
-    return render(request, template, {"dataset": dataset, "histogram": _histogram_bars(dataset.token_stats)})
-
-
-@login_required
-@require_POST
-def dataset_drop_invalid(request, pk):
-    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
-    try:
-        new = services.reprocess_dataset_dropping_invalid(request.user, dataset)
-    except InputError as exc:
-        messages.error(request, str(exc))
-        return redirect("dataset-detail", pk=dataset.pk)
-    return redirect("dataset-detail", pk=new.pk)
-
-
-@login_required
-@require_POST
-def dataset_retry(request, pk):
-    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
-    try:
-        services.retry_dataset(dataset)
-    except InputError as exc:
-        messages.error(request, str(exc))
-    return redirect("dataset-detail", pk=dataset.pk)
-
-
-@login_required
-@require_POST
-def dataset_delete(request, pk):
-    dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
-    try:
-        services.delete_dataset(dataset)
-    except InputError as exc:
-        messages.error(request, str(exc))
-        return redirect("dataset-detail", pk=dataset.pk)
-    messages.info(request, f"Dataset {dataset.name!r} deleted.")
-    return redirect("datasets")
-
-
-def _histogram_bars(stats):
-    """Bins of the token-length histogram with their heights and ranges, and the axis labels around them."""
-    hist = (stats or {}).get("histogram") or {}
-    counts, edges = hist.get("counts") or [], hist.get("edges") or []
-    if not counts:
-        return None
-    top = max(counts) or 1
-
-    def edge(i):
-        return round(edges[i]) if i < len(edges) and isinstance(edges[i], (int, float)) else ""
-
-    bins = [{"count": c, "height": round(100 * c / top, 1), "low": edge(i), "high": edge(i + 1)}
-            for i, c in enumerate(counts)]
-    middle = len(bins) // 2
-    return {"bins": bins, "top": top, "x_labels": [bins[0]["low"], bins[middle]["low"], bins[-1]["high"]]}
 
 
 # ---------------------------------------------------------------- jobs
@@ -314,10 +221,11 @@ def job_new(request):
         try:
             base_model, dataset = _form_objects(request, values)
             overrides = _all_overrides(values)
-            needs_confirmation = _unconfirmed_overshoot(request, base_model, dataset, values, overrides)
+            plan = services.make_plan(base_model, dataset, values["method"], overrides)  # the only plan of the click
+            needs_confirmation = _unconfirmed_overshoot(request, plan)
             if needs_confirmation is None:
                 job = services.create_job(request.user, base_model, dataset, values["method"], overrides,
-                                          values["adapter_name"])
+                                          values["adapter_name"], plan=plan)
                 return redirect("job-detail", pk=job.pk)
             error = needs_confirmation
         except InputError as exc:
@@ -334,11 +242,10 @@ def job_new(request):
     return render(request, "jobs/job_new.html", context, status=400 if error else 200)
 
 
-def _unconfirmed_overshoot(request, base_model, dataset, values, overrides):
+def _unconfirmed_overshoot(request, plan):
     """A plan the estimator says cannot fit is queued only when the user ticked "queue it anyway"."""
     if request.POST.get("confirm_overshoot") == "1":
         return None
-    plan = services.make_plan(base_model, dataset, values["method"], overrides)
     if plan.get("fits", True):
         return None
     memory = plan_display.memory_bars(plan)
@@ -403,11 +310,7 @@ def _job_context(job):
     used, estimate = metrics.get("memory_bytes"), memory.get("total_bytes")
     capacity = memory.get("capacity_bytes")
     scale = max(x for x in (used or 0, estimate or 0, capacity or 0, 1))
-    queue_position = None
-    if job.status == JobStatus.QUEUED:
-        queue_position = FineTuneJob.objects.filter(status=JobStatus.QUEUED).filter(
-            Q(created_at__lt=job.created_at) | Q(created_at=job.created_at, pk__lt=job.pk)
-        ).count() + 1
+    spot = waiting.place(waiting.GPU, f"job:{job.pk}", job.owner) if job.status == JobStatus.QUEUED else None
     log_lines = [line for line in (job.log_tail or "").splitlines() if line.strip()][-40:]
     log_source = "worker"
     if not log_lines:
@@ -427,7 +330,7 @@ def _job_context(job):
         "elapsed": format_duration(elapsed),
         "remaining": format_duration(remaining),
         "progress_pct": round(100 * (job.progress or 0), 1),
-        "queue_position": queue_position,
+        "queue_position": spot["position"] if spot else None,
         "memory": {
             "used": used,
             "estimate": estimate,
@@ -437,7 +340,7 @@ def _job_context(job):
             "ratio": round(used / estimate, 2) if used and estimate else None,
         },
         "fit_check": _fit_check_view(metrics.get("fit_check")),
-        "waiting": waiting.place(waiting.GPU, f"job:{job.pk}", job.owner) if job.status == JobStatus.QUEUED else None,
+        "waiting": spot,
         "train_loss": _train_loss_tile(job, metrics),
         "steps_plan": _steps_plan(job),
         "resumable": bool(job.started_at) and (job.step or 0) > 0,
@@ -712,14 +615,15 @@ def version_delete(request, pk):
             messages.error(request, f"Type {version.label} to confirm.")
         else:
             try:
-                delete_version(version)
+                kept = delete_version(version)
             except VersionInUse as exc:
                 messages.error(request, str(exc))
             else:
-                messages.success(request, f"Deleted {version.label}.")
+                messages.success(request, deleted_message(version, kept))
                 return redirect("versions")
         blocking = list(version.deployments.filter(ACTIVE_DEPLOYMENT))
-    return render(request, "jobs/version_delete.html", {"version": version, "blocking": blocking},
+    return render(request, "jobs/version_delete.html", {"version": version, "blocking": blocking,
+                                                        "kept": kept_deployments(version)},
                   status=409 if (request.method == "POST" and blocking) else 200)
 
 
@@ -820,7 +724,7 @@ def compare_prompt(request):
     })
 
 
-# ---------------------------------------------------------------- workers and tokens
+# ---------------------------------------------------------------- workers (the tokens page: jobs/token_views.py)
 
 
 @login_required
@@ -847,24 +751,6 @@ def _heartbeat_seconds():
     from django.conf import settings
 
     return settings.WORKER_HEARTBEAT_SECONDS
-
-
-@login_required
-def token_list(request):
-    new_token = None
-    if request.method == "POST":
-        if request.POST.get("revoke"):
-            token = ApiToken.objects.owned_by(request.user).get_or_404(request.POST["revoke"])
-            if token.revoked_at is None:
-                token.revoked_at = timezone.now()
-                token.save(update_fields=["revoked_at"])
-            messages.success(request, f"Revoked {token.name} ({token.prefix}…): requests with it now get 401.")
-            return redirect("tokens")
-        else:
-            name = (request.POST.get("name") or "token").strip()[:100] or "token"
-            _, new_token = ApiToken.issue(request.user, name=name)
-    tokens = ApiToken.objects.filter(user=request.user).order_by("-created_at")
-    return render(request, "jobs/tokens.html", {"tokens": tokens, "new_token": new_token})
 
 
 def healthz(request):

@@ -107,6 +107,18 @@ def line(queue: str) -> list[Work]:
     return sorted(work, key=lambda w: (not w.running, w.since, w.key))
 
 
+def positions(work: list[Work]) -> dict[str, int]:
+    """key -> place in the queue (1 = next to run) of each waiting item of a queue's line(): the one count of a
+    queue position, behind place() (job page, API, evaluations, merges) and job_positions() (job lists)."""
+    waiting = [w for w in work if not w.running]  # line() puts what runs first, so a waiting item's
+    return {w.key: n for n, w in enumerate(waiting, start=1)}  # place is its rank among the waiting
+
+
+def job_positions() -> dict[int, int]:
+    """job id -> place in the gpu queue of every queued training job, from one read of the queue."""
+    return {int(key.split(":")[1]): n for key, n in positions(line(GPU)).items() if key.startswith("job:")}
+
+
 def place(queue: str, key: str, user=None) -> dict | None:
     """{"queue", "position" (1 = next to run), "waiting_for": [descriptions], "ahead": n} for waiting work;
     None when it is not waiting (running, finished or unknown)."""
@@ -115,11 +127,11 @@ def place(queue: str, key: str, user=None) -> dict | None:
     if index is None or work[index].running:
         return None
     running = [w for w in work[:index] if w.running]
-    waiting_ahead = [w for w in work[:index] if not w.running]
+    position = positions(work)[key]
     return {
         "queue": queue,
-        "position": len(waiting_ahead) + 1,
-        "ahead": len(waiting_ahead),
+        "position": position,
+        "ahead": position - 1,
         "waiting_for": [w.describe(user) for w in running] or ["a free worker on the " + queue + " queue"],
         "running_urls": [(w.describe(user), w.url if w.owner_id == getattr(user, "pk", None) else "")
                          for w in running],

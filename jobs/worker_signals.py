@@ -30,7 +30,8 @@ class WorkerHeartbeat(threading.Thread):
     def beat(self):
         from .models import Worker
         from .runner import requeue_orphans, resend_queued
-        from .services import recover_stuck_datasets, worker_inventory
+        from .services.dataset_processing import recover_stuck_datasets
+        from .services.worker_planning import worker_inventory
 
         Worker.objects.update_or_create(
             hostname=self.hostname,

@@ -315,14 +315,16 @@ TRAIN_OVERRIDES = {"micro_batch": 4, "grad_accum": 1, "max_seq_len": 64, "learni
 
 def make_ready_dataset(user, rows=None, name="chat.jsonl"):
     """A dataset processed in this process (no worker and no broker message), ready to train on."""
+    from django.conf import settings
     from tinymodel import learnable_chat_rows
 
     from jobs import services
     from jobs.models import Dataset
+    from jobs.services.dataset_processing import process_dataset
 
     rows = rows if rows is not None else learnable_chat_rows(48)
     payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    folder = Path(services.settings.DATASET_DIR) / f"user-{user.pk}" / uuid.uuid4().hex
+    folder = Path(settings.DATASET_DIR) / f"user-{user.pk}" / uuid.uuid4().hex
     folder.mkdir(parents=True)
     (folder / "source").write_bytes(payload)
     dataset = Dataset.objects.create(
@@ -330,7 +332,7 @@ def make_ready_dataset(user, rows=None, name="chat.jsonl"):
         file_path=str(folder / "source"), size_bytes=len(payload), validation_fraction=0.2,
         base_model=services.default_base_model(),
     )
-    services.process_dataset(dataset.pk)
+    process_dataset(dataset.pk)
     dataset.refresh_from_db()
     assert dataset.status == Dataset.Status.READY, dataset.error
     return dataset

@@ -4,9 +4,13 @@
   at run time still ties the modules together and breaks as soon as one import moves to the top);
 - autotune/ and finetune/ never import Django, Celery or the web side (jobs/, tunedeck/), at any depth;
 - a module the web process loads never imports torch, transformers or peft while it is being imported, directly or
-  through the project modules it imports at module level. The modules only workers load are listed below.
+  through the project modules it imports at module level. The modules only workers load are listed below;
+- nor does it load a worker-only module that way, and a real start of the web process (Django set up, every URL's
+  view imported) finds none of them, nor the training libraries, in sys.modules.
 """
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +29,9 @@ WORKER_ONLY = {
     "jobs.runner": "the training side of a job, called only by jobs.tasks.train_job",
     "jobs.inference_server": "the inference server process (manage.py serve_inference), the one that serves models",
     "jobs.management.commands.serve_inference": "starts the inference server process",
+    "jobs.services.dataset_processing": "processes an upload under its lease (jobs.tasks, the worker heartbeat)",
+    "jobs.services.worker_planning": "a worker's inventory and replanning for it (jobs.runner, the heartbeat)",
+    "jobs.services.version_recording": "records the adapter a worker trained (jobs.runner)",
 }
 
 
@@ -143,6 +150,19 @@ def test_no_import_loop_between_modules():
     assert import_cycles(project_edges(modules)) == []
 
 
+def test_relative_imports_name_modules_that_exist():
+    """A lazy `from .metrics import x` left behind when code moves to another package fails only when it runs."""
+    modules = project_modules()
+    wrong = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                source = _absolute(module, path.name == "__init__.py", node.level, node.module)
+                if source not in modules:
+                    wrong.append(f"{module}:{node.lineno} imports from {source}, which does not exist")
+    assert wrong == []
+
+
 def test_autotune_and_finetune_never_import_the_web_side():
     modules = project_modules()
     wrong = []
@@ -154,34 +174,52 @@ def test_autotune_and_finetune_never_import_the_web_side():
     assert wrong == []
 
 
+def loaded_at_import(module: str, edges: dict[str, set[str]]):
+    """(project module, the import route to it) for each module that importing `module` loads."""
+    seen, todo = set(), [(module, [module])]
+    while todo:
+        current, route = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        yield current, route
+        todo.extend((nxt, route + [nxt]) for nxt in edges[current])
+
+
+def web_modules(modules) -> list[str]:
+    return [m for m in modules if _top(m) in WEB_PACKAGES and m not in WORKER_ONLY]
+
+
 def test_web_modules_never_load_torch_transformers_or_peft_at_import():
     modules = project_modules()
     assert set(WORKER_ONLY) <= set(modules), "a worker-only module was renamed: update WORKER_ONLY"
     edges = project_edges(modules, module_level_only=True)
     heavy_imports = {m: {n for n in imports_of(m, p, module_level_only=True) if _top(n) in HEAVY}
                      for m, p in modules.items()}
-    wrong = []
-    for module in modules:
-        if _top(module) not in WEB_PACKAGES or module in WORKER_ONLY:
-            continue
-        seen, todo = set(), [(module, [module])]
-        while todo:
-            current, route = todo.pop()
-            if current in seen:
-                continue
-            seen.add(current)
-            for name in sorted(heavy_imports[current]):
-                wrong.append(" -> ".join(route) + f" imports {name}")
-            todo.extend((nxt, route + [nxt]) for nxt in edges[current])
+    wrong = [" -> ".join(route) + f" imports {name}" for module in web_modules(modules)
+             for current, route in loaded_at_import(module, edges) for name in sorted(heavy_imports[current])]
     assert wrong == []
 
 
-def test_web_modules_do_not_import_worker_only_modules_at_import():
+def test_web_modules_do_not_load_worker_only_modules_at_import():
+    """Directly or through another module: `from jobs import services` must not bring the worker side with it."""
     modules = project_modules()
     edges = project_edges(modules, module_level_only=True)
-    wrong = [f"{m} imports {t}" for m in modules if _top(m) in WEB_PACKAGES and m not in WORKER_ONLY
-             for t in edges[m] if t in WORKER_ONLY]
+    wrong = [" -> ".join(route) for module in web_modules(modules)
+             for current, route in loaded_at_import(module, edges) if current in WORKER_ONLY]
     assert wrong == []
+
+
+def test_the_web_process_loads_no_worker_only_module():
+    code = ("import json, sys, django; django.setup(); import tunedeck.wsgi, tunedeck.urls; "
+            "from django.urls import get_resolver; get_resolver().url_patterns; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m in {sorted(WORKER_ONLY)!r} "
+            f"or m.split('.')[0] in {HEAVY!r})))")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tunedeck.settings"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
 
 
 def test_the_command_line_client_starts_without_django_or_celery():

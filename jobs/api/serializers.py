@@ -11,6 +11,7 @@ from ..models import (
     MetricPoint,
     Worker,
 )
+from ..tokens import MAX_DAYS as MAX_TOKEN_DAYS
 
 
 class StrictCharField(serializers.CharField):
@@ -31,32 +32,42 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
-class TokenRequestSerializer(serializers.Serializer):
+class TokenExpiryFields(serializers.Serializer):
+    """When a new token stops working (issue 31): one of the two, or neither."""
+
+    expires_in_days = serializers.IntegerField(required=False, min_value=1, max_value=MAX_TOKEN_DAYS,
+                                               help_text="the token expires this many days from now")
+    expires_at = serializers.DateTimeField(required=False, help_text="the token expires at this time (ISO 8601)")
+
+
+class TokenRequestSerializer(TokenExpiryFields):
     username = StrictCharField(max_length=150)
     password = StrictCharField(max_length=256, trim_whitespace=False)
     name = StrictCharField(required=False, allow_blank=True, max_length=100,
                                  help_text="a label for the token in the token list (default: api)")
 
 
-class TokenSerializer(serializers.Serializer):
-    token = serializers.CharField()
-
-
 class ApiTokenSerializer(serializers.ModelSerializer):
     """A token as listed: only its first characters, never the token or its hash."""
 
-    active = serializers.SerializerMethodField()
+    active = serializers.SerializerMethodField(help_text="neither revoked nor expired")
+    state = serializers.SerializerMethodField(help_text="active, expired or revoked")
 
     class Meta:
         model = ApiToken
-        fields = ["id", "name", "prefix", "created_at", "last_used_at", "revoked_at", "active"]
+        fields = ["id", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at", "active",
+                  "state"]
 
     def get_active(self, obj) -> bool:
-        return obj.revoked_at is None
+        return obj.state == "active"
+
+    def get_state(self, obj) -> str:
+        return obj.state
 
 
-class ApiTokenCreateSerializer(serializers.Serializer):
-    name = StrictCharField(required=False, allow_blank=True, max_length=100)
+class ApiTokenCreateSerializer(TokenExpiryFields):
+    name = StrictCharField(required=False, allow_blank=True, max_length=100,
+                           help_text="a label for the token in the token list (default: token)")
 
 
 class ApiTokenCreatedSerializer(ApiTokenSerializer):
@@ -64,6 +75,20 @@ class ApiTokenCreatedSerializer(ApiTokenSerializer):
 
     class Meta(ApiTokenSerializer.Meta):
         fields = ApiTokenSerializer.Meta.fields + ["token"]
+
+
+class TokenRevokeSerializer(serializers.Serializer):
+    """Exactly one of ids, all or name; only ever the caller's own tokens."""
+
+    ids = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False,
+                                help_text="these tokens (404, and nothing revoked, if one is not yours)")
+    all = StrictBooleanField(required=False, help_text="true: every token of yours, this one included")
+    name = StrictCharField(required=False, max_length=100, help_text="every token of yours with this name")
+
+
+class TokenRevokedSerializer(serializers.Serializer):
+    revoked = serializers.ListField(child=serializers.IntegerField(), help_text="ids revoked by this request")
+    count = serializers.IntegerField()
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
@@ -138,6 +163,26 @@ class DatasetUploadSerializer(serializers.Serializer):
     schema = serializers.CharField(required=False, allow_blank=True, max_length=40)
     column_map = serializers.JSONField(required=False)
     drop_invalid = serializers.BooleanField(required=False, default=False)
+
+
+class DatasetMappingSerializer(serializers.Serializer):
+    schema = serializers.JSONField(required=False, help_text="the layout the rows are in, e.g. prompt_completion")
+    column_map = serializers.JSONField(required=False, help_text='our field -> your column, e.g. {"prompt": '
+                                       '"question", "completion": "reply"}; columns as report.columns lists them')
+
+    def validate(self, attrs):
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({unknown[0]: "Unknown field; the fields are schema and column_map."})
+        return attrs
+
+
+class MappingPreviewSerializer(serializers.Serializer):
+    schema = serializers.CharField()
+    column_map = serializers.DictField(child=serializers.CharField())
+    columns = serializers.ListField(child=serializers.CharField(), help_text="the file's columns, as detected")
+    rows = serializers.ListField(child=serializers.DictField(), help_text='the first rows: {"row", "example"} '
+                                 '(the normalised example) or {"row", "problem"}')
 
 
 BYTES = {"min_value": 0, "max_value": 2**53}
@@ -338,11 +383,14 @@ class DeploymentSerializer(serializers.ModelSerializer):
     endpoint = serializers.SerializerMethodField()
     engine = serializers.SerializerMethodField()
     queue = serializers.SerializerMethodField()
+    version_label = serializers.CharField(read_only=True, help_text="the version it serves or served")
+    version_deleted = serializers.JSONField(read_only=True, help_text="{id, label, line_id, deleted_at} once the "
+                                            "version it served was deleted (version is then null), else null")
 
     class Meta:
         model = Deployment
-        fields = ["id", "name", "status", "merge", "version", "error", "endpoint", "engine", "details",
-                  "created_at", "queue"]
+        fields = ["id", "name", "status", "merge", "version", "version_label", "version_deleted", "error",
+                  "endpoint", "engine", "details", "created_at", "queue"]
 
     def get_engine(self, obj) -> dict | None:
         """Which engine serves it (vllm or builtin), why, any fallback warning, and loading progress."""

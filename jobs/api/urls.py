@@ -10,6 +10,9 @@ urlpatterns = [
     path("datasets/<int:pk>", views.DatasetDetail.as_view(), name="api-dataset"),
     path("datasets/<int:pk>/drop-invalid", views.DatasetDropInvalid.as_view(), name="api-dataset-drop-invalid"),
     path("datasets/<int:pk>/retry", views.DatasetRetry.as_view(), name="api-dataset-retry"),
+    path("datasets/<int:pk>/reprocess", views.DatasetReprocess.as_view(), name="api-dataset-reprocess"),
+    path("datasets/<int:pk>/mapping-preview", views.DatasetMappingPreview.as_view(),
+         name="api-dataset-mapping-preview"),
     path("plans", views.PlanView.as_view(), name="api-plans"),
     path("jobs", views.JobList.as_view(), name="api-jobs"),
     path("jobs/<int:pk>", views.JobDetail.as_view(), name="api-job"),
@@ -26,6 +29,7 @@ urlpatterns = [
     path("workers", views.WorkerList.as_view(), name="api-workers"),
     path("tokens", views.TokenList.as_view(), name="api-tokens"),
     path("tokens/<int:pk>", views.TokenDetail.as_view(), name="api-token-detail"),
+    path("tokens/revoke", views.TokenRevoke.as_view(), name="api-tokens-revoke"),  # issue 31: bulk revoke
 ]
 
 # Deployments (jobs/api/deploy_views.py); GET deployments/<pk> is views.DeploymentDetail above.

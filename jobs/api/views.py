@@ -4,7 +4,6 @@ from pathlib import Path
 
 from django.contrib.auth import authenticate
 from django.http import FileResponse
-from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
@@ -21,10 +20,11 @@ from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
-from .. import services
+from .. import services, tokens
 from ..archives import zip_folder
 from ..compare import compare_versions
 from ..models import AdapterVersion, ApiToken, BaseModel, Dataset, Deployment, FineTuneJob, JobStatus, Worker
+from ..services.datasets import mapping_preview, reprocess_with_mapping
 from ..versions import owned_versions, parse_version_ids
 from . import serializers as s
 from .errors import ErrorSerializer, error_response
@@ -48,8 +48,9 @@ class LoginThrottle(AnonRateThrottle):
 
 @extend_schema(
     request=s.TokenRequestSerializer,
-    responses={200: s.TokenSerializer, 401: OpenApiResponse(ErrorSerializer, "Wrong username or password")},
-    summary="Exchange a username and password for an API token",
+    responses={200: s.ApiTokenCreatedSerializer, 401: OpenApiResponse(ErrorSerializer, "Wrong username or password")},
+    summary="Exchange a username and password for an API token (it expires after the server's default unless "
+            "expires_in_days or expires_at says when)",
 )
 @api_view(["POST"])
 @parser_classes([JSONParser])
@@ -59,11 +60,15 @@ class LoginThrottle(AnonRateThrottle):
 def issue_token(request):
     body = s.TokenRequestSerializer(data=request.data)
     body.is_valid(raise_exception=True)
-    user = authenticate(request, username=body.validated_data["username"], password=body.validated_data["password"])
+    data = body.validated_data
+    user = authenticate(request, username=data["username"], password=data["password"])
     if user is None:
         return error_response("invalid_credentials", "Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
-    _, raw = ApiToken.issue(user, name=body.validated_data.get("name", "").strip() or "api")
-    return Response({"token": raw})
+    # issue 31: without an expiry asked for, it expires after LOGIN_TOKEN_DAYS (scripts that log in on every run)
+    token, raw = tokens.create(user, data.get("name"), days=data.get("expires_in_days"), at=data.get("expires_at"),
+                               default_name="api", default_days=tokens.login_default_days())
+    token.token = raw
+    return Response(s.ApiTokenCreatedSerializer(token).data)
 
 
 def _visible_base_model(user, pk):
@@ -93,7 +98,9 @@ class TokenList(generics.ListCreateAPIView):
     def post(self, request):
         body = s.ApiTokenCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        token, raw = ApiToken.issue(request.user, name=body.validated_data.get("name", "").strip() or "token")
+        data = body.validated_data
+        token, raw = tokens.create(request.user, data.get("name"), days=data.get("expires_in_days"),
+                                   at=data.get("expires_at"))
         token.token = raw
         return Response(s.ApiTokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)
 
@@ -106,11 +113,24 @@ class TokenDetail(SafeLookup, generics.RetrieveDestroyAPIView):
 
     @extend_schema(responses={204: None}, summary="Revoke an API token (it stops working at once)")
     def delete(self, request, pk):
-        token = self.get_queryset().get_or_404(pk)
-        if token.revoked_at is None:
-            token.revoked_at = timezone.now()
-            token.save(update_fields=["revoked_at"])
+        tokens.revoke(request.user, ids=[self.get_queryset().get_or_404(pk).pk])
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TokenRevoke(APIView):
+    """Bulk revoke (issue 31): {"ids": [...]}, {"all": true} or {"name": "..."}; only the caller's own tokens."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(request=s.TokenRevokeSerializer, responses={200: s.TokenRevokedSerializer},
+                   summary="Revoke several of your API tokens at once: by ids, by name, or all")
+    def post(self, request):
+        body = s.TokenRevokeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        revoked = tokens.revoke(request.user, ids=data.get("ids"), everything=data.get("all", False),
+                                name=data.get("name"))
+        return Response({"revoked": revoked, "count": len(revoked)})
 
 
 class BaseModelList(generics.ListCreateAPIView):
@@ -221,6 +241,38 @@ class DatasetDropInvalid(APIView):
         return Response(s.DatasetSerializer(new).data, status=status.HTTP_202_ACCEPTED)
 
 
+class DatasetReprocess(APIView):
+    parser_classes = [JSONParser]
+    error_statuses = ("409",)
+
+    @extend_schema(request=s.DatasetMappingSerializer, responses={202: s.DatasetSerializer},
+                   summary="Process the stored file again with a layout (schema) and column_map, without a "
+                           "re-upload: the same dataset, or a new version of it when jobs used this one")
+    def post(self, request, pk):
+        dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
+        body = _mapping_body(request)
+        new = reprocess_with_mapping(request.user, dataset, body.get("schema"), body.get("column_map"))
+        return Response(s.DatasetSerializer(new).data, status=status.HTTP_202_ACCEPTED)
+
+
+class DatasetMappingPreview(APIView):
+    parser_classes = [JSONParser]
+    error_statuses = ("409",)
+
+    @extend_schema(request=s.DatasetMappingSerializer, responses={200: s.MappingPreviewSerializer},
+                   summary="The first rows of a dataset normalised under a layout and column_map (changes nothing)")
+    def post(self, request, pk):
+        dataset = Dataset.objects.owned_by(request.user).get_or_404(pk)
+        body = _mapping_body(request)
+        return Response(mapping_preview(dataset, body.get("schema"), body.get("column_map")))
+
+
+def _mapping_body(request) -> dict:
+    body = s.DatasetMappingSerializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    return body.validated_data
+
+
 # ---------------------------------------------------------------- plans and jobs
 
 
@@ -242,6 +294,7 @@ class PlanView(APIView):
 
 class JobList(generics.ListCreateAPIView):
     parser_classes = [JSONParser]
+    error_statuses = ("409",)  # issue 31: the user's queued jobs are at the server's limit
     serializer_class = s.JobSerializer
 
     def get_queryset(self):
@@ -285,6 +338,7 @@ def _jobs(user):
 
 class JobClone(APIView):
     parser_classes = [JSONParser]
+    error_statuses = ("409",)  # issue 31: queued jobs at the limit
     @extend_schema(request=s.JobCloneSerializer, responses={201: s.JobSerializer},
                    summary="A new job with this job's settings, changed by the fields given")
     def post(self, request, pk):
@@ -317,6 +371,7 @@ class JobCancel(APIView):
 
 
 class JobRetry(APIView):
+    error_statuses = ("409",)  # issue 31: queued jobs at the limit
     @extend_schema(request=None, responses={202: s.JobSerializer},
                    summary="Requeue a failed or cancelled job; it resumes from its last checkpoint")
     def post(self, request, pk):

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.models import ApiToken, Dataset, Deployment, FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
+from jobs.services.version_recording import record_adapter_version
 from tests.finetune.adapter_factory import make_adapter
 from tests.helpers import make_ready_dataset
 
@@ -64,7 +65,7 @@ def _version(user, dataset, base_model, tmp_path, seed, rank):
                "peak_memory_bytes": 3803709440, "trainable_parameters": 163840, "tokens_seen": 123456}
     generations = [{"prompt": "How do I reset my password on the mobile app?", "output": f"answer {seed} " * 30,
                     "reference": "Open Settings, then Account, then Reset password."}]
-    version = services.record_adapter_version(job, adapter, metrics, generations, plan)
+    version = record_adapter_version(job, adapter, metrics, generations, plan)
     FineTuneJob.objects.filter(pk=job.pk).update(status=JobStatus.SUCCEEDED, progress=1.0,
                                                  finished_at=timezone.now(), metrics=metrics)
     return version

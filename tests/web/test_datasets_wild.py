@@ -122,7 +122,7 @@ def test_retry_and_delete_any_dataset(api, celery_worker):
 
 def test_delete_while_validating_is_allowed_and_not_brought_back(api):
     from jobs.models import Dataset
-    from jobs.services import _mark_dataset_invalid
+    from jobs.services.dataset_processing import _mark_dataset_invalid
 
     response = upload(api, b'{"text": "x"}\n', "one.jsonl")
     dataset = Dataset.objects.get(pk=response.json()["id"])
@@ -146,7 +146,7 @@ def test_unexpected_failure_marks_the_dataset_invalid_with_the_reason(user, tiny
                                                                       monkeypatch, settings):
     from finetune import data
     from jobs.models import Dataset
-    from jobs.services import process_dataset
+    from jobs.services.dataset_processing import process_dataset
 
     source = tmp_path / "source"
     source.write_text("".join(json.dumps({"messages": chat(f"q{i}", "a")}) + "\n" for i in range(4)))
@@ -164,7 +164,7 @@ def test_unexpected_failure_marks_the_dataset_invalid_with_the_reason(user, tiny
 
 def test_dead_workers_datasets_are_requeued_then_failed(api, celery_worker, settings):
     from jobs.models import Dataset
-    from jobs.services import recover_stuck_datasets
+    from jobs.services.dataset_processing import recover_stuck_datasets
 
     response = upload(api, b'{"text": "fine"}\n{"text": "also fine"}\n', "orphan.jsonl")
     first = settled(api, response, celery_worker)
@@ -215,7 +215,7 @@ def test_token_statistics_stop_at_their_time_limit_and_say_so(tiny_model_dir, tm
     from transformers import AutoTokenizer
 
     from finetune import data
-    from jobs.services import _bounded_token_stats
+    from jobs.services.dataset_processing import _bounded_token_stats
 
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"messages": chat(f"q{i}", "a")}) + "\n" for i in range(2500)))

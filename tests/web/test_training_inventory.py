@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.models import Dataset, FineTuneJob, JobEvent, Worker
+from jobs.services import worker_planning
 
 pytestmark = pytest.mark.django_db
 
@@ -61,7 +62,7 @@ def _queued_job(user, base, plan):
 
 def test_a_worker_with_other_hardware_replans_and_says_why(user, tiny_base_model):
     job = _queued_job(user, tiny_base_model, services.make_plan(tiny_base_model, None, "lora", gpu=H100))
-    message = services.replan_for_worker(job, DATASET_WORKER, "cpu-trainer@box")
+    message = worker_planning.replan_for_worker(job, DATASET_WORKER, "cpu-trainer@box")
     job.refresh_from_db()
     assert job.plan["device"] == "cpu" and job.plan["hardware"]["name"] == "CPU (4 cores)"
     assert job.plan["hardware"]["worker"] == "cpu-trainer@box"
@@ -75,7 +76,7 @@ def test_a_worker_with_other_hardware_replans_and_says_why(user, tiny_base_model
 def test_the_same_hardware_keeps_the_plan(user, tiny_base_model):
     plan = services.make_plan(tiny_base_model, None, "lora", gpu=H100)
     job = _queued_job(user, tiny_base_model, plan)
-    assert services.replan_for_worker(job, H100, "gpu@box") is None
+    assert worker_planning.replan_for_worker(job, H100, "gpu@box") is None
     job.refresh_from_db()
     assert job.plan == plan and not JobEvent.objects.filter(job=job).exists()
 
@@ -83,7 +84,7 @@ def test_the_same_hardware_keeps_the_plan(user, tiny_base_model):
 def test_a_job_with_checkpoints_keeps_its_plan(user, tiny_base_model):
     job = _queued_job(user, tiny_base_model, services.make_plan(tiny_base_model, None, "lora", gpu=H100))
     (job.checkpoint_dir / "checkpoints" / "step-1").mkdir(parents=True)
-    message = services.replan_for_worker(job, DATASET_WORKER, "cpu-trainer@box")
+    message = worker_planning.replan_for_worker(job, DATASET_WORKER, "cpu-trainer@box")
     assert "the plan is kept" in message
     job.refresh_from_db()
     assert job.plan["device"] == "cuda"
@@ -91,8 +92,8 @@ def test_a_job_with_checkpoints_keeps_its_plan(user, tiny_base_model):
 
 def test_a_training_worker_reports_its_matmul_speed_and_a_dataset_worker_does_not(settings, tmp_path):
     settings.DATA_DIR = tmp_path
-    trainer = services.worker_inventory("gpu,default")
+    trainer = worker_planning.worker_inventory("gpu,default")
     assert [e["device"] for e in trainer["matmul_speed"]] == ["cpu"]
     assert trainer["matmul_speed"][0]["bf16_speedup"] > 0
     assert (tmp_path / "matmul-speed.json").is_file()  # measured once, kept for the next heartbeat
-    assert "matmul_speed" not in services.worker_inventory("default")
+    assert "matmul_speed" not in worker_planning.worker_inventory("default")

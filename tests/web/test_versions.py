@@ -2,8 +2,9 @@
 and the bare base model on a fixed prompt set with known scores; the compare page and API; champion, download,
 and delete with confirmation (refused while deployed).
 
-Versions are recorded by the product's own services.record_adapter_version from adapters built on the tiny model
-(tests/finetune/adapter_factory.py); the training loop itself is exercised by the browser test."""
+Versions are recorded by the product's own record_adapter_version (jobs/services/version_recording.py) from
+adapters built on the tiny model (tests/finetune/adapter_factory.py); the training loop itself is exercised by the
+browser test."""
 import io
 import json
 import zipfile
@@ -12,9 +13,10 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from finetune.evaluate import score_answers
-from jobs import evaluation, services
+from jobs import evaluation
 from jobs.compare import compare_versions
 from jobs.models import AdapterVersion, Dataset, Deployment, FineTuneJob, JobStatus, MetricPoint
+from jobs.services.version_recording import record_adapter_version
 from tests.finetune.adapter_factory import make_adapter
 
 pytestmark = pytest.mark.django_db
@@ -48,7 +50,7 @@ def train_version(user, base_model, dataset, tmp_path, *, seed=1, plan=None, los
     metrics = {"train_loss": losses[-1], "eval_loss": eval_loss, "perplexity": 2.718 ** eval_loss,
                "tokens_per_second": 100.0 * seed, "steps": len(losses), "initial_eval_loss": 5.0}
     generations = [{"prompt": "ping", "output": f"out-{seed}", "reference": "pong"}]
-    return services.record_adapter_version(job, adapter, metrics, generations, plan)
+    return record_adapter_version(job, adapter, metrics, generations, plan)
 
 
 @pytest.fixture
