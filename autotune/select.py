@@ -26,11 +26,13 @@ How it chooses, and why:
   checkpointing (it recomputes the forward pass). So it is off whenever a reasonably sized batch fits without it.
 - Optimizer: torch's AdamW (fused on CUDA). Only when no plan fits with it is bitsandbytes' PagedAdamW8bit tried,
   whose state lives in CUDA unified memory that the driver evicts to host RAM under pressure (see estimate.py).
-- Learning rate by method (adapters start at zero and take larger steps than full fine-tuning). Epochs: enough
-  passes for 80 optimizer steps, 1 to 3, fractions included (360 rows at batch 8 get 1.78 passes, not 2); with
-  a validation split the run stops early and keeps its best checkpoint, so the epochs are a ceiling. (It was 3
-  passes under 10,000 rows: 3x the time of a one-pass recipe that learned as much; then 40 steps, which left a
-  400-row classification task under-trained: bench/autotune_quality.py, issue 20.)
+- Learning rate by method (adapters start at zero and take larger steps than full fine-tuning); the search stage
+  (finetune/search.py) tries higher ones first where its trials are cheap. Length (autotune/length.py): a
+  ceiling of 300 optimizer steps or 20 passes, whichever comes first (at least one pass), evaluated at least
+  every pass; validation decides where below it the run stops (early stopping, best checkpoint kept). Without
+  validation rows (dataset_stats["validation_rows"] == 0) nothing can stop a run early, so the ceiling is the old
+  fixed rule (80 steps, at most 3 passes). (Issue 32: a constant 80 steps / 3 passes left 108 rows of new labels
+  at exact match 0.31 where 10 passes at a higher rate reached 0.95.)
 - dtype: bf16 where the device runs it faster than fp32, decided from the worker's own matmul measurement
   (inventory["matmul_speed"], finetune/precision.py), CPU included; on a GPU without a measurement, its
   compute capability (bf16 tensor cores from Ampere on); a GPU without bf16 trains in fp16 with a gradient
@@ -52,8 +54,17 @@ from dataclasses import dataclass, field
 from finetune.method_traits import METHODS as METHODS_TABLE
 from finetune.method_traits import method_traits
 
-from .estimate import DEFAULT_ADAPTER_BOTTLENECK, DEFAULT_LORA_DROPOUT, DEFAULT_NUM_VIRTUAL_TOKENS, LORA_METHODS
-from .estimate import METHODS, default_optimizer, estimate, trainable_parameters
+from .estimate import (
+    DEFAULT_ADAPTER_BOTTLENECK,
+    DEFAULT_LORA_DROPOUT,
+    DEFAULT_NUM_VIRTUAL_TOKENS,
+    LORA_METHODS,
+    METHODS,
+    default_optimizer,
+    estimate,
+    trainable_parameters,
+)
+from .length import choose_length, length_reason
 from .shapes import ModelShape
 
 GPU_SAFETY_FACTOR = 0.95
@@ -75,13 +86,6 @@ LARGE_DATASET_ROWS = 100_000
 # Under SMALL_DATASET_ROWS the effective batch is halved: twice the optimizer steps per pass over few rows
 # (issue 20: at 16 a 400-row task got 23 steps an epoch and fell behind the batch-8 recipe).
 SMALL_EFFECTIVE_BATCH = 8
-# Passes: enough for this many optimizer steps (a zero-initialised adapter barely moves in fewer), at most
-# MAX_EPOCHS; the run stops early on validation and keeps its best checkpoint, so this is a ceiling.
-# Measured (bench/autotune_quality.py, classify, 360 training rows, batch 8, data seeds 1/2): 45 steps gave
-# exact match 0.87/1.00, 60 steps 0.92/-, 80 steps 1.00/1.00, against 0.96/0.96 for the one-pass plain loop on
-# all 400 rows; 80 steps took 1.34x/1.46x that loop's wall time (the goal allows 1.5x).
-MIN_OPTIMIZER_STEPS = 80
-MAX_EPOCHS = 3
 DEFAULT_RANK, LARGE_RANK = 16, 32
 DPO_BETA = 0.1
 KTO_BETA = 0.1
@@ -161,6 +165,7 @@ def select(inventory: dict, model_config: dict, dataset_stats: dict | None = Non
     overrides = dict(preferences.get("overrides") or {})
     stats = dataset_stats or {}
     rows = int(stats.get("rows") or 0)
+    validation_rows = stats.get("validation_rows")  # None: unknown (planned as if the usual split exists)
     token_stats = stats.get("token_stats") or {}
     notes = Notes()
 
@@ -178,7 +183,9 @@ def select(inventory: dict, model_config: dict, dataset_stats: dict | None = Non
     fit = search(shape, base, target, method, seq, seq_fixed, overrides, effective, rows,
                  preferences.get("calibration"))
     plan = assemble(shape, fit, base, rank, alpha, effective, rows, overrides, target)
-    explain(plan, fit, shape, target, method, rows, token_stats, seq, overrides, effective, notes)
+    plan.update(choose_length(rows, plan["micro_batch"] * plan["grad_accum"], validation_rows, overrides))
+    explain(plan, fit, shape, target, method, (rows, validation_rows), token_stats, seq, overrides, effective,
+            notes)
     plan["reasons"], plan["warnings"] = notes.reasons, notes.warnings
     return plan
 
@@ -435,7 +442,7 @@ def assemble(shape, fit: Fit, base, rank, alpha, effective, rows, overrides, tar
         "max_seq_len": fit.plan["max_seq_len"],
         "gradient_checkpointing": fit.checkpointing,
         "learning_rate": overrides.get("learning_rate", LEARNING_RATES[method][0]),
-        "epochs": overrides.get("epochs", epochs_for(rows, micro_batch * grad_accum)),
+        "epochs": overrides.get("epochs", 1),  # the length is chosen next (autotune/length.py)
         "memory": {**fit.memory, "capacity_bytes": target.capacity_bytes},
         "device": base["device"],
         "dtype": base["dtype"],
@@ -473,21 +480,11 @@ def effective_batch_for(rows: int) -> int:
     return SMALL_EFFECTIVE_BATCH if 0 < rows < SMALL_DATASET_ROWS else DEFAULT_EFFECTIVE_BATCH
 
 
-def epochs_for(rows: int, effective_batch: int) -> int | float:
-    """Passes enough for MIN_OPTIMIZER_STEPS steps, 1 to MAX_EPOCHS, in hundredths (a whole second pass would
-    cost up to 2x the time for the few steps missing); one without dataset statistics."""
-    if rows <= 0:
-        return 1
-    passes = math.ceil(100 * MIN_OPTIMIZER_STEPS * effective_batch / rows) / 100
-    if passes <= 1:
-        return 1
-    return min(MAX_EPOCHS, passes)
-
-
 # ------------------------------------------------------------------------ reasons
 
 
-def explain(plan, fit, shape, target, method, rows, token_stats, seq, overrides, effective, notes: Notes):
+def explain(plan, fit, shape, target, method, data, token_stats, seq, overrides, effective, notes: Notes):
+    rows, validation_rows = data
     notes.reason(method_reason(plan, fit, shape, target, method))
     if plan["method"] in LORA_METHODS:
         notes.reason(rank_reason(plan, shape, rows, overrides))
@@ -496,11 +493,11 @@ def explain(plan, fit, shape, target, method, rows, token_stats, seq, overrides,
     notes.reason(batch_reason(plan, fit, target, effective, rows, overrides))
     notes.reason(checkpointing_reason(fit, target, overrides))
     notes.reason(learning_rate_reason(plan, overrides))
-    notes.reason(epochs_reason(plan, rows, overrides))
+    notes.reason(length_reason(plan, rows, validation_rows, overrides))
     notes.reason(dtype_reason(plan, target, overrides))
     notes.reason(optimizer_reason(plan, fit, shape, target, overrides))
     for key in sorted(set(overrides) - SEARCHED - {"rank", "alpha", "target_modules", "grad_accum",
-                                                      "learning_rate", "epochs"}):
+                                                      "learning_rate", "epochs", "max_steps"}):
         notes.reason(f"{key} = {overrides[key]!r} (override).")
     if not plan["fits"]:
         notes.warn(shortfall(plan, target))
@@ -585,10 +582,14 @@ def truncation_text(token_stats, seq) -> str:
 
 
 def truncated_count(token_stats, seq) -> int | None:
-    """Examples longer than seq: exact from the precomputed cut-offs, else interpolated in the histogram."""
+    """Examples longer than seq: exact from the precomputed cut-offs or the longest examples' lengths
+    (finetune.data.tokens.examples_longer_than), else interpolated in the histogram."""
     exact = (token_stats.get("truncated") or {}).get(str(seq))
     if exact is not None:
         return int(exact)
+    longest = token_stats.get("longest") or []
+    if longest and (longest[-1] <= seq or len(longest) >= int(token_stats.get("count") or 0)):
+        return sum(1 for n in longest if n > seq)
     histogram = token_stats.get("histogram") or {}
     edges, counts = histogram.get("edges") or [], histogram.get("counts") or []
     if len(edges) != len(counts) + 1:
@@ -645,27 +646,6 @@ def learning_rate_reason(plan, overrides) -> str:
     return f"Learning rate {plan['learning_rate']:g}: {LEARNING_RATES[plan['method']][1]}."
 
 
-def epochs_reason(plan, rows, overrides) -> str:
-    epochs = plan["epochs"]
-    steps = ""
-    if rows:
-        per_epoch = math.ceil(rows / (plan["micro_batch"] * plan["grad_accum"]))
-        steps = f" (about {math.ceil(per_epoch * epochs):,} optimizer steps)"
-    if "epochs" in overrides:
-        return f"{_number(epochs)} epochs (override){steps}."
-    if not rows:
-        return f"{epochs} epoch: the default without dataset statistics; training stops early on validation."
-    ceiling = "at most" if epochs > 1 else "and"
-    if epochs > 1:
-        why = f"{rows:,} rows give fewer than {MIN_OPTIMIZER_STEPS} optimizer steps a pass, too few for the " \
-              f"adapter to move from zero ({MAX_EPOCHS} passes {ceiling})"
-    else:
-        why = f"{rows:,} rows give at least {MIN_OPTIMIZER_STEPS} optimizer steps in one pass, and more passes " \
-              "cost time and start to memorise"
-    return f"{_number(epochs)} epoch{'s' if epochs != 1 else ''}: {why}{steps}; the run stops early when validation loss " \
-           "stops improving and keeps its best checkpoint."
-
-
 def dtype_reason(plan, target, overrides) -> str:
     dtype = plan["dtype"]
     if "dtype" in overrides:
@@ -717,7 +697,7 @@ def shortfall(plan, target) -> str:
            f"model, a shorter max_seq_len, or a larger GPU)."
 
 
-def gb(n: int | float) -> str:
+def gb(n: float) -> str:
     """Bytes for a sentence in the units the pages use: GiB with one decimal, MiB below 1 GiB (tiny models)."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 or n == 0 else f"{n / 2**20:.1f} MiB"
 

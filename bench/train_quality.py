@@ -18,9 +18,14 @@ the base model with the saved adapter attached, greedy answers through the chat 
 on the test answers. Train time is the wall time of the training call (loading included), measured on whatever
 else this machine is running: compare times within one run only. Variants run in alternating order per task.
 
-  plain     about 40 lines: AutoModelForCausalLM + peft LoRA, torch AdamW, constant lr, rows shuffled every
-            epoch, batches padded to their longest row, loss = transformers' mean token loss of the batch.
+  plain     about 50 lines: AutoModelForCausalLM + peft LoRA, torch AdamW, rows shuffled every epoch, batches
+            padded to their longest row, loss = transformers' mean token loss of the batch.
   product   finetune.train.train() with a TrainSpec at today's defaults.
+  plain@fp32  the plain loop with fp32 weights whatever --dtype says (added beside plain when --dtype is bf16).
+
+Both sides get the same gradient clipping (--max-grad-norm, 1.0 as the product and HF's Trainer; 0: none), the same
+warmup (--warmup-ratio, 0.03 of the steps, linear) and schedule (--lr-schedule, constant after the warmup) and the
+same weight dtype (--dtype); each result records the settings its trainer actually used.
   legacy    the trainer's defaults before issue 20 (windowed length sort, cosine to 10 % with 3 % warmup, ...).
   X+Y       a variant with one ablation applied (see ABLATIONS), e.g. legacy+no-grouping, product+holdout.
 
@@ -186,38 +191,106 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 # ------------------------------------------------------------------------------------------ the two trainers
 
 
-def train_plain(model_dir: str, rows: list[dict], s: dict, out_dir: Path) -> None:
-    """The plain recipe: LoRA, AdamW, constant lr, shuffled batches, mean token loss per batch."""
+def plain_dtype(s: dict):
     import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.get("dtype") or "fp32"]
+
+
+def plain_lr(step: int, total: int, s: dict) -> float:
+    """The learning rate at a step: linear warmup over int(warmup_ratio x total) steps, then constant (or cosine
+    down to min_lr_ratio): the same rule as the product's trainer, written out here."""
+    import math
+
+    warmup = int((s.get("warmup_ratio") or 0.0) * total)
+    if step < warmup:
+        return s["lr"] * (step + 1) / warmup
+    if (s.get("lr_schedule") or "constant") == "constant":
+        return s["lr"]
+    floor = s.get("min_lr_ratio", 0.1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return s["lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_plain(model_dir: str, rows: list[dict], s: dict, out_dir: Path, save_after: dict | None = None) -> dict:
+    """The plain recipe: LoRA, AdamW, shuffled batches, mean token loss per batch, gradient clipping at
+    s["max_grad_norm"] (None: none), s["warmup_ratio"] of linear warmup, s["lr_schedule"], weights in s["dtype"].
+    save_after {passes: folder} also saves the adapter after those passes (a constant rate without warmup makes
+    the first P passes of a longer run exactly the P-pass run). Returns the seconds spent loading, in each pass
+    and saving, so a pass count's cost as a run of its own can be told."""
+    import torch
+
+    started = time.monotonic()
+    torch.manual_seed(s["seed"])
+    model, encoded, pad = load_plain(model_dir, rows, s)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
+    rng = random.Random(s["seed"])
+    timing = {"load_seconds": time.monotonic() - started, "pass_seconds": [], "save_seconds": 0.0,
+              "tokens": 0, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "steps": 0,
+              "total_steps": int(s["epochs"]) * -(-len(encoded) // s["batch"])}
+    for epoch in range(int(s["epochs"])):
+        began = time.monotonic()
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), s["batch"]):
+            plain_step(model, [encoded[i] for i in order[start : start + s["batch"]]], pad, params, optimizer, s,
+                       timing)
+        timing["pass_seconds"].append(time.monotonic() - began)
+        if (save_after or {}).get(epoch + 1) is not None:
+            save_plain(model, save_after[epoch + 1], timing)
+    save_plain(model, out_dir, timing)
+    return timing
+
+
+def load_plain(model_dir: str, rows: list[dict], s: dict):
+    """The base in s["dtype"] with a fresh LoRA on every linear layer, the rows encoded, and the pad id."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.tokenize import IGNORE, encode_example
+    from finetune.tokenize import encode_example
 
-    torch.manual_seed(s["seed"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=plain_dtype(s))
     model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     encoded = [encode_example(r, tokenizer, s["max_seq_len"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["lr"], weight_decay=0.0)
-    rng = random.Random(s["seed"])
-    for _ in range(s["epochs"]):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order), s["batch"]):
-            batch = [encoded[i] for i in order[start : start + s["batch"]]]
-            width = max(len(e.input_ids) for e in batch)
-            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
-            labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in batch])
-            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    model.save_pretrained(str(out_dir))
+    return model, encoded, pad
+
+
+def plain_step(model, batch, pad: int, params, optimizer, s: dict, timing: dict) -> None:
+    """One batch padded to its longest row, transformers' mean token loss, clipping, this step's rate, a step."""
+    import torch
+
+    from finetune.tokenize import IGNORE
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
+    labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in batch])
+    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    if s.get("max_grad_norm"):
+        torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
+    for group in optimizer.param_groups:
+        group["lr"] = plain_lr(timing["steps"], timing["total_steps"], s)
+    optimizer.step()
+    optimizer.zero_grad()
+    timing["steps"] += 1
+    timing["tokens"] += int(mask.sum())
+
+
+def save_plain(model, folder, timing: dict) -> None:
+    began = time.monotonic()
+    model.save_pretrained(str(folder))
+    timing["save_seconds"] = time.monotonic() - began
+
+
+def trainer_settings(s: dict) -> dict:
+    """What both trainers are given beyond the recipe: identical on both sides by construction."""
+    return {"max_grad_norm": s.get("max_grad_norm"), "warmup_ratio": s.get("warmup_ratio") or 0.0,
+            "lr_schedule": s.get("lr_schedule") or "constant", "dtype": s.get("dtype") or "fp32"}
 
 
 def train_product(model_dir: str, train_file: Path, s: dict, out_dir: Path, fields: dict) -> dict:
@@ -230,11 +303,16 @@ def train_product(model_dir: str, train_file: Path, s: dict, out_dir: Path, fiel
     plan = {"method": "lora", "rank": s["rank"], "alpha": s["alpha"], "dropout": s["dropout"],
             "target_modules": "all-linear", "micro_batch": s["batch"] // accum, "grad_accum": accum,
             "max_seq_len": s["max_seq_len"], "learning_rate": s["lr"], "epochs": s["epochs"], "seed": s["seed"],
-            "device": "cpu", "dtype": "fp32", "max_eval_generations": 0, **fields.pop("plan", {})}
+            "device": "cpu", "max_eval_generations": 0, **trainer_settings(s), **fields.pop("plan", {})}
     spec = TrainSpec.from_plan(plan, base_model_path=model_dir, train_file=str(train_file), output_dir=str(out_dir))
+    if trainer_settings(s)["max_grad_norm"] is None:
+        spec.max_grad_norm = None  # from_plan skips None values: no clipping must stay no clipping
     for name, value in fields.items():
         setattr(spec, name, value)
-    return train(spec).metrics
+    metrics = train(spec).metrics
+    metrics["settings"] = {name: getattr(spec, name) for name in ("max_grad_norm", "warmup_ratio", "lr_schedule",
+                                                                   "dtype")}
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ scoring (both sides)
@@ -288,11 +366,13 @@ def variant_fields(name: str) -> dict:
 
 
 def run_variant(name: str, model_dir: str, train_rows, test_rows, s: dict, work: Path) -> dict:
-    out = work / name.replace("+", "_")
+    out = work / name.replace("+", "_").replace("@", "_")
     started = time.monotonic()
-    if name == "plain":
-        train_plain(model_dir, train_rows, s, out)
-        info = {"rows": len(train_rows)}
+    if name.startswith("plain"):
+        plain = {**s, "dtype": name.partition("@")[2] or s.get("dtype") or "fp32"}
+        timing = train_plain(model_dir, train_rows, plain, out)
+        info = {"rows": len(train_rows), "steps": timing["steps"],
+                "settings": {**trainer_settings(plain), "dtype": plain["dtype"]}, "weights_dtype": timing["dtype"]}
     else:
         fields = variant_fields(name)
         rows = train_rows
@@ -308,6 +388,7 @@ def run_variant(name: str, model_dir: str, train_rows, test_rows, s: dict, work:
             info = {"rows": len(rows)}
         metrics = train_product(model_dir, train_file, s, out, fields)
         info["steps"] = metrics.get("steps")
+        info["settings"] = metrics["settings"]
     seconds = time.monotonic() - started
     return {"variant": name, "train_seconds": round(seconds, 1), **info, **score_adapter(model_dir, out, test_rows, s)}
 
@@ -317,8 +398,12 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     s = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "lr": args.lr, "batch": args.batch,
-         "epochs": args.epochs, "max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens}
+         "epochs": args.epochs, "max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
+         "max_grad_norm": args.max_grad_norm or None, "warmup_ratio": args.warmup_ratio,
+         "lr_schedule": args.lr_schedule, "dtype": args.dtype}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.dtype != "fp32" and "plain" in variants and "plain@fp32" not in variants:
+        variants.insert(variants.index("plain") + 1, "plain@fp32")  # a plain loop's CPU default, beside
     results = []
     for t, task in enumerate(args.tasks.split(",")):
         train_rows, test_rows = make_task(task, args.rows, args.test)
@@ -374,6 +459,12 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    # Both trainers get these, so they differ in nothing else (the product's defaults; 0 turns clipping off).
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="both trainers' weights (bf16 adds a plain loop in fp32, variant plain@fp32, beside)")
     p.add_argument("--seeds", default="42")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared CPU, OpenMP threads spin-waiting on each other were "

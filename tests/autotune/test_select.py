@@ -102,20 +102,52 @@ def test_truncation_is_counted_from_token_stats():
     assert "no example is truncated" in reason
 
 
-@pytest.mark.parametrize("rows,rank,effective,epochs", [
-    (100, 16, 8, 3),  # 13 steps a pass: 3 passes, the ceiling
-    (400, 16, 8, 1.6),  # 50 steps a pass: 1.6 passes reach 80 steps (not 2, which would cost 100)
-    (900, 16, 8, 1),  # under 1,000 rows the effective batch is 8, so one pass is 113 steps
-    (1200, 16, 16, 1.07),  # 75 steps a pass at batch 16
-    (5000, 16, 16, 1),
-    (200_000, 32, 16, 1),
+@pytest.mark.parametrize("rows,rank,effective,epochs,every", [
+    (100, 16, 8, 20, 13),  # 13 steps a pass: 300 steps would be 23 passes, so the 20-pass ceiling
+    (400, 16, 8, 6, 38),  # 50 steps a pass: 6 passes reach 300 steps; 8 evaluations at least
+    (900, 16, 8, 2.67, 38),  # under 1,000 rows the effective batch is 8: 113 steps a pass
+    (1200, 16, 16, 4, 38),  # 75 steps a pass at batch 16
+    (5000, 16, 16, 1, None),  # 313 steps in one pass: the trainer's own evaluation schedule
+    (200_000, 32, 16, 1, None),
 ])
-def test_rank_batch_and_epochs_follow_dataset_size(rows, rank, effective, epochs):
+def test_rank_batch_and_length_follow_dataset_size(rows, rank, effective, epochs, every):
     plan = plan_for(stats=dataset(rows=rows))
     assert (plan["rank"], plan["alpha"], plan["epochs"]) == (rank, 2 * rank, epochs)
     assert plan["micro_batch"] * plan["grad_accum"] == effective
-    reason = next(r for r in plan["reasons"] if r.startswith(f"{epochs} epoch"))
-    assert "stops early" in reason and "best checkpoint" in reason
+    assert plan.get("eval_every_steps") == every
+    reason = next(r for r in plan["reasons"] if f"{epochs:g} epoch" in r)
+    assert "best checkpoint" in reason
+    if every:
+        assert 2 <= plan["early_stopping_patience"] <= 3
+        assert reason.startswith(f"At most {epochs:g} epochs") and f"Validation every {every} steps" in reason
+        assert f"and {epochs:g} (still improving)" in reason  # the expected range, up to the ceiling
+
+
+def test_a_small_dataset_is_evaluated_every_pass_and_may_train_many_passes():
+    # Issue 32: 108 training rows of labels the base model had never seen needed ~10 passes at a higher rate.
+    plan = plan_for(stats=dataset(rows=108))
+    assert plan["epochs"] == 20 and plan["eval_every_steps"] == 14 and plan["early_stopping_patience"] == 2
+    reason = next(r for r in plan["reasons"] if r.startswith("At most 20 epochs"))
+    assert "about 280 optimizer steps" in reason and "every pass" in reason and "ends between 3 passes" in reason
+
+
+def test_without_validation_rows_the_length_is_fixed_and_short():
+    plan = plan_for(stats={**dataset(rows=108), "validation_rows": 0})
+    assert plan["epochs"] == 3 and "eval_every_steps" not in plan and "early_stopping_patience" not in plan
+    reason = next(r for r in plan["reasons"] if r.startswith("3 epochs"))
+    assert "no validation rows" in reason and "80 optimizer steps" in reason
+    assert plan_for(stats={**dataset(rows=108), "validation_rows": 12})["epochs"] == 20
+
+
+def test_length_overrides_are_kept():
+    plan = plan_for(stats=dataset(rows=108), overrides={"epochs": 4, "early_stopping_patience": 0})
+    assert plan["epochs"] == 4 and plan["early_stopping_patience"] == 0 and plan["eval_every_steps"] == 7
+    assert any(r.startswith("4 epochs (override)") for r in plan["reasons"])
+    plan = plan_for(stats=dataset(rows=108), overrides={"eval_every_steps": 5})
+    assert plan["eval_every_steps"] == 5 and plan["early_stopping_patience"] == 3
+    plan = plan_for(stats=dataset(rows=108), overrides={"max_steps": 10})
+    assert plan["max_steps"] == 10 and "eval_every_steps" not in plan
+    assert any("max_steps = 10 (override) ends the run first" in r for r in plan["reasons"])
 
 
 @pytest.mark.parametrize("method,rate", [("lora", 2e-4), ("qlora", 2e-4), ("dora", 2e-4), ("ia3", 3e-3),

@@ -122,8 +122,8 @@ def test_a_winner_that_trains_much_slower_than_the_plan_is_left_out():
 def test_budget_reads_in_words_and_skips_when_too_small():
     plan = {"method": "lora", "micro_batch": 8, "grad_accum": 1, "epochs": 1}
     budget = search.plan_budget(plan, rows=4000, mean_tokens=60, tokens_per_second=400, source="measured")
-    assert budget["enabled"] and budget["seconds"] == pytest.approx(0.25 * 4000 * 60 / 400, rel=0.01)
-    assert "Search first" in budget["summary"] and "25%" in budget["summary"]
+    assert budget["enabled"] and budget["seconds"] == pytest.approx(0.3 * 4000 * 60 / 400, rel=0.01)
+    assert "Search first" in budget["summary"] and "30% of the final training's longest time" in budget["summary"]
     small = search.plan_budget(plan, rows=40, mean_tokens=60, tokens_per_second=400, source="measured")
     assert not small["enabled"] and "fewer than" in small["summary"]
     forced = search.plan_budget(plan, rows=40, mean_tokens=60, tokens_per_second=400, source="measured", trials=6)
@@ -142,3 +142,77 @@ def test_a_chosen_method_searches_only_when_asked():
     assert asked["enabled"] and asked["seconds"] == 120
     ia3 = search.plan_budget({**plan, "method": "ia3"}, rows=4000, mean_tokens=60, tokens_per_second=400, source="m")
     assert not ia3["enabled"] and "not searched" in ia3["summary"]
+
+
+def test_a_small_dataset_is_searched_by_default_for_its_learning_rate():
+    # Issue 32: 108 training rows of new labels; the rules' plan now has a 20-pass ceiling (validation stops it),
+    # and 30 % of that fits the learning-rate ladder, so the search is on and its budget reads in minutes.
+    from autotune import select
+    from tests.autotune.helpers import config, cpu_inventory, dataset
+
+    plan = select(cpu_inventory(), config("GPT-2"), dataset(rows=108, p99=128, longest=160), {"method": "auto"})
+    assert plan["epochs"] == 20
+    budget = search.plan_budget(plan, rows=108, mean_tokens=80, tokens_per_second=150, source="measured")
+    assert budget["enabled"] and budget["searched"] == "learning_rate" and budget["expected_trials"] >= 3
+    assert budget["final_steps"] == 270 and budget["seconds"] == pytest.approx(0.3 * 270 * 8 * 80 / 150, rel=0.01)
+    summary = budget["summary"]
+    assert summary.startswith("Final training about 19 min at most") and "Search first: at most 6 min" in summary
+    assert "the learning rate (0.0002, 0.0006, 0.002 first)" in summary
+    large = search.plan_budget({**plan, "epochs": 1}, rows=200_000, mean_tokens=60, tokens_per_second=400,
+                               source="measured")
+    assert large["enabled"] and large["searched"] == "all" and large["trial_steps"] == search.MAX_TRIAL_STEPS
+
+
+def test_the_ladder_runs_first_only_the_rate_varies_and_the_model_is_loaded_once(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    from finetune import modelstore
+
+    setup = _setup(tiny_model_dir, tmp_path)
+    setup.plan.update(learning_rate=2e-3, micro_batch=8, epochs=5, early_stopping_patience=2)
+    setup.plan["memory"] = {**estimate(setup.model_config, setup.plan), "capacity_bytes": 10**12}
+    loads = []
+    real = modelstore.load_model_and_tokenizer
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modelstore, "load_model_and_tokenizer", counted)
+    study = search.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "job-3", "exact_match", eval_every=2)
+    budget = search.Budget(max_trials=3, searched="learning_rate", final_steps=40)
+    assert search.run_trials(study, setup, budget) == 3
+    records = search.trial_records(study)
+    assert [r.params["learning_rate"] for r in records] == pytest.approx([2e-3, 6e-3, 2e-2])
+    assert all({k: v for k, v in r.params.items() if k != "learning_rate"} ==
+               {"rank": 8, "alpha_ratio": 2.0, "target_set": "all-linear", "method": "lora", "micro_batch": 8}
+               for r in records)
+    assert all(r.state != search.STATE_PRUNED for r in records)  # the ladder runs to the end, never pruned
+    assert study.user_attrs["ladder_trials"] == 3
+    assert len(loads) == 1  # three trials, one load from disk
+    assert modelstore.load_model_and_tokenizer is counted  # the loader is put back
+    final = search.apply_winner(setup.plan, records, setup.model_config)
+    winner = final["search_result"]["winner"]
+    assert final["learning_rate"] == pytest.approx(records[winner].params["learning_rate"])
+    assert final["epochs"] == 5 and final["early_stopping_patience"] == 2  # the rules' length: a ceiling
+    assert any(r.startswith("Learning rate") and "best of 3 trials" in r for r in final["reasons"])
+    assert "Not varied by the search, so the rules' (or your) values: rank, alpha/rank, target modules, method, " \
+           "micro-batch." in final["reasons"]
+    assert any(r.startswith("Length: up to 5 epochs; trial ") for r in final["reasons"])
+
+
+def test_a_trial_warms_up_as_long_as_the_final_run_will():
+    assert search.trial_warmup_ratio({"warmup_ratio": 0.03}, 10, 280) == pytest.approx(0.85)
+    assert int(0.85 * 10) == int(0.03 * 280) == 8
+    assert search.trial_warmup_ratio({}, 8, 300) == pytest.approx(9.5 / 8)  # longer than the trial: all warmup
+    assert search.trial_warmup_ratio({"warmup_ratio": 0.03}, 10, None) == 0.03
+    assert search.trial_warmup_ratio({"warmup_ratio": 0.0}, 10, 280) == 0.0
+
+
+def test_only_a_cpu_plan_with_room_for_a_second_copy_keeps_the_model():
+    plan = {"device": "cpu", "method": "lora",
+            "memory": {"total_bytes": 3 * 10**9, "capacity_bytes": 8 * 10**9, "breakdown": {"weights": 10**9}}}
+    assert search.keeps_a_copy(plan)
+    assert not search.keeps_a_copy({**plan, "device": "cuda"})
+    assert not search.keeps_a_copy({**plan, "method": "qlora"})
+    assert not search.keeps_a_copy({**plan, "memory": {**plan["memory"], "capacity_bytes": 35 * 10**8}})
+    assert not search.keeps_a_copy({"device": "cpu", "method": "lora"})  # no estimate: no second copy
