@@ -73,6 +73,18 @@ def allowed_model_folder(path: str) -> Path:
     return folder
 
 
+def check_usable(model: BaseModel) -> None:
+    """Refuses a base model whose folder lies in the data directory outside its models folder (where the default
+    model and the platform's own imports live): such a row was registered by a user before registering folders
+    became an admin action, and may be another user's fine-tune."""
+    folder = Path(model.path).resolve()
+    data_dir, models_dir = Path(settings.DATA_DIR).resolve(), Path(settings.MODEL_DIR).resolve()
+    if _within(folder, data_dir) and not _within(folder, models_dir):
+        raise InputError(f"The base model {model.name!r} points inside Tunedeck's data directory, where users' own "
+                         "files live, so it cannot be trained on; an administrator can register the model again "
+                         "from a model root.", field="base_model")
+
+
 def configured_model_roots() -> list[str]:
     return [str(Path(r).resolve()) for r in settings.MODEL_ROOTS]
 

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from finetune.data import LAYOUTS
 
+from ..base_models import check_usable
 from ..errors import InputError
 from ..models import METHODS, BaseModel, Dataset, FineTuneJob, Worker
 from ..search import SEARCH_OVERRIDES, attach_budget, split_search_options  # issue 20 (search)
@@ -150,6 +151,7 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
     from autotune import select
 
     method = clean_method(method)
+    check_usable(base_model)
     overrides, search_options = split_search_options(clean_overrides(overrides))  # issue 20 (search)
     if dataset is not None and dataset.status != Dataset.Status.READY:
         raise InputError(f"Dataset {dataset.name!r} is {dataset.status}, not ready.", field="dataset")

@@ -195,3 +195,17 @@ def test_no_other_api_route_takes_a_server_path():
                 pathlike += [f"{method.upper()} {route}: {name}" for name in properties
                              if any(word in name.lower() for word in ("path", "dir", "folder", "location"))]
     assert pathlike == ["POST /api/v1/base-models: path"], pathlike
+
+
+def test_a_base_model_registered_inside_the_data_directory_before_the_fix_cannot_be_trained_on(
+        user, other_user, others_merged_model, tiny_base_model):
+    """Rows an ordinary user registered before registering became an admin action stay, but plan nothing."""
+    import json as _json
+
+    stolen = BaseModel.objects.create(owner=user, name="not-mine", path=str(others_merged_model),
+                                      config=_json.loads((others_merged_model / "config.json").read_text()))
+    api = api_for(user)
+    response = api.post("/api/v1/plans", {"base_model": stolen.pk}, content_type="application/json")
+    assert response.status_code == 400 and "data directory" in response.json()["error"]["message"], response.content
+    assert api.post("/api/v1/plans", {"base_model": tiny_base_model.pk},
+                    content_type="application/json").status_code == 200
