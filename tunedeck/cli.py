@@ -344,7 +344,7 @@ class MultipartStream:
         self._index, self._file, self._buffer = 0, None, b""
 
     def _header(self, name, filename=None, kind=None) -> bytes:
-        quote = lambda s: s.replace("\\", "\\\\").replace('"', "%22").replace("\r", "").replace("\n", "")  # noqa: E731
+        quote = lambda s: s.replace("\\", "\\\\").replace('"', "%22").replace("\r", "").replace("\n", "")
         disposition = f'Content-Disposition: form-data; name="{quote(name)}"'
         if filename is not None:
             disposition += f'; filename="{quote(filename)}"'
