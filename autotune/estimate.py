@@ -15,7 +15,7 @@ weights       The frozen base in the compute dtype: parameters x a. QLoRA stores
               upcast them to fp32 the way peft's prepare_model_for_kbit_training does: that adds 2 bytes per
               non-quantised parameter, about 2 GB on Llama-3-8B).
 trainable     Adapter parameters: peft keeps its adapters in fp32 (4 bytes) whatever the base dtype; the bottleneck
-              adapters (finetune/methods.py) are created in the base's dtype (a bytes).
+              adapters (finetune/methods/bottleneck.py) are created in the base's dtype (a bytes).
 gradients     One gradient per trainable parameter, in the parameter's dtype.
 optimizer     The plan's `optimizer` (OPTIMIZERS below), per trainable parameter:
                 adamw, adamw_fused  torch.optim.AdamW: two moments in the parameter's dtype (2 x 4 bytes for fp32
@@ -101,7 +101,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from finetune.method_traits import method_names, method_traits, names_where
+from finetune.fastloss import chunk_rows_for as fused_loss_chunk_rows  # the fused loss's own chunk rule
+from finetune.methods import get_method, method_names
+from finetune.methods.bottleneck import DEFAULT_BOTTLENECK as DEFAULT_ADAPTER_BOTTLENECK
+from finetune.methods.lora import DEFAULT_DROPOUT as DEFAULT_LORA_DROPOUT
+from finetune.methods.lora import DEFAULT_RANK
+from finetune.methods.virtual_tokens import DEFAULT_NUM_VIRTUAL_TOKENS
+from finetune.optim import ADAM_STATES, OPTIMIZERS, default_optimizer
 
 from .shapes import LinearModule, ModelShape
 
@@ -114,34 +120,14 @@ FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5
 QUANT_BLOCKSIZE = 64  # weights per absmax
 DOUBLE_QUANT_BLOCKSIZE = 256  # absmax per second-level fp32 constant
-ADAM_STATES = 2
 
 RMSNORM_BACKWARD_FP32_COPIES = 5  # hidden-state-sized fp32 temporaries of transformers' RMSNorm backward
-IA3_BACKWARD_FP32_COPIES = 3  # fp32 gradient of IA3's scaled feed-forward input, times vector, times input
 SDPA_MATH_FP32_COPIES = 3  # q, k, v and softmax, mask, dropped probabilities in SDPA's math kernel (CPU dropout)
 LOSS_FP32_BUFFERS = 3  # log-softmax output, its gradient, the gradient of its input
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask; CPU keeps a mask in the input's dtype
 CUDA_CONTEXT_BYTES = 500 * MIB
-FUSED_LOSS_MIN_CHUNK_ROWS = 256  # smaller matmuls were measured slower (finetune/fastloss.py)
-FUSED_LOSS_CHUNK_BYTES = 256 * MIB  # at most this much fp32 logits per chunk
 ALLOCATOR_HEADROOM_FRACTION = 0.07
 
-DEFAULT_RANK = 16
-DEFAULT_LORA_DROPOUT = 0.05
-DEFAULT_NUM_VIRTUAL_TOKENS = 20
-DEFAULT_ADAPTER_BOTTLENECK = 64
-ADAPTERS_PER_LAYER = 2  # bottleneck adapters after attention and after the MLP
-
-BNB_BLOCKWISE = 256  # values per fp32 absmax in bitsandbytes' 8-bit optimizer state
-# name: (bytes per trainable parameter, or None for two moments in the parameter's dtype; paged)
-OPTIMIZERS = {
-    "adamw": (None, False),
-    "adamw_fused": (None, False),
-    "paged_adamw": (ADAM_STATES * FP32, True),
-    "paged_adamw_8bit": (ADAM_STATES * (1 + FP32 / BNB_BLOCKWISE), True),
-}
-
-LORA_METHODS = names_where(lora_family=True)
 METHODS = tuple(method_names())
 
 CALIBRATION_KEYS = {
@@ -204,17 +190,17 @@ class Setup:
     @property
     def trainable_bytes(self) -> int:
         """Bytes per trainable parameter: bottleneck adapters follow the base dtype, peft's adapters are fp32."""
-        return self.compute_bytes if self.method == "adapter" else FP32
+        return get_method(self.method).trainable_bytes(self.compute_bytes)
 
     @property
     def sequences(self) -> int:
         """Sequences per micro-batch: DPO runs the chosen and the rejected answer of every pair."""
-        return self.micro_batch * (2 if method_traits(self.method).paired else 1)
+        return self.micro_batch * (2 if get_method(self.method).paired else 1)
 
     @property
     def tokens_per_sequence(self) -> int:
         """Prompt tuning prepends its virtual tokens to every sequence."""
-        return self.max_seq_len + (self.num_virtual_tokens if self.method == "prompt" else 0)
+        return self.max_seq_len + get_method(self.method).input_tokens(self)
 
     @property
     def tokens(self) -> int:
@@ -248,80 +234,21 @@ def estimate(model_config, plan: dict, calibration: dict | None = None) -> dict:
             "evictable_bytes": int(math.ceil(state)) if paged else 0}
 
 
-def default_optimizer(device: str) -> str:
-    return "adamw_fused" if device == "cuda" else "adamw"
-
-
 def optimizer_state_bytes(trainable: int, setup: Setup) -> float:
     per_parameter = OPTIMIZERS[setup.optimizer][0]
     return trainable * (per_parameter if per_parameter is not None else ADAM_STATES * setup.trainable_bytes)
-
-
-def fused_loss_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows of logits the fused loss computes at once (finetune/fastloss.py uses this very rule): Liger's
-    ceil(vocab/hidden) chunks with a power-of-two row count each, at least FUSED_LOSS_MIN_CHUNK_ROWS and at most
-    FUSED_LOSS_CHUNK_BYTES of fp32 logits (but 64 rows at least)."""
-    chunks = max(1, -(-vocab // hidden))
-    rows = 1 << max(0, (-(-n_rows // chunks) - 1).bit_length())
-    ceiling = max(64, FUSED_LOSS_CHUNK_BYTES // (FP32 * vocab))
-    return max(1, min(max(rows, FUSED_LOSS_MIN_CHUNK_ROWS), ceiling))
 
 
 def trainable_parameters(model_config, plan: dict) -> int:
     """Parameters the method trains (what peft's print_trainable_parameters reports)."""
     shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
     setup = plan if isinstance(plan, Setup) else Setup.from_plan(plan or {})
-    per_method = {
-        "ia3": _ia3_parameters,
-        "prefix": _prefix_parameters,
-        "prompt": _prompt_parameters,
-        "adapter": _adapter_parameters,
-    }
-    return per_method.get(setup.method, _lora_parameters)(shape, setup)
+    return get_method(setup.method).trainable_parameters(shape, setup)
 
 
 def adapted_modules(shape: ModelShape, setup: Setup) -> list[LinearModule]:
     """The block's linear layers the method puts an adapter on."""
-    if setup.method in LORA_METHODS:
-        return shape.modules_for(setup.target_modules)
-    if setup.method == "ia3":
-        return shape.modules_for(list(shape.ia3_target_modules))
-    return []
-
-
-# ------------------------------------------------------------------------ parameters
-
-
-def _lora_parameters(shape: ModelShape, setup: Setup) -> int:
-    per_layer = sum(setup.rank * (m.in_features + m.out_features) for m in adapted_modules(shape, setup))
-    if setup.method == "dora":
-        per_layer += sum(m.out_features for m in adapted_modules(shape, setup))  # the magnitude vector
-    return shape.num_layers * per_layer
-
-
-def _ia3_parameters(shape: ModelShape, setup: Setup) -> int:
-    per_layer = sum(_ia3_vector_size(shape, m) for m in adapted_modules(shape, setup))
-    return shape.num_layers * per_layer
-
-
-def _ia3_vector_size(shape: ModelShape, module: LinearModule) -> int:
-    """IA3 scales a feed-forward layer's input and any other layer's output."""
-    return module.in_features if _ia3_feedforward(shape, module) else module.out_features
-
-
-def _prefix_parameters(shape: ModelShape, setup: Setup) -> int:
-    """A key and a value vector per virtual token per layer (peft without the prefix projection MLP)."""
-    return setup.num_virtual_tokens * shape.num_layers * 2 * shape.kv_dim
-
-
-def _prompt_parameters(shape: ModelShape, setup: Setup) -> int:
-    return setup.num_virtual_tokens * shape.hidden_size
-
-
-def _adapter_parameters(shape: ModelShape, setup: Setup) -> int:
-    h, b = shape.hidden_size, setup.adapter_bottleneck
-    one_adapter = h * b + b + b * h + h  # down and up projections with biases
-    return shape.num_layers * ADAPTERS_PER_LAYER * one_adapter
+    return get_method(setup.method).adapted_modules(shape, setup)
 
 
 # ------------------------------------------------------------------------ weights
@@ -329,7 +256,7 @@ def _adapter_parameters(shape: ModelShape, setup: Setup) -> int:
 
 def weight_bytes(shape: ModelShape, setup: Setup) -> float:
     a = setup.compute_bytes
-    if setup.method != "qlora":
+    if not get_method(setup.method).quantized_base:
         return shape.parameters * a
     quantised = shape.linear_parameters
     return quantised * nf4_bytes_per_parameter(setup.double_quant) + (shape.parameters - quantised) * a
@@ -381,10 +308,11 @@ def _untrained_first_layer_bytes(shape: ModelShape, setup: Setup) -> float:
     lack a gradient, so before the first trained module (or virtual token) nothing is kept. The first block's
     input norm keeps nothing unless prompt tuning's virtual tokens come in front; its attention keeps nothing
     when no attention module (nor a prefix) trains, as with bottleneck adapters, which sit after it."""
-    if setup.method == "prompt":
+    method = get_method(setup.method)
+    if method.input_tokens(setup):
         return 0.0
     skipped = setup.tokens * _norm_bytes_per_token(shape, setup)
-    attention_trains = setup.method == "prefix" or any(m.in_attention for m in adapted_modules(shape, setup))
+    attention_trains = method.prefix_tokens(setup) > 0 or any(m.in_attention for m in adapted_modules(shape, setup))
     if not attention_trains:
         skipped += setup.tokens * _attention_bytes_per_token(shape, setup)
         skipped += setup.sequences * _attention_bytes_per_sequence(shape, setup)
@@ -433,13 +361,13 @@ def _sdpa_mask(shape: ModelShape, setup: Setup) -> bool:
     prefix tuning's mask over the virtual keys. transformers drops an all-ones mask and uses is_causal."""
     if _attention_implementation(shape, setup) != "sdpa":
         return False
-    return setup.method == "prefix" or (setup.sequences > 1 and not setup.packing)
+    return get_method(setup.method).prefix_tokens(setup) > 0 or (setup.sequences > 1 and not setup.packing)
 
 
 def _attention_bytes_per_sequence(shape: ModelShape, setup: Setup) -> float:
     """Per-layer attention costs that grow with the sequence rather than the token."""
     a, seq = setup.compute_bytes, setup.tokens_per_sequence
-    prefix = setup.num_virtual_tokens if setup.method == "prefix" else 0
+    prefix = get_method(setup.method).prefix_tokens(setup)
     total = 0.0
     if _sdpa_mask(shape, setup):
         total += a * seq * (seq + prefix)  # SDPA turns the boolean mask into a bias it keeps for backward
@@ -454,51 +382,8 @@ def _mlp_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
 
 
 def _adapter_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
-    a = setup.compute_bytes
-    if setup.method in LORA_METHODS:
-        mask = _lora_dropout_mask_bytes(setup)
-        total = 0.0
-        inputs = {}
-        for m in adapted_modules(shape, setup):
-            if not _lora_input_shared(setup):
-                inputs[m.path] = (FP32 + mask) * m.in_features
-            elif m.reads != "attention output":  # a view of the attention's output, which it keeps anyway
-                inputs[m.reads] = FP32 * m.in_features
-            total += FP32 * setup.rank
-            if setup.method == "dora":
-                total += (a + FP32) * m.out_features
-        return total + sum(inputs.values())
-    if setup.method == "ia3":
-        return sum(_ia3_kept_bytes(shape, setup, m) for m in adapted_modules(shape, setup))
-    if setup.method == "adapter":  # created in the base dtype: input, down output, GELU output
-        return ADAPTERS_PER_LAYER * a * (shape.hidden_size + 2 * setup.adapter_bottleneck)
-    return 0.0
-
-
-def _ia3_kept_bytes(shape: ModelShape, setup: Setup, module: LinearModule) -> float:
-    """Per token: peft's IA3 casts a feed-forward layer's input to the vector's fp32 and keeps that copy for the
-    vector's gradient; on other layers it keeps the base layer's output (compute dtype) for it."""
-    if _ia3_feedforward(shape, module):
-        return FP32 * module.in_features
-    return setup.compute_bytes * module.out_features
-
-
-def _ia3_feedforward(shape: ModelShape, module: LinearModule) -> bool:
-    return any(module.matches(t) for t in shape.ia3_feedforward_modules)
-
-
-def _lora_input_shared(setup: Setup) -> bool:
-    """peft hands lora_A its layer's input cast to fp32 and through dropout: a new tensor per adapted layer,
-    unless the input is already fp32 and dropout is off, when the layers that read one input keep it once
-    (measured on the CPU: q, k and v keep one norm output, gate and up another)."""
-    return setup.compute_bytes == FP32 and setup.dropout <= 0
-
-
-def _lora_dropout_mask_bytes(setup: Setup) -> int:
-    """Per element of an adapted layer's input; dropout there acts on peft's fp32 copy."""
-    if setup.dropout <= 0:
-        return 0
-    return DROPOUT_MASK_BYTES if setup.device == "cuda" else FP32
+    """What the method's own modules keep (finetune/methods/: LoRA's fp32 inputs, IA3's scaled copies, ...)."""
+    return get_method(setup.method).activation_bytes_per_token(shape, setup)
 
 
 def _norm_backward_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
@@ -516,29 +401,17 @@ def _block_backward_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     input) before the gate and up gradients form (measured under checkpointing), so that copy is not counted
     twice. For IA3, the fp32 gradient of the scaled feed-forward input, its product with the vector and with
     the input, beside the hidden state's gradient."""
-    a = setup.compute_bytes
-    per_token = a * (2 * shape.hidden_size + 2 * shape.intermediate_size)
-    if setup.method in LORA_METHODS:
-        adapted = adapted_modules(shape, setup)
-        per_token += FP32 * max((m.in_features for m in adapted), default=0)
-        if any(m.in_features == shape.intermediate_size for m in adapted):  # the MLP's output projection
-            per_token -= (FP32 + _lora_dropout_mask_bytes(setup)) * shape.intermediate_size
-    if setup.method == "ia3":  # the scaled feed-forward input's gradient in fp32, when that is more
-        scaled_inputs = [m.in_features for m in adapted_modules(shape, setup) if _ia3_feedforward(shape, m)]
-        widest = max(scaled_inputs, default=0)
-        per_token = max(per_token, a * shape.hidden_size + IA3_BACKWARD_FP32_COPIES * FP32 * widest)
-    return per_token
+    per_token = setup.compute_bytes * (2 * shape.hidden_size + 2 * shape.intermediate_size)
+    return get_method(setup.method).backward_bytes_per_token(shape, setup, per_token)
 
 
 def _weight_temporaries(shape: ModelShape, setup: Setup) -> float:
     """Weight-sized tensors one layer creates in flight."""
-    total = 0.0
-    if setup.method == "qlora":
+    method = get_method(setup.method)
+    total = method.weight_temporaries(shape, setup)  # DoRA's weight-norm temporaries
+    if method.quantized_base:
         largest = max(m.in_features * m.out_features for m in shape.linear_modules)
         total += largest * setup.compute_bytes  # bitsandbytes dequantises the weight for each matmul
-    if setup.method == "dora":
-        total += max(FP32 * m.in_features**2 + 4 * FP32 * m.in_features * m.out_features
-                     for m in adapted_modules(shape, setup))
     return total
 
 
@@ -548,7 +421,7 @@ def _weight_temporaries(shape: ModelShape, setup: Setup) -> float:
 def logits_bytes(shape: ModelShape, setup: Setup) -> float:
     a, vocab = setup.compute_bytes, shape.vocab_size
     # dpo and kto take log-probabilities from full logits (finetune/train.py) whatever the plan says
-    if setup.fused_cross_entropy and not method_traits(setup.method).preference:
+    if setup.fused_cross_entropy and not get_method(setup.method).preference:
         labelled = setup.tokens  # every position may carry a label (full-sequence loss)
         chunk_tokens = min(labelled, fused_loss_chunk_rows(labelled, vocab, shape.hidden_size))
         chunk_bytes_per_element = 2 * FP32  # fp32 logits and their fp32 log-softmax

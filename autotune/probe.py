@@ -4,7 +4,7 @@
                 "cpu": {"cores", "ram_total_bytes", "ram_available_bytes"}, "hostname",
                 "packages": {"bitsandbytes": bool}}
 
-A training worker adds "matmul_speed" (finetune/precision.py: its measured bf16 vs fp32 matmul speed), which needs
+A training worker adds "matmul_speed" (autotune/precision.py: its measured bf16 vs fp32 matmul speed), which needs
 torch and so is not measured here.
 
 NVML rather than torch: the web process and the worker heartbeat call this, and neither should pay for (or
@@ -114,7 +114,7 @@ def _describe(position: int, handle, pynvml) -> dict:
 
 
 def serving_reserved_bytes(index: int) -> int:
-    """GPU memory that vLLM servers being started by the inference server will take (finetune.vllm_engine writes
+    """GPU memory that vLLM servers being started by the inference server will take (serving.vllm_process writes
     the file named by TUNEDECK_SERVING_RESERVED_FILE); 0 when there is none."""
     import json
 

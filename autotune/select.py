@@ -27,14 +27,14 @@ How it chooses, and why:
 - Optimizer: torch's AdamW (fused on CUDA). Only when no plan fits with it is bitsandbytes' PagedAdamW8bit tried,
   whose state lives in CUDA unified memory that the driver evicts to host RAM under pressure (see estimate.py).
 - Learning rate by method (adapters start at zero and take larger steps than full fine-tuning); the search stage
-  (finetune/search.py) tries higher ones first where its trials are cheap. Length (autotune/length.py): a
+  (autotune/search.py) tries higher ones first where its trials are cheap. Length (autotune/length.py): a
   ceiling of 300 optimizer steps or 20 passes, whichever comes first (at least one pass), evaluated at least
   every pass; validation decides where below it the run stops (early stopping, best checkpoint kept). Without
   validation rows (dataset_stats["validation_rows"] == 0) nothing can stop a run early, so the ceiling is the old
   fixed rule (80 steps, at most 3 passes). (Issue 32: a constant 80 steps / 3 passes left 108 rows of new labels
   at exact match 0.31 where 10 passes at a higher rate reached 0.95.)
 - dtype: bf16 where the device runs it faster than fp32, decided from the worker's own matmul measurement
-  (inventory["matmul_speed"], finetune/precision.py), CPU included; on a GPU without a measurement, its
+  (inventory["matmul_speed"], autotune/precision.py), CPU included; on a GPU without a measurement, its
   compute capability (bf16 tensor cores from Ampere on); a GPU without bf16 trains in fp16 with a gradient
   scaler (finetune/train.py, fp32 master weights).
 
@@ -50,22 +50,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
-from finetune.method_traits import METHODS as METHODS_TABLE
-from finetune.method_traits import method_traits
+from finetune.methods import AUTO, auto_methods, get_method
+from finetune.units import format_bytes
 
 from .estimate import (
     DEFAULT_ADAPTER_BOTTLENECK,
     DEFAULT_LORA_DROPOUT,
     DEFAULT_NUM_VIRTUAL_TOKENS,
-    LORA_METHODS,
     METHODS,
     default_optimizer,
     estimate,
     trainable_parameters,
 )
 from .length import choose_length, length_reason
+from .parallel import plan_ranks
 from .shapes import ModelShape
+
+# Sizes in a reason, in the units the pages use: MiB below 1 GiB (tiny models), GiB above.
+bytes_text = partial(format_bytes, smallest="MiB")
 
 GPU_SAFETY_FACTOR = 0.95
 CPU_SAFETY_FACTOR = 0.80
@@ -87,11 +91,6 @@ LARGE_DATASET_ROWS = 100_000
 # (issue 20: at 16 a 400-row task got 23 steps an epoch and fell behind the batch-8 recipe).
 SMALL_EFFECTIVE_BATCH = 8
 DEFAULT_RANK, LARGE_RANK = 16, 32
-DPO_BETA = 0.1
-KTO_BETA = 0.1
-
-LEARNING_RATES = {m.name: (m.learning_rate, m.learning_rate_why) for m in METHODS_TABLE.values()}
-LABELS = {m.name: m.label for m in METHODS_TABLE.values()}
 
 # overrides the search itself honours; any other override is copied into the plan as given
 SEARCHED = {"method", "micro_batch", "max_seq_len", "gradient_checkpointing", "device", "dtype", "optimizer"}
@@ -118,7 +117,7 @@ class Target:
     def describe_capacity(self) -> str:
         safety = GPU_SAFETY_FACTOR if self.device == "cuda" else CPU_SAFETY_FACTOR
         where = "free on " + self.name if self.device == "cuda" else "available RAM"
-        return f"{gb(self.capacity_bytes)} usable ({safety:.0%} of {gb(self.free_bytes)} {where})"
+        return f"{bytes_text(self.capacity_bytes)} usable ({safety:.0%} of {bytes_text(self.free_bytes)} {where})"
 
 
 @dataclass
@@ -127,7 +126,7 @@ class Fit:
     memory: dict  # estimate()'s answer
     fits: bool
     larger_needs: int | None = None  # what the next larger micro-batch would need, for the reason
-    alternative: "Fit | None" = None  # the best batch in the other checkpointing mode
+    alternative: Fit | None = None  # the best batch in the other checkpointing mode
 
     @property
     def micro_batch(self) -> int:
@@ -186,6 +185,7 @@ def select(inventory: dict, model_config: dict, dataset_stats: dict | None = Non
     plan.update(choose_length(rows, plan["micro_batch"] * plan["grad_accum"], validation_rows, overrides))
     explain(plan, fit, shape, target, method, (rows, validation_rows), token_stats, seq, overrides, effective,
             notes)
+    plan_ranks(plan, inventory or {}, overrides, notes)  # issue 36: how many GPUs, DDP or FSDP
     plan["reasons"], plan["warnings"] = notes.reasons, notes.warnings
     return plan
 
@@ -222,7 +222,7 @@ def choose_target(inventory: dict, preferences: dict, overrides: dict, notes: No
     serving = int(gpu.get("serving_reserved_bytes") or 0)
     if serving > 0:
         free = max(0, free - serving)
-        notes.reason(f"{gb(serving)} of the GPU is promised to vLLM servers that are starting, so it is not counted.")
+        notes.reason(f"{bytes_text(serving)} of the GPU is promised to vLLM servers that are starting, so it is not counted.")
     name = str(gpu.get("name") or f"GPU {gpu.get('index', 0)}")
     # An inventory that does not say (an older worker) is taken to have bitsandbytes, as QLoRA plans assume.
     paged = (inventory.get("packages") or {}).get("bitsandbytes", True) is not False
@@ -231,7 +231,7 @@ def choose_target(inventory: dict, preferences: dict, overrides: dict, notes: No
 
 
 def measured_matmul(inventory: dict, device: str, name: str | None) -> dict | None:
-    """The worker's matmul measurement for this device (finetune/precision.py), or None."""
+    """The worker's matmul measurement for this device (autotune/precision.py), or None."""
     for entry in inventory.get("matmul_speed") or []:
         if isinstance(entry, dict) and entry.get("device") == device and (name is None or entry.get("name") == name):
             return entry
@@ -255,11 +255,15 @@ def cpu_target(cpu: dict) -> Target:
 
 
 def requested_method(preferences: dict, overrides: dict, target: Target, notes: Notes) -> str:
-    method = str(overrides.get("method") or preferences.get("method") or "auto").lower()
-    if method != "auto" and method not in METHODS:
+    method = str(overrides.get("method") or preferences.get("method") or AUTO).lower()
+    if method == AUTO:
+        return method
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
-    if method == "qlora" and target.device == "cpu":
-        notes.warn("QLoRA on CPU needs bitsandbytes' CPU backend and is far slower than LoRA there.")
+    if get_method(method).quantized_base and target.device == "cpu":
+        unquantised = auto_methods("cpu")[0].label
+        notes.warn(f"{get_method(method).label} on CPU needs bitsandbytes' CPU backend and is far slower than "
+                   f"{unquantised} there.")
     return method
 
 
@@ -335,7 +339,7 @@ def base_plan(shape: ModelShape, method: str, dtype: str, target: Target, rank: 
             # Training computes the loss chunk by chunk on the labelled positions (finetune/fastloss.py) unless the
             # logits are soft-capped or the method puts virtual tokens in front; DPO keeps full logits.
             # "auto" ends as LoRA or QLoRA, which share LoRA's traits.
-            "fused_cross_entropy": method_traits("lora" if method == "auto" else method).can_pack
+            "fused_cross_entropy": (auto_methods()[0] if method == AUTO else get_method(method)).can_pack
             and not shape.final_logit_softcapping}
     plan.update({k: overrides[k] for k in ESTIMATE_FIELDS if k in overrides})
     shape.modules_for(plan["target_modules"])  # an unknown module name is an error now, not in training
@@ -346,11 +350,10 @@ def method_candidates(method: str, seq: int, seq_fixed: bool, target: Target, ma
     """(method, max_seq_len) in order of preference; the first that fits wins. Once LoRA misses at the full
     length only QLoRA is tried, so more memory can never turn LoRA into QLoRA."""
     lengths = [seq] if seq_fixed or not may_shorten else shorter_lengths(seq)
-    if method != "auto":
+    if method != AUTO:
         return [(method, s) for s in lengths]
-    if target.device == "cpu":
-        return [("lora", s) for s in lengths]
-    return [("lora", seq)] + [("qlora", s) for s in lengths]
+    tried = [m.name for m in auto_methods(target.device)]  # LoRA, then QLoRA where the GPU can run it
+    return [(name, seq) for name in tried[:-1]] + [(tried[-1], s) for s in lengths]
 
 
 def optimizer_candidates(base: dict, target: Target) -> list[str]:
@@ -441,7 +444,7 @@ def assemble(shape, fit: Fit, base, rank, alpha, effective, rows, overrides, tar
         "grad_accum": grad_accum,
         "max_seq_len": fit.plan["max_seq_len"],
         "gradient_checkpointing": fit.checkpointing,
-        "learning_rate": overrides.get("learning_rate", LEARNING_RATES[method][0]),
+        "learning_rate": overrides.get("learning_rate", get_method(method).learning_rate),
         "epochs": overrides.get("epochs", 1),  # the length is chosen next (autotune/length.py)
         "memory": {**fit.memory, "capacity_bytes": target.capacity_bytes},
         "device": base["device"],
@@ -451,29 +454,15 @@ def assemble(shape, fit: Fit, base, rank, alpha, effective, rows, overrides, tar
         "fused_cross_entropy": bool(fit.plan.get("fused_cross_entropy")),
         "fits": fit.fits,
     }
-    plan.update(method_settings(method, base))
+    plan.update(get_method(method).plan_settings(base))  # dropout, dpo_beta, num_virtual_tokens, ...
+    plan.update({k: overrides[k] for k in get_method(method).plan_fields() if k in overrides})  # a beta as given
     plan.update({k: v for k, v in overrides.items() if k not in plan})  # seed, warmup_ratio, ... as given
     return plan
 
 
 def target_module_names(shape: ModelShape, method: str, requested) -> list[str]:
-    if method in LORA_METHODS:
-        return list(dict.fromkeys(m.name for m in shape.modules_for(requested)))
-    if method == "ia3":
-        return list(shape.ia3_target_modules)
-    return []  # prefix, prompt and bottleneck adapters add their own parameters instead
-
-
-def method_settings(method: str, base: dict) -> dict:
-    if method in LORA_METHODS:
-        settings = {"dropout": base["dropout"]}
-        extra = {"dpo": {"dpo_beta": DPO_BETA}, "kto": {"kto_beta": KTO_BETA}}.get(method, {})
-        return {**settings, **extra}
-    if method in ("prefix", "prompt"):
-        return {"num_virtual_tokens": base["num_virtual_tokens"]}
-    if method == "adapter":
-        return {"adapter_bottleneck": base["adapter_bottleneck"]}
-    return {}
+    """The layers the method adapts; none for methods that add their own parameters (prefix, adapter, ...)."""
+    return get_method(method).target_module_names(shape, requested)
 
 
 def effective_batch_for(rows: int) -> int:
@@ -486,7 +475,7 @@ def effective_batch_for(rows: int) -> int:
 def explain(plan, fit, shape, target, method, data, token_stats, seq, overrides, effective, notes: Notes):
     rows, validation_rows = data
     notes.reason(method_reason(plan, fit, shape, target, method))
-    if plan["method"] in LORA_METHODS:
+    if get_method(plan["method"]).lora_family:
         notes.reason(rank_reason(plan, shape, rows, overrides))
     notes.reason(modules_reason(plan, shape, overrides))
     notes.reason(seq_reason(plan, shape, token_stats, seq, overrides))
@@ -504,21 +493,23 @@ def explain(plan, fit, shape, target, method, data, token_stats, seq, overrides,
 
 
 def method_reason(plan, fit, shape, target, method) -> str:
-    label = LABELS[plan["method"]]
+    chosen = get_method(plan["method"])
+    label = chosen.label
     weights = plan["memory"]["breakdown"]["weights"]
-    kind = "4-bit NF4" if plan["method"] == "qlora" else plan["dtype"]
+    kind = "4-bit NF4" if chosen.quantized_base else plan["dtype"]
     trainable = trainable_parameters(shape, fit.plan)
-    need = f"need {gb(plan['memory']['total_bytes'])} of the {target.describe_capacity()}"
+    need = f"need {bytes_text(plan['memory']['total_bytes'])} of the {target.describe_capacity()}"
     share = f"{trainable / shape.parameters:.2%}" if shape.parameters else "n/a"
-    detail = f"the {kind} weights ({gb(weights)}) plus training state ({trainable:,} trainable parameters, " \
+    detail = f"the {kind} weights ({bytes_text(weights)}) plus training state ({trainable:,} trainable parameters, " \
              f"{share} of {billions(shape.parameters)})"
-    if method != "auto":
+    if method != AUTO:
         return f"{label}, as requested: {detail} {need}."
-    if plan["method"] == "qlora":
-        smallest = {**fit.plan, "method": "lora", "micro_batch": 1, "gradient_checkpointing": True}
-        lora_need = estimate(shape, smallest)["total_bytes"]
-        return f"{label}: LoRA needs {gb(lora_need)} even at micro-batch 1 with checkpointing, more than the " \
-               f"{gb(target.capacity_bytes)} usable; {detail} {need}."
+    first = auto_methods(target.device)[0]
+    if chosen.quantized_base and not first.quantized_base:
+        smallest = {**fit.plan, "method": first.name, "micro_batch": 1, "gradient_checkpointing": True}
+        first_need = estimate(shape, smallest)["total_bytes"]
+        return f"{label}: {first.label} needs {bytes_text(first_need)} even at micro-batch 1 with checkpointing, more " \
+               f"than the {bytes_text(target.capacity_bytes)} usable; {detail} {need}."
     return f"{label}: {detail} {need}."
 
 
@@ -538,16 +529,14 @@ def rank_reason(plan, shape, rows, overrides) -> str:
 
 def modules_reason(plan, shape, overrides) -> str:
     modules = plan["target_modules"]
-    if plan["method"] not in LORA_METHODS and plan["method"] != "ia3":
-        return f"Target modules: none, {LABELS[plan['method']]} adds its own parameters instead of adapting layers."
+    method = get_method(plan["method"])
+    if not method.adapts_layers:
+        return method.modules_reason(shape, "", 0)
     count = len(shape.modules_for(modules)) * shape.num_layers
     names = ", ".join(modules)
     if "target_modules" in overrides:
         return f"Target modules {names} (override): {count} adapted matrices in {shape.num_layers} layers."
-    if plan["method"] == "ia3":
-        return f"Target modules {names}: peft's IA3 choice for {shape.family}, {count} scaling vectors."
-    return f"Target modules {names}: every linear layer of the {shape.family} block ({count} matrices in " \
-           f"{shape.num_layers} layers), which tracks full fine-tuning better than attention-only LoRA."
+    return method.modules_reason(shape, names, count)
 
 
 def seq_reason(plan, shape, token_stats, wanted, overrides) -> str:
@@ -606,16 +595,16 @@ def batch_reason(plan, fit, target, effective, rows, overrides) -> str:
     head = f"Micro-batch {mb} x {accum} accumulation step{'s' if accum != 1 else ''} " \
            f"(effective batch {mb * accum})"
     if "micro_batch" in overrides:
-        return f"{head}: micro-batch set by override, needing {gb(plan['memory']['total_bytes'])}."
+        return f"{head}: micro-batch set by override, needing {bytes_text(plan['memory']['total_bytes'])}."
     mode = "with" if fit.checkpointing else "without"
     if fit.larger_needs:
         return f"{head}: the largest power of two that fits {mode} checkpointing ({mb * 2} would need " \
-               f"{gb(fit.larger_needs)} of {gb(target.capacity_bytes)})."
+               f"{bytes_text(fit.larger_needs)} of {bytes_text(target.capacity_bytes)})."
     cap = "the effective batch" if mb >= effective else f"the {rows:,} rows"
     if mb >= MAX_MICRO_BATCH:
         cap = f"the maximum of {MAX_MICRO_BATCH}"
     return f"{head}: {cap} caps the micro-batch, and it fits {mode} checkpointing in " \
-           f"{gb(plan['memory']['total_bytes'])}."
+           f"{bytes_text(plan['memory']['total_bytes'])}."
 
 
 def checkpointing_reason(fit: Fit, target: Target, overrides) -> str:
@@ -629,7 +618,7 @@ def checkpointing_reason(fit: Fit, target: Target, overrides) -> str:
     if other is None and fit.checkpointing:
         smallest = fit.micro_batch if "micro_batch" in overrides else 1
         return f"Gradient checkpointing on: without it not even micro-batch {smallest} fits in " \
-               f"{gb(target.capacity_bytes)}; {cost}."
+               f"{bytes_text(target.capacity_bytes)}; {cost}."
     if other is None:
         return f"Gradient checkpointing off: micro-batch {fit.micro_batch} already fits without it."
     if other.micro_batch == fit.micro_batch and not fit.checkpointing:
@@ -643,7 +632,7 @@ def checkpointing_reason(fit: Fit, target: Target, overrides) -> str:
 def learning_rate_reason(plan, overrides) -> str:
     if "learning_rate" in overrides:
         return f"Learning rate {plan['learning_rate']:g} (override)."
-    return f"Learning rate {plan['learning_rate']:g}: {LEARNING_RATES[plan['method']][1]}."
+    return f"Learning rate {plan['learning_rate']:g}: {get_method(plan['method']).learning_rate_why}."
 
 
 def dtype_reason(plan, target, overrides) -> str:
@@ -681,25 +670,20 @@ def optimizer_reason(plan, fit, shape, target, overrides) -> str:
     if name != MEMORY_OPTIMIZER:
         fused = ", fused into one kernel per step" if name == "adamw_fused" else ""
         state = plan["memory"]["breakdown"].get("optimizer", 0)
-        return f"Optimizer {name}: torch's AdamW{fused}; its two moments take {gb(state)}."
+        return f"Optimizer {name}: torch's AdamW{fused}; its two moments take {bytes_text(state)}."
     default = default_optimizer(target.device)
     with_default = estimate(shape, {**fit.plan, "optimizer": default})["total_bytes"]
     paged = plan["memory"].get("evictable_bytes", 0)
-    return f"Optimizer {name} (bitsandbytes): with {default} this plan needs {gb(with_default)}, over the " \
-           f"{gb(target.capacity_bytes)} usable; its 8-bit state ({gb(paged)}) is paged in CUDA unified memory, " \
+    return f"Optimizer {name} (bitsandbytes): with {default} this plan needs {bytes_text(with_default)}, over the " \
+           f"{bytes_text(target.capacity_bytes)} usable; its 8-bit state ({bytes_text(paged)}) is paged in CUDA unified memory, " \
            f"which the driver moves to host RAM when the GPU runs short."
 
 
 def shortfall(plan, target) -> str:
     need = plan["memory"]["total_bytes"]
-    return f"This plan needs {gb(need)} but only {gb(target.capacity_bytes)} is usable on {target.name}: " \
-           f"{gb(max(0, need - target.capacity_bytes))} is missing; expect out-of-memory errors (use a smaller " \
+    return f"This plan needs {bytes_text(need)} but only {bytes_text(target.capacity_bytes)} is usable on {target.name}: " \
+           f"{bytes_text(max(0, need - target.capacity_bytes))} is missing; expect out-of-memory errors (use a smaller " \
            f"model, a shorter max_seq_len, or a larger GPU)."
-
-
-def gb(n: float) -> str:
-    """Bytes for a sentence in the units the pages use: GiB with one decimal, MiB below 1 GiB (tiny models)."""
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 or n == 0 else f"{n / 2**20:.1f} MiB"
 
 
 def billions(n: int) -> str:

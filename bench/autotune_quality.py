@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import task_family as family
+from finetune.errors import TrainingError
 
 DEFAULT_MODEL = ROOT / "var" / "test-models" / "SmolLM2-135M-Instruct"
 MEASUREMENT_CACHE = ROOT / "var" / "bench"  # the matmul measurement, taken once per machine like a worker's
@@ -155,7 +156,7 @@ def rules_plan(model_dir: Path, task: dict, stats: dict, method: str = "auto") -
     """The plan a CPU training worker here makes: its probe plus its bf16 vs fp32 matmul measurement (as
     jobs.services.worker_inventory reports it); a preference dataset plans DPO, as make_plan does."""
     from autotune import probe, select
-    from finetune.precision import matmul_speed
+    from autotune.precision import matmul_speed
 
     inventory = probe()
     inventory["gpus"] = []
@@ -191,7 +192,7 @@ def measured_speed(model_dir: Path, task: dict, stats: dict, ctx: dict) -> float
 
 
 def arm_auto(model_dir, task, stats, work, ctx) -> dict:
-    from finetune import search
+    from autotune import search
 
     plan = rules_plan(model_dir, task, stats)
     method = "dpo" if task["preference"] else "auto"
@@ -206,7 +207,11 @@ def arm_auto(model_dir, task, stats, work, ctx) -> dict:
         final, found = run_search(model_dir, task, plan, budget, work)
         info.update(found)
     search_seconds = time.monotonic() - started
-    trained, seconds = train_plan(model_dir, task, final, work / "auto", **ctx["cap"])
+    try:
+        trained, seconds = train_plan(model_dir, task, final, work / "auto", **ctx["cap"])
+    except TrainingError as refusal:  # e.g. the learning guard: the job fails, the user keeps the base model
+        return refused(refusal, info, plan=describe(final), search_seconds=search_seconds,
+                       started=started + search_seconds)
     if not budget["enabled"]:
         ctx["rules_run"] = (trained, seconds)  # the very plan the rules arm would train: not trained twice
     metrics = trained["metrics"]
@@ -216,8 +221,17 @@ def arm_auto(model_dir, task, stats, work, ctx) -> dict:
     return {"adapter": trained["adapter"], "seconds": search_seconds + seconds, **info}
 
 
+def refused(refusal, info: dict, *, plan: str, search_seconds: float, started: float) -> dict:
+    """A run the product's trainer refused to turn into a version: the user is left with the base model, so it is
+    scored as the base model (adapter None), marked refused with the reason, its time counted."""
+    seconds = time.monotonic() - started
+    info.update(plan=plan, search_seconds=round(search_seconds, 1), final_seconds=round(seconds, 1),
+                refused=str(refusal)[:200])
+    return {"adapter": None, "seconds": search_seconds + seconds, **info}
+
+
 def run_search(model_dir, task, plan, budget, work) -> tuple[dict, dict]:
-    from finetune import search
+    from autotune import search
 
     config = json.loads((model_dir / "config.json").read_text())
     setup = search.SearchSetup(plan=plan, model_config=config, base_model_path=str(model_dir),
@@ -388,7 +402,7 @@ def pair_accuracy(model_dir: Path, adapter: str, test: list[dict]) -> float:
     from finetune.tokenize import IGNORE, encode_preference
 
     base, tokenizer = load_model_and_tokenizer(str(model_dir), device="cpu", dtype="fp32")
-    model = attach_adapter(base, adapter)
+    model = attach_adapter(base, adapter) if adapter else base  # None: the base model (a refused run)
     right = 0
     with torch.no_grad():
         for row in test:
@@ -494,7 +508,7 @@ def product_constants() -> dict:
     import importlib
 
     length, select, search = (importlib.import_module(m) for m in ("autotune.length", "autotune.select",
-                                                                     "finetune.search"))
+                                                                     "autotune.search"))
     names = {length: ("CEILING_STEPS", "MAX_PASSES", "MIN_EVALUATIONS", "MIN_PATIENCE", "MAX_PATIENCE",
                       "FIXED_STEPS", "FIXED_MAX_PASSES"),
              select: ("SMALL_DATASET_ROWS", "SMALL_EFFECTIVE_BATCH", "DEFAULT_EFFECTIVE_BATCH"),
@@ -512,6 +526,8 @@ def report(results: list[dict]):
             a = r[arm]
             extra = f" (best: lr {a['best']['lr']:g}, {a['best']['passes']} pass(es))" if arm == "grid" else ""
             pairs = f", pair accuracy {a['pair_accuracy']:.2f}" if "pair_accuracy" in a else ""
+            if a.get("refused"):
+                extra += f" REFUSED, scored as the base model: {a['refused']}"
             print(f"| {r['half']} | {r['task']} | {r['rows']} | {arm} | {a.get('exact_match', float('nan')):.3f} | "
                   f"{a.get('token_f1', float('nan')):.3f} | {a['seconds']:.0f} | {a.get('plan', '')}{extra}{pairs} |")
     for half in (*family.HALVES, "own"):

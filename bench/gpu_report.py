@@ -12,7 +12,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-PARTS = ("gpu_tests", "memory", "select_caps", "train_speed", "serving")
+PARTS = ("gpu_tests", "memory", "select_caps", "train_speed", "serving", "multi_gpu")
 LOG_TAIL = 4000
 
 

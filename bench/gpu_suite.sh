@@ -12,6 +12,7 @@
 #   select_caps    bench/memory_estimate.py --section select: the selector's plans under 16/24/40/80 GB caps
 #   train_speed    bench/train_speed.py: 1B LoRA and QLoRA against plain peft
 #   serving        bench/serving_speed.py: the built-in server's throughput
+#   multi_gpu      tests/finetune/test_distributed_gpu.py on 2 GPUs (NCCL DDP, FSDP2); said skipped on one GPU
 # Needs no Django. What the device image lacks (bitsandbytes, liger-kernel) comes from wheels in .whl/
 # (../shared/gpu/fetch-wheels.sh), installed into /tmp/site.
 set -uo pipefail
@@ -73,5 +74,12 @@ else
   part train_speed 150 "$PY" bench/train_speed.py --shapes llama-1b --methods lora,qlora --seq 1024 --lengths mixed \
     --rounds 5 --steps 3 --warmup 1 --json "$WORK/train_speed.json"
   part serving 30 "$PY" bench/serving_speed.py --devices cuda
+  # Issue 36: training on several ranks, on 2 GPUs when the device has them (NCCL DDP against one GPU, FSDP2).
+  GPU_COUNT=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [ "${GPU_COUNT:-0}" -ge 2 ]; then
+    part multi_gpu 150 "$PY" -m pytest -q -s --noconftest -p no:cacheprovider -m gpu tests/finetune/test_distributed_gpu.py
+  else
+    echo "== multi_gpu: skipped: the device has ${GPU_COUNT:-0} GPU(s), the 2-GPU DDP and FSDP2 smoke needs 2 or more"
+  fi
 fi
 echo "report: $REPORT.md and $REPORT.json"

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from autotune import estimate, select  # noqa: E402 - after the path fix
 from autotune.shapes import load_reference_config  # noqa: E402
+from finetune.methods import get_method
 from finetune.optim import build_optimizer  # noqa: E402 - the plan's optimizer, as training builds it
 
 GB = 10**9
@@ -149,7 +150,8 @@ def build_model(config: dict, plan: dict, device: str):
         except TypeError:  # transformers before 4.56 names it torch_dtype
             model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
     model.requires_grad_(False)
-    if plan["method"] == "qlora":
+    method = get_method(plan["method"])
+    if method.quantized_base:
         quantise_decoder_linears(model)
     if plan.get("liger") and device == "cuda":
         from finetune.train import TrainSpec, apply_fused_kernels
@@ -157,9 +159,9 @@ def build_model(config: dict, plan: dict, device: str):
         spec = TrainSpec(base_model_path="", train_file="", output_dir="", method=plan["method"], device=device)
         spec.plan["liger"] = True
         apply_fused_kernels(model, spec)
-    set_checkpointing(model, plan.get("gradient_checkpointing", False) and plan["method"] != "prefix")
+    set_checkpointing(model, plan.get("gradient_checkpointing", False) and method.gradient_checkpointing)
     wrapped = {"rank": plan.get("rank", 16), "dropout": plan.get("dropout", 0.05), **plan}
-    if plan["method"] == "ia3":
+    if not method.lora_family:  # IA3 takes peft's own targets, as the estimate counts them
         wrapped.pop("target_modules", None)
     model = wrap_for_training(model, wrapped)
     model.train()
@@ -216,7 +218,7 @@ def train_steps(model, optimizer, vocab: int, micro_batch: int, seq: int, steps:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        if method == "dpo":
+        if get_method(method).paired:
             # micro_batch pairs = 2 x micro_batch sequences, as the estimate counts DPO; the rejected answer is the
             # same tokens with its last quarter unlabelled, so the two differ
             rows = [r.tolist() for r in ids]
@@ -324,7 +326,7 @@ def estimate_section(args, device: str) -> list[dict]:
     if args.cpu_smoke:
         kinds = {}  # one tiny row per method (and packing), QLoRA only with bitsandbytes
         for _, _, plan in ESTIMATE_ROWS:
-            if plan["method"] != "qlora" or _has("bitsandbytes"):
+            if not get_method(plan["method"]).quantized_base or _has("bitsandbytes"):
                 kinds.setdefault((plan["method"], bool(plan.get("packing"))), plan)
         if args.quick:  # the dry run's share of two minutes: a LoRA-family, a peft-vector and a pair method
             kinds = {k: v for k, v in kinds.items() if k in (("lora", False), ("ia3", False), ("dpo", False))}
@@ -337,7 +339,7 @@ def estimate_section(args, device: str) -> list[dict]:
         config = {**load_reference_config(name), **overrides}
         plan = {"dtype": "bf16" if device == "cuda" else "fp32", "device": device, "dropout": 0.05, **plan}
         # the loss path training takes: fused unless DPO or virtual tokens (what select() plans)
-        plan.setdefault("fused_cross_entropy", plan["method"] not in ("dpo", "prefix", "prompt")
+        plan.setdefault("fused_cross_entropy", get_method(plan["method"]).can_pack
                         and not config.get("final_logit_softcapping"))
         predicted = estimate(config, plan)
         started = time.perf_counter()

@@ -6,8 +6,8 @@
     .venv/bin/python bench/serving_speed.py --devices cpu --max-tokens 48 --requests 16
 
 Section "engines" (needs .venv-vllm, scripts/setup-vllm.sh): the same merged model served by the built-in engine
-(finetune.serving.ModelServer, called in-process from N threads, so it pays no HTTP) and by a vLLM server started
-through finetune.vllm_engine.VllmSupervisor (streamed over HTTP, as the inference server relays it), at 1/4/16/64
+(serving.model_server.ModelServer, called in-process from N threads, so it pays no HTTP) and by a vLLM server started
+through serving.vllm_process.VllmSupervisor (streamed over HTTP, as the inference server relays it), at 1/4/16/64
 concurrent streaming chat requests, greedy, the same prompt and max tokens: tokens/s, requests/s, p50/p99 latency
 and median time to first token. The engine that goes first alternates from one concurrency level to the next.
 Section "vllm-lora": 1/4/16 random LoRA adapters loaded at run time onto one vLLM base server, requests sent
@@ -15,9 +15,16 @@ round-robin across them at --lora-concurrency; throughput relative to one adapte
 Both engines run --dtype (fp32 by default, the built-in server's CPU dtype); --vllm-cpu-threads picks vLLM's CPU
 thread binding (auto: all CPUs on a host of at most 4, vLLM's own binding, which keeps a core for its scheduler,
 on larger ones).
+Section "restart" (issue 38): how long after the inference server starts each of 1, 3 and 8 merged deployments
+(--restart-counts; copies of one merged model, each its own deployment) gives its first answer, through the
+serving engines the inference server uses (serving.builtin.BuiltinEngine, serving.vllm.VllmEngine: a vLLM server
+per merged deployment), all added at once as a restarting inference server does: the first, median and last
+deployment's time to its first answer, printed as a table per engine and count; vLLM rows wait only for the deployments
+the host runs vLLM servers for (VllmSupervisor.max_servers: one per 4 CPUs on a CPU host), the column "served" says
+how many (the inference server answers the others with the built-in engine).
 Section "builtin" (the default without --sections) is the in-process table below.
 
-Measures, per device, through finetune.serving.ModelServer's streaming API (what the OpenAI endpoint uses):
+Measures, per device, through serving.model_server.ModelServer's streaming API (what the OpenAI endpoint uses):
 time to first token (first text delta), decode tokens/s after it, and for 1, 4 and 16 LoRA adapters on one
 base the aggregate tokens/s of requests sent round-robin across the adapters (every adapter warmed up first,
 so adapter loading is not timed). Adapters are random rank-r LoRA on every linear layer: speed does not depend
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,7 +66,10 @@ def parse_args():
     parser.add_argument("--requests", type=int, default=16, help="timed requests per multi-LoRA measurement")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--adapter-counts", default="1,4,16")
-    parser.add_argument("--sections", default="builtin", help="comma-separated: builtin, engines, vllm-lora")
+    parser.add_argument("--sections", default="builtin",
+                        help="comma-separated: builtin, engines, vllm-lora, restart")
+    parser.add_argument("--restart-counts", default="1,3,8", help="restart: merged deployments served at once")
+    parser.add_argument("--restart-engines", default="builtin,vllm", help="restart: builtin, vllm or both")
     parser.add_argument("--concurrency", default="1,4,16,64", help="engines: concurrent request levels")
     parser.add_argument("--waves", type=int, default=1,
                         help="engines: requests per level = max(4, waves * concurrency)")
@@ -67,7 +78,7 @@ def parse_args():
                         help="engines/vllm-lora: both engines run this dtype (like with like; the built-in "
                              "server's CPU default is fp32, vLLM's own default on a bf16 CPU is bf16)")
     parser.add_argument("--vllm-cpu-threads", default="auto", choices=["auto", "all", "vllm"],
-                        help="vLLM's CPU thread binding (finetune/vllm_engine.cpu_thread_binding)")
+                        help="vLLM's CPU thread binding (serving/vllm_process.cpu_thread_binding)")
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     return parser.parse_args()
 
@@ -136,7 +147,7 @@ def single_deployment(server, name: str, args) -> dict:
 
 
 def multi_lora(base_dir, adapters, count: int, device: str, args) -> dict:
-    from finetune.serving import ModelServer
+    from serving.model_server import ModelServer
 
     server = ModelServer(max_adapters=count, device=device)
     names = [f"lora-{i}" for i in range(count)]
@@ -149,7 +160,7 @@ def multi_lora(base_dir, adapters, count: int, device: str, args) -> dict:
 
 def bench_device(device: str, base_dir: Path, adapters: list[Path], workdir: Path, args) -> list[tuple]:
     from finetune.merge import merge_adapter
-    from finetune.serving import ModelServer
+    from serving.model_server import ModelServer
 
     started = time.perf_counter()
     merged_dir = workdir / f"merged-{device}"
@@ -206,6 +217,8 @@ def main() -> None:
             engines_section(base_dir, adapters[0], workdir, args)
         if "vllm-lora" in sections:
             vllm_lora_section(base_dir, adapters, workdir, args)
+        if "restart" in sections:
+            restart_section(base_dir, adapters[0], workdir, args)
         print(f"load average at end: {os.getloadavg()}", flush=True)
         if "builtin" not in sections:
             return
@@ -285,7 +298,7 @@ def under_load(send, requests: int, concurrency: int) -> dict:
 
 
 def start_vllm(model_dir: Path, workdir: Path, args, *, adapters=None):
-    from finetune.vllm_engine import EngineSettings, VllmSupervisor
+    from serving.vllm_process import EngineSettings, VllmSupervisor
 
     ready = threading.Event()
     failed: list = []
@@ -311,7 +324,7 @@ def start_vllm(model_dir: Path, workdir: Path, args, *, adapters=None):
 
 def engines_section(base_dir: Path, adapter: Path, workdir: Path, args) -> None:
     from finetune.merge import merge_adapter
-    from finetune.serving import ModelServer
+    from serving.model_server import ModelServer
 
     merged_dir = workdir / "merged-engines"
     merge_adapter(base_dir, adapter, merged_dir, device="cpu")
@@ -366,6 +379,89 @@ def vllm_lora_section(base_dir: Path, adapters: list, workdir: Path, args) -> No
                   f"{result['tok_s'] / first['tok_s']:5.2f}x", flush=True)
     finally:
         supervisor.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# restart: from the inference server's start to each deployment's first answer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def restart_engine(name: str, workdir: Path, args, on_ready):
+    from serving.builtin import BuiltinEngine
+    from serving.engine import EngineContext
+    from serving.vllm import VllmEngine
+
+    context = EngineContext(device="cpu", log_dir=workdir / "logs", on_ready=on_ready,
+                            on_failed=lambda deployment, reason: on_ready(deployment, reason))
+    if name == "builtin":
+        return BuiltinEngine(context)
+    return VllmEngine(context, python=args.vllm_python, startup_seconds=1800, cpu_threads=args.vllm_cpu_threads,
+                      dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype], gpus=[])
+
+
+def time_to_first_answers(engine_name: str, merged: list[Path], workdir: Path, args) -> tuple[list[float], int]:
+    """Seconds from the engine's start to each deployment's first answer, all deployments added at once, and how
+    many deployments the engine serves on this host: vLLM runs at most max_servers() servers at once (one per 4
+    CPUs on a CPU host); the inference server leaves the rest on the built-in engine, so they never get a vLLM
+    answer and are not waited for."""
+    answered: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    done = threading.Condition()
+
+    def answer(deployment: str, failure: str = "") -> None:
+        # The answer is asked for in a thread of its own: an engine's callback must not wait on a request.
+        def ask():
+            if not failure:
+                engine.generate("chat", deployment, {"model": deployment, "messages": QUESTION, "max_tokens": 4,
+                                                     "temperature": 0})
+            with done:
+                answered[deployment] = time.perf_counter() - started
+                if failure:
+                    failures[deployment] = failure
+                done.notify_all()
+
+        threading.Thread(target=ask, daemon=True).start()
+
+    engine = restart_engine(engine_name, workdir / f"restart-{engine_name}-{len(merged)}", args, answer)
+    started = time.perf_counter()
+    engine.start()
+    try:
+        names = [f"merged-{i}" for i in range(len(merged))]
+        for name, folder in zip(names, merged, strict=True):
+            engine.add_merged(name, folder)
+            if engine.is_ready(name):  # the built-in engine loads at once; vLLM calls back when it answers
+                answer(name)
+        served = min(len(names), engine.supervisor.max_servers()) if engine_name == "vllm" else len(names)
+        with done:
+            done.wait_for(lambda: len(answered) == served, timeout=3600)
+    finally:
+        engine.stop()
+    if failures:
+        raise SystemExit(f"{engine_name} could not serve {sorted(failures)}: {next(iter(failures.values()))}")
+    return sorted(answered.values()), served
+
+
+def restart_section(base_dir: Path, adapter: Path, workdir: Path, args) -> None:
+    from finetune.merge import merge_adapter
+
+    merged_dir = workdir / "merged-restart"
+    merge_adapter(base_dir, adapter, merged_dir, device="cpu")
+    counts = [int(c) for c in args.restart_counts.split(",")]
+    copies = []
+    for i in range(max(counts)):  # one folder per deployment, as merged versions are: hard links to the same files
+        copy = workdir / f"merged-restart-{i}"  # (not symlinks: a model folder's files must not point outside it)
+        copy.mkdir()
+        shutil.copytree(merged_dir, copy, copy_function=os.link, dirs_exist_ok=True)
+        copies.append(copy)
+    print("\nrestart: seconds from the inference server's start to each deployment's first answer", flush=True)
+    print("(served: the deployments this engine answers on this host; the inference server answers the others "
+          "with the built-in engine)", flush=True)
+    print(f"{'engine':<9} {'deployments':>11} {'served':>7} {'first':>8} {'median':>8} {'last':>8}", flush=True)
+    for engine_name in [e.strip() for e in args.restart_engines.split(",") if e.strip()]:
+        for count in counts:
+            times, served = time_to_first_answers(engine_name, copies[:count], workdir, args)
+            print(f"{engine_name:<9} {count:>11} {served:>7} {times[0]:8.1f} {statistics.median(times):8.1f} "
+                  f"{times[-1]:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_speed.py --shapes llama-1b,llama-8b,qwen2.5-1.5b --methods lora,qlora \
         --seq 2048 --micro-batch 4                                      # on a GPU
     .venv/bin/python bench/train_speed.py --lengths full               # every row exactly --seq tokens
+    .venv/bin/python bench/train_speed.py --world-size 2 --rounds 3    # 2 ranks against 1 process (issue 36)
 
 Every side trains the same model shape on the same tokenised rows, in the same micro-batch size, for the same
 number of optimizer steps, with the same gradient checkpointing (--checkpointing, off by default); each side runs
@@ -26,7 +27,7 @@ round forwards, the next backwards), so drift on the machine hits every side ali
 QLoRA's plain sides load NF4 with bf16 compute and no upcast, like the platform.
 
 Dtype: --dtype auto (default) is what the planner picks for this device from the worker's own bf16 vs fp32 matmul
-measurement (finetune/precision.py, autotune.select.choose_dtype): bf16 on a GPU, and on a CPU whose bf16 matmuls
+measurement (autotune/precision.py, autotune.select.choose_dtype): bf16 on a GPU, and on a CPU whose bf16 matmuls
 are measurably faster (AVX512-BF16, AMX); every side but plain-fp32 then trains in that dtype.
 
 Rows: --lengths mixed (chat rows of 10-100% of --seq, prompt 30-70%) and full (every row --seq tokens); both by
@@ -51,6 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from finetune.methods import get_method  # after the path above; pure Python, no torch
 
 # Published configurations (hidden, layers, heads, kv heads, intermediate, vocab), random-initialised here.
 SHAPES = {
@@ -84,6 +87,9 @@ def parse_args():
                    help="gradient checkpointing, the same on every side")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: H100 bf16 dense on CUDA)")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="N > 1: tokens/s on N ranks (torchrun; gloo processes on a CPU, GPUs with NCCL) against one "
+                        "process at the same global batch, and the scaling efficiency (bench/rank_scaling.py)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side and print JSON
     p.add_argument("--job", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -224,7 +230,7 @@ def run_plain(job: dict) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job["dtype"]]
     kwargs = dict(dtype=dtype, device_map={"": device})
-    if job["method"] == "qlora":
+    if get_method(job["method"]).quantized_base:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
@@ -321,6 +327,8 @@ def main():
           f"peft {__import__('peft').__version__}; seq {seq}, micro-batch {args.micro_batch}, "
           f"{args.warmup}+{args.steps} steps, lengths {args.lengths}, {args.rounds} rounds, "
           f"{args.planned_dtype}{' (the planner' + chr(39) + 's choice here)' if args.dtype == 'auto' else ''}")
+    if args.world_size > 1:
+        return scaling(args, seq, cuda)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -345,8 +353,9 @@ def main():
 
 
 def sides_for(method: str, dtype: str, cuda: bool) -> list[str]:
-    return ["platform", "plain-grouped", "plain-shuffled"] + (["peft-recipe"] if method == "qlora" else []) + \
-        (["plain-fp32"] if dtype != "fp32" and not cuda else [])
+    recipe = ["peft-recipe"] if get_method(method).quantized_base else []
+    fp32 = ["plain-fp32"] if dtype != "fp32" and not cuda else []
+    return ["platform", "plain-grouped", "plain-shuffled"] + recipe + fp32
 
 
 def planned_dtype(requested: str, cuda: bool) -> str:
@@ -355,7 +364,7 @@ def planned_dtype(requested: str, cuda: bool) -> str:
         return requested
     from autotune import probe
     from autotune.select import Notes, choose_dtype, choose_target
-    from finetune.precision import matmul_speed
+    from autotune.precision import matmul_speed
 
     inventory = probe()
     inventory["matmul_speed"] = matmul_speed(ROOT / "var" / "bench")
@@ -363,6 +372,26 @@ def planned_dtype(requested: str, cuda: bool) -> str:
         inventory["gpus"] = []
     notes = Notes()
     return choose_dtype(choose_target(inventory, {}, {}, notes), {}, notes)
+
+
+def scaling(args, seq: int, cuda: bool) -> None:
+    """--world-size N: the first --shapes entry, LoRA, N ranks against one process (bench/rank_scaling.py)."""
+    from rank_scaling import measure, print_scaling
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shape = args.shapes.split(",")[0]
+        folder = smollm2_folder() if shape == "smollm2" else (
+            Path(shape) if Path(shape).is_dir() else random_model_folder(shape, work))
+        data = work / "scaling.jsonl"
+        synthetic_chat(data, AutoTokenizer.from_pretrained(folder), seq,
+                       args.micro_batch * args.world_size * (args.warmup + args.steps) * 2, args.lengths.split(",")[0])
+        row = measure(str(folder), str(data), seq, args.micro_batch, args.steps, args.warmup, args.world_size,
+                      args.rounds, args.planned_dtype, cuda)
+    print_scaling(row, cuda)
+    if args.json:
+        Path(args.json).write_text(json.dumps([row], indent=2))
 
 
 def measure_row(args, shape, folder, data, work, config, method, seq, lengths, peak) -> dict:

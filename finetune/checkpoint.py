@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import TrainingError
 from .methods import load_trainable_state, trainable_state
+from .units import format_bytes
 
 KEEP = 2
 
@@ -46,7 +47,7 @@ def describe_disk(path) -> str:
         usage = shutil.disk_usage(folder)
     except OSError:
         return str(path)
-    return f"{path} ({_human(usage.free)} free of {_human(usage.total)})"
+    return f"{path} ({format_bytes(usage.free)} free of {format_bytes(usage.total)})"
 
 
 def disk_full_message(what: str, path, exc: BaseException) -> str:
@@ -55,14 +56,6 @@ def disk_full_message(what: str, path, exc: BaseException) -> str:
         "Free space on that disk (or raise the file-size limit) and retry the job; it resumes from its last "
         "complete checkpoint, which is intact."
     )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _complete(folder: Path) -> bool:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import evalmetrics
+from .chat_templates import with_adapter_template
 from .errors import TunedeckError
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def evaluate_adapters(
                     clean = False  # the base's modules are wrapped from here on
                     runner = _attach(model, adapter_dir)
                     max_seq_len = int(_adapter_meta(adapter_dir).get("max_seq_len") or DEFAULT_MAX_SEQ_LEN)
-                answers = generate_answers(runner, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                answers = generate_answers(runner, with_adapter_template(tokenizer, adapter_dir), prompts, max_new_tokens=max_new_tokens,
                                            max_seq_len=max_seq_len)
                 outcome = score_answers(prompts, answers)
                 if adapter_dir is not None:

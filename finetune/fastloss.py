@@ -14,10 +14,10 @@ gets, and training reports it.
 """
 from __future__ import annotations
 
-from autotune.estimate import FUSED_LOSS_CHUNK_BYTES as CHUNK_BYTES  # noqa: F401 - 512 rows at a 128k vocabulary
-from autotune.estimate import FUSED_LOSS_MIN_CHUNK_ROWS as MIN_CHUNK_ROWS  # noqa: F401
-
 IGNORE = -100
+FP32 = 4
+MIN_CHUNK_ROWS = 256  # smaller matmuls were measured slower (chunk_rows_for)
+CHUNK_BYTES = 256 * 1024**2  # at most this much fp32 logits per chunk: 512 rows at a 128k vocabulary
 
 # Config fields that mean the logits are not just hidden @ weight.T.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -101,11 +101,13 @@ def full_logits_loss_sum(model, ids, labels, mask, position_ids=None):
 def chunk_rows_for(n_rows: int, vocab: int, hidden: int) -> int:
     """Liger's rule (about vocab/hidden chunks, a power of two rows each), bounded below by MIN_CHUNK_ROWS
     (smaller matmuls were measured slower: on the CPU, SmolLM2's 2,048 labelled rows took 1.58 s in chunks of 64,
-    1.15 s in chunks of 256, against 2.21 s for the full logits) and above by CHUNK_BYTES of fp32 logits. The rule
-    lives in autotune's estimate, so the memory the planner predicts is the memory this loss takes."""
-    from autotune.estimate import fused_loss_chunk_rows
-
-    return fused_loss_chunk_rows(n_rows, vocab, hidden)
+    1.15 s in chunks of 256, against 2.21 s for the full logits) and above by CHUNK_BYTES of fp32 logits (but 64
+    rows at least). autotune's estimate costs the logits with this very rule, so the memory the planner predicts is
+    the memory this loss takes."""
+    chunks = max(1, -(-vocab // hidden))
+    rows = 1 << max(0, (-(-n_rows // chunks) - 1).bit_length())
+    ceiling = max(64, CHUNK_BYTES // (FP32 * vocab))
+    return max(1, min(max(rows, MIN_CHUNK_ROWS), ceiling))
 
 
 def linear_cross_entropy(hidden, weight, targets, chunk_rows: int | None = None):

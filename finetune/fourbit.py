@@ -25,19 +25,26 @@ def is_repacked_for_cpu_inference(layer) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
+def unpack_cpu_inference_layout(layer) -> bool:
+    """Turns a weight bitsandbytes repacked for its bf16 CPU kernel back into NF4; True if it had been repacked.
+    The one place that calls bitsandbytes' private inverse (training and merge both need NF4)."""
+    if not is_repacked_for_cpu_inference(layer):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+        layer.weight.data, layer.weight.quant_state)
+    layer.quant_state = layer.weight.quant_state
+    return True
+
+
 def keep_trainable(model) -> int:
     """Stops every 4-bit layer from repacking for CPU inference and unpacks any that did. Returns how many
     layers had been repacked (and were restored)."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
     restored = 0
     for layer in four_bit_layers(model):
         layer.support_avx512bf16_for_cpu = False
-        if is_repacked_for_cpu_inference(layer):
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                layer.weight.data, layer.weight.quant_state)
-            layer.quant_state = layer.weight.quant_state
-            restored += 1
+        restored += unpack_cpu_inference_layout(layer)
     return restored
 
 

@@ -11,8 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune.chat_templates import with_adapter_template
 from finetune.errors import TunedeckError
-from finetune.method_traits import names_where
+from finetune.methods import find_method, merge_problem, method_for_peft_type, methods_where, names_where
 from finetune.modelstore import (
     inspect_model_folder,
     load_model_and_tokenizer,
@@ -24,24 +25,10 @@ from finetune.modelstore import (
 MERGE_MARKER = "tunedeck-merge.json"
 
 # Methods whose weight update folds into the base weights: W' = W + scale * B @ A (LoRA, QLoRA, DPO-trained
-# LoRA), DoRA's re-normalised version of that, and IA3's per-channel scaling (W' = W * l).
+# LoRA), DoRA's re-normalised version of that, and IA3's per-channel scaling (W' = W * l). Each method says
+# whether it merges and, when it cannot, why (finetune/methods/).
 MERGEABLE_METHODS = set(names_where(can_merge=True))
-UNMERGEABLE_REASONS = {
-    "prefix": "prefix tuning adds learned key/value vectors to every attention layer; there is no weight "
-    "to fold them into",
-    "prompt": "prompt tuning prepends learned virtual-token embeddings to the input; there is no weight "
-    "to fold them into",
-    "adapter": "adapter layers add new modules (with their own non-linearity) between the base layers; they "
-    "cannot be folded into the base weights",
-}
-# peft types that never merge, whatever the training method was called.
-UNMERGEABLE_PEFT_TYPES = {
-    "PREFIX_TUNING": "prefix",
-    "PROMPT_TUNING": "prompt",
-    "P_TUNING": "prompt",
-    "MULTITASK_PROMPT_TUNING": "prompt",
-    "ADAPTION_PROMPT": "adapter",
-}
+UNMERGEABLE_REASONS = {m.name: m.merge_refusal for m in methods_where(can_merge=False) if m.merge_refusal}
 
 DEFAULT_SAMPLE_PROMPTS = (
     "What is 2+2?",
@@ -68,7 +55,13 @@ class AdapterFolderError(TunedeckError):
 
 
 def can_merge(method: str) -> bool:
-    return (method or "").lower() in MERGEABLE_METHODS
+    known = find_method(method)
+    return bool(known and known.can_merge)
+
+
+def _quantized_base(method) -> bool:
+    known = find_method(method)
+    return bool(known and known.quantized_base)
 
 
 def merge_adapter(
@@ -96,12 +89,13 @@ def merge_adapter(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     base_info = inspect_model_folder(base_path)
-    quantized = method == "qlora" or description["quantized_base"]
+    quantized = _quantized_base(method) or description["quantized_base"]
 
     base, tokenizer = load_model_and_tokenizer(
         base_path, device=device, dtype=torch_dtype, quantize_4bit=quantized
     )
     peft_model = attach_adapter(base, adapter_dir)
+    tokenizer = with_adapter_template(tokenizer, adapter_dir)  # issue 34: a template chosen for training
     inputs = sample_inputs(tokenizer, sample_prompts or DEFAULT_SAMPLE_PROMPTS, device)
     reference_logits = logits_for(peft_model, inputs)  # base + adapter, as trained
     if quantized:
@@ -141,7 +135,7 @@ def describe_adapter(adapter_dir: Path) -> dict:
     meta = _read_json(adapter_dir / "tunedeck.json") or {}
     plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
     method = meta.get("method") or plan.get("method") or _method_from_peft_config(peft_type, config)
-    quantized = bool(meta.get("quantize_4bit") or meta.get("load_in_4bit") or str(method).lower() == "qlora")
+    quantized = bool(meta.get("quantize_4bit") or meta.get("load_in_4bit") or _quantized_base(method))
     return {"method": str(method).lower(), "peft_type": peft_type, "quantized_base": quantized}
 
 
@@ -170,25 +164,14 @@ def _read_json(path: Path):
 
 
 def _method_from_peft_config(peft_type: str, config: dict) -> str:
-    if peft_type == "LORA":
-        return "dora" if config.get("use_dora") else "lora"
-    if peft_type in UNMERGEABLE_PEFT_TYPES:
-        return UNMERGEABLE_PEFT_TYPES[peft_type]
-    return peft_type.lower() or "unknown"
+    known = method_for_peft_type(peft_type, config)  # a method says which peft types it saves (LoRA, DoRA, ...)
+    return known.name if known else (peft_type.lower() or "unknown")
 
 
 def _require_mergeable(method: str, peft_type: str) -> None:
-    family = UNMERGEABLE_PEFT_TYPES.get(peft_type) or (method if method in UNMERGEABLE_REASONS else None)
-    if family:
-        raise AdapterNotMergeable(
-            f"A {method} adapter cannot be merged: {UNMERGEABLE_REASONS[family]}. Deploy it unmerged instead "
-            "(base model + adapter)."
-        )
-    if not can_merge(method):
-        raise AdapterNotMergeable(
-            f"Merging {method!r} adapters is not supported (mergeable: "
-            f"{', '.join(sorted(MERGEABLE_METHODS))}); deploy it unmerged instead."
-        )
+    problem = merge_problem(method, peft_type)
+    if problem:
+        raise AdapterNotMergeable(problem)
 
 
 def attach_adapter(base, adapter_dir, adapter_name: str = "default"):
@@ -259,12 +242,10 @@ def dequantized(model):
     around (on SmolLM2-135M that alone moves the logits by up to ~26 on a scale of ~38); re-quantising
     W + B@A would round the small update away.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from .fourbit import four_bit_layers, unpack_cpu_inference_layout
 
-    for module in model.modules():  # a weight bitsandbytes repacked for a bf16 CPU kernel is not NF4 any more
-        weight = getattr(module, "weight", None)
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    for layer in four_bit_layers(model):  # a weight bitsandbytes repacked for a bf16 CPU kernel is not NF4 any more
+        unpack_cpu_inference_layout(layer)
     return model.dequantize()  # also drops quantization_config, so the saved folder is a plain model
 
 

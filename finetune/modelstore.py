@@ -495,7 +495,8 @@ def resolve_dtype(dtype, device: str):
 
 
 def load_model_and_tokenizer(
-    path, *, device: str = "auto", dtype="auto", quantize_4bit: bool = False, trust_remote_code: bool = False
+    path, *, device: str = "auto", dtype="auto", quantize_4bit: bool = False, trust_remote_code: bool = False,
+    quant_storage=None,
 ):
     """Loads a validated folder (safetensors only) and returns (model in eval mode, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -507,7 +508,7 @@ def load_model_and_tokenizer(
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     if quantize_4bit:
-        kwargs["quantization_config"] = four_bit_config(torch_dtype)
+        kwargs["quantization_config"] = four_bit_config(torch_dtype, quant_storage)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if quantize_4bit:
         same_4bit_numerics_on_every_cpu(model)
@@ -528,8 +529,9 @@ def same_4bit_numerics_on_every_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def four_bit_config(compute_dtype):
-    """The QLoRA recipe: NF4 weights, double quantisation, compute in the training dtype."""
+def four_bit_config(compute_dtype, quant_storage=None):
+    """The QLoRA recipe: NF4 weights, double quantisation, compute in the training dtype. quant_storage (a float
+    dtype) packs the 4-bit weights in words FSDP can shard (finetune/distributed.py); default uint8."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -537,6 +539,7 @@ def four_bit_config(compute_dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 

@@ -9,9 +9,24 @@ paged_adamw_8bit  bitsandbytes PagedAdamW8bit: the same with blockwise 8-bit sta
 """
 from __future__ import annotations
 
-from autotune.estimate import OPTIMIZERS, default_optimizer
-
 from .errors import TrainingError
+
+ADAM_STATES = 2  # two moments per trainable parameter
+FP32 = 4
+BNB_BLOCKWISE = 256  # values per fp32 absmax in bitsandbytes' 8-bit optimizer state
+# name: (bytes of state per trainable parameter, or None for two moments in the parameter's dtype; paged).
+# autotune/estimate.py costs the state from this table.
+OPTIMIZERS = {
+    "adamw": (None, False),
+    "adamw_fused": (None, False),
+    "paged_adamw": (ADAM_STATES * FP32, True),
+    "paged_adamw_8bit": (ADAM_STATES * (1 + FP32 / BNB_BLOCKWISE), True),
+}
+
+
+def default_optimizer(device: str) -> str:
+    """The optimizer for a plan that names none: one fused AdamW kernel per step on CUDA, plain AdamW elsewhere."""
+    return "adamw_fused" if device == "cuda" else "adamw"
 
 
 def optimizer_name(plan: dict, device) -> str:

@@ -85,6 +85,14 @@ def check_usable(model: BaseModel) -> None:
                          "from a model root.", field="base_model")
 
 
+def check_ready(model: BaseModel) -> None:
+    """A model pulled from the Hub can be planned for from its config.json at once, but trained only when ready."""
+    if model.status != "ready":
+        raise InputError(f"The base model {model.name!r} is {model.status}, not ready: wait for its download to "
+                         "finish (the Models page shows its progress), or pick a ready model.", field="base_model",
+                         code="conflict")
+
+
 def configured_model_roots() -> list[str]:
     return [str(Path(r).resolve()) for r in settings.MODEL_ROOTS]
 

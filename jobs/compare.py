@@ -5,12 +5,17 @@ import math
 
 from .evaluation import entry_of, evaluation_of, is_active
 from .metrics import downsampled_points
+from .plan_display import method_fields
 
 LOWER_IS_BETTER = {"eval_loss", "train_loss", "perplexity", "final_step_loss"}
 HIGHER_IS_BETTER = {"exact_match", "token_f1", "rouge_l", "tokens_per_second", "reward_accuracy"}
 PLAN_FIELDS = ["method", "rank", "alpha", "target_modules", "micro_batch", "grad_accum", "max_seq_len",
                "gradient_checkpointing", "learning_rate", "epochs", "dtype", "device"]
 PLAN_SKIP = {"memory", "reasons", "warnings", "calibration", "fit_history", "fits"}
+# Plan fields only some methods use, and the method_fields key saying whether a method uses them: a row shows
+# when one compared version's method does (IA3 and prompt tuning have no rank or alpha).
+METHOD_ONLY_FIELDS = {"rank": "rank", "alpha": "rank", "dropout": "rank", "target_modules": "targets",
+                      "num_virtual_tokens": "virtual_tokens"}
 METRIC_ORDER = ["eval_loss", "perplexity", "train_loss", "final_step_loss", "reward_accuracy", "tokens_per_second",
                 "steps", "tokens_seen", "trainable_parameters", "peak_memory_bytes"]
 EVAL_METRICS = ["exact_match", "token_f1", "rouge_l"]
@@ -80,13 +85,20 @@ def settings_rows(versions) -> list[dict]:
                        f"@{_short(v.lineage.get('base_model', {}).get('sha256'))}" for v in versions], "lineage")
     add("dataset", [f"{v.lineage.get('dataset', {}).get('name') or v.dataset_id} "
                     f"@{_short(v.lineage.get('dataset', {}).get('content_hash'))}" for v in versions], "lineage")
+    unused = _fields_no_method_uses(versions)
     for field in PLAN_FIELDS:
-        add(field, [v.plan.get(field) for v in versions])
+        if field not in unused:
+            add(field, [v.plan.get(field) for v in versions])
     extra = sorted({k for v in versions for k, val in (v.plan or {}).items()
-                    if k not in PLAN_FIELDS and k not in PLAN_SKIP and not isinstance(val, dict)})
+                    if k not in PLAN_FIELDS and k not in PLAN_SKIP and k not in unused and not isinstance(val, dict)})
     for field in extra:
         add(field, [v.plan.get(field) for v in versions])
     return rows
+
+
+def _fields_no_method_uses(versions) -> set[str]:
+    uses = [method_fields(v.method or "") for v in versions]
+    return {field for field, key in METHOD_ONLY_FIELDS.items() if not any(u[key] for u in uses)}
 
 
 # ------------------------------------------------------------------------------------------------ metrics

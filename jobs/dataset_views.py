@@ -62,7 +62,17 @@ def dataset_detail(request, pk):
 def _detail_context(dataset, mapping=None) -> dict:
     if mapping is None and _needs_mapping(dataset):
         mapping = _mapping_form(dataset, {})
-    return {"dataset": dataset, "histogram": _histogram_bars(dataset.token_stats), "mapping": mapping}
+    return {"dataset": dataset, "histogram": _histogram_bars(dataset.token_stats), "mapping": mapping,
+            "used_by": _jobs_using(dataset)}
+
+
+def _jobs_using(dataset) -> list[dict]:
+    """The jobs that keep the dataset for their lineage: the page says so instead of offering a delete that would
+    be refused after the confirmation."""
+    from .models import FineTuneJob
+
+    return [{"pk": pk, "name": name} for pk, name in
+            FineTuneJob.objects.filter(dataset=dataset).order_by("-created_at").values_list("pk", "adapter_name")[:50]]
 
 
 def _needs_mapping(dataset) -> bool:

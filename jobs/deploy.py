@@ -11,11 +11,10 @@ A deployment is a stable name (the OpenAI `model`), by default its adapter line'
 version of the same line, or rolling back, repoints that name to the other version. Every change bumps
 `revision`, and work started for an older revision (a merge, a load) never writes over a newer state.
 
-Nothing here imports torch: the worker-side merge imports finetune.merge's heavy parts inside run_deploy.
+Nothing here imports torch. The merge, on the worker side, is jobs.deploy_worker.run_deploy.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -26,7 +25,6 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from finetune.errors import TunedeckError
 from tunedeck.secretfile import read_or_create_secret
 
 from . import queue
@@ -227,7 +225,7 @@ def rollback(deployment: Deployment) -> Deployment:
     return deployment
 
 
-# ---------------------------------------------------------------- the worker side (Celery task deploy_version)
+# ---------------------------------------------------------------- shared with the worker side (jobs.deploy_worker)
 
 
 def merged_dir_for(version: AdapterVersion) -> Path:
@@ -235,122 +233,14 @@ def merged_dir_for(version: AdapterVersion) -> Path:
     return settings.DEPLOYMENT_DIR / f"user-{version.owner_id}" / f"version-{version.pk}-merged"
 
 
-def run_deploy(deployment_id: int, revision: int) -> str | None:
-    """Merges (when asked and possible), checks, and hands the deployment to the inference server (loading)."""
-    deployment = (
-        Deployment.objects.select_related("version__base_model", "version__line").filter(pk=deployment_id).first()
-    )
-    if deployment is None or deployment.revision != revision or deployment.status not in (
-        Status.MERGING,
-        Status.LOADING,
-    ):
-        log.info("deployment %s revision %s is no longer wanted; skipped", deployment_id, revision)
-        return None
-    version = deployment.version
-    if version is None:
-        mark_failed(deployment.pk, revision, deleted_version_reason(deployment))
-        return Status.FAILED
-    details = dict(deployment.details)
-    if deployment.status == Status.MERGING:
-        # From here the page says "merging" instead of "queued (position N)"; the Workers page shows us busy.
-        details.update(merge_started_at=timezone.now().isoformat(), merge_revision=revision,
-                       merge_worker=_worker_name())
-        if not _update(deployment.pk, revision, details=details):
-            return None
-    try:
-        from finetune.merge import AdapterNotMergeable, describe_adapter
-
-        adapter_dir = Path(version.path)
-        description = describe_adapter(adapter_dir)  # a clear error for a missing or broken adapter folder
-        base_path = Path(version.base_model.path)
-        if not base_path.is_dir():
-            raise TunedeckError(f"The base model folder {base_path} is missing on the server.")
-        details["peft_type"] = description["peft_type"]
-        path = ""
-        if deployment.merge:
-            try:
-                path, report = _merge(deployment, version, description)
-                details.update(merged=True, merge=report, serving="merged model")
-            except AdapterNotMergeable as exc:
-                # Prefix and prompt tuning and adapter layers have no weights to fold into the base.
-                details["merged"] = False
-                details.setdefault("unmerged_reason", str(exc))
-                details.setdefault("serving", f"unmerged: base model + adapter. {exc}")
-        else:
-            details.update(merged=False)
-        if not _hand_to_inference_server(deployment.pk, revision, path, details):
-            return None
-        if path:  # downloads for llama.cpp and Ollama, written while the inference server loads the model
-            from .gguf_exports import write_for_deployment
-
-            write_for_deployment(deployment.pk, revision, path, deployment.name)
-        return Status.LOADING
-    except TunedeckError as exc:
-        mark_failed(deployment.pk, revision, str(exc))
-    except Exception as exc:  # noqa: BLE001 - a crash must end in a failed deployment, not a stuck one
-        log.exception("deployment %s crashed", deployment.pk)
-        mark_failed(deployment.pk, revision, f"{type(exc).__name__}: {exc}")
-    return Status.FAILED
-
-
-def _worker_name() -> str:
-    from celery import current_task
-
-    return (getattr(current_task.request, "hostname", "") or "") if current_task else ""
-
-
-def _merge(deployment: Deployment, version: AdapterVersion, description: dict) -> tuple[str, dict]:
-    from finetune.merge import MERGE_MARKER, merge_adapter
-
-    out_dir = merged_dir_for(version)
-    marker = _read_json(out_dir / MERGE_MARKER)
-    if marker and marker.get("adapter_dir") == str(Path(version.path)) and marker.get("merged"):
-        return str(out_dir), {**_report(marker), "reused": True}
-    report = merge_adapter(
-        version.base_model.path,
-        version.path,
-        out_dir,
-        method=description["method"] or version.method,
-        device=getattr(settings, "TUNEDECK_MERGE_DEVICE", "auto"),
-    )
-    return str(out_dir), _report(report)
-
-
-def _report(report: dict) -> dict:
-    keys = ("max_abs_diff", "tolerance", "dtype", "method", "base_weights")
-    return {k: report[k] for k in keys if k in report}
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _update(deployment_id: int, revision: int, **fields) -> bool:
+def update_if_current(deployment_id: int, revision: int, **fields) -> bool:
     """Writes only if the deployment is still at `revision`; False when a newer request replaced this work."""
     fields["updated_at"] = timezone.now()
     return bool(Deployment.objects.filter(pk=deployment_id, revision=revision).update(**fields))
 
 
-def _hand_to_inference_server(deployment_id: int, revision: int, path: str, details: dict) -> bool:
-    """Marks the deployment loading with what the merge found. The inference server may already have picked an
-    unmerged deployment up (it serves what is loading) and written its engine notes, or made it live: those are
-    kept, not overwritten by this task's older copy of the row."""
-    from django.db import transaction
-
-    with transaction.atomic():
-        row = Deployment.objects.select_for_update().filter(pk=deployment_id, revision=revision).first()
-        if row is None:
-            return False
-        already_live = row.status == Status.LIVE and not path and not row.path
-        return _update(deployment_id, revision, status=row.status if already_live else Status.LOADING, path=path,
-                       details={**row.details, **details}, error="")
-
-
 def mark_failed(deployment_id: int, revision: int, reason: str) -> bool:
-    return _update(deployment_id, revision, status=Status.FAILED, error=reason[:4000])
+    return update_if_current(deployment_id, revision, status=Status.FAILED, error=reason[:4000])
 
 
 def mark_live(deployment_id: int, revision: int) -> bool:
@@ -406,8 +296,9 @@ def internal_token() -> str:
 
 
 def export_commands(deployment: Deployment) -> dict | None:
-    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base. vLLM gets
-    port 8001 (TGI 8080): 8000 is Tunedeck's own default port. None once its version is deleted."""
+    """Ready-to-run vLLM and TGI command lines for the merged model and for the adapter on its base. They listen
+    on $SERVE_PORT, which the user sets to a free port (unset: vLLM 8001, TGI 8080; 8000 is Tunedeck's own default
+    port). None once its version is deleted."""
     version = deployment.version
     if version is None:
         return None
@@ -417,15 +308,18 @@ def export_commands(deployment: Deployment) -> dict | None:
     adapter_path = version.path
     rank = int((version.plan or {}).get("rank") or 16)
     max_lora_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
-    lora_like = version.method in ("lora", "qlora", "dpo", "kto") and deployment.details.get("peft_type", "LORA") in (
+    from finetune.methods import find_method
+
+    method = find_method(version.method)  # the method says whether vLLM and TGI load it as a LoRA adapter
+    lora_like = bool(method and method.serves_as_lora) and deployment.details.get("peft_type", "LORA") in (
         "LORA",
         "",
     )
     merged = {
         "unpack": f"unzip {archive} -d {name}",
-        "vllm": f"vllm serve ./{name} --served-model-name {name} --port 8001",
+        "vllm": f"vllm serve ./{name} --served-model-name {name} --port ${{SERVE_PORT:-8001}}",
         "tgi": (
-            f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/{name}:/data/{name} "
+            f"docker run --gpus all --shm-size 1g -p ${{SERVE_PORT:-8080}}:80 -v $PWD/{name}:/data/{name} "
             f"ghcr.io/huggingface/text-generation-inference:latest --model-id /data/{name}"
         ),
     }
@@ -437,11 +331,11 @@ def export_commands(deployment: Deployment) -> dict | None:
         ),
         "vllm": (
             f"vllm serve {base_path} --enable-lora --max-lora-rank {max_lora_rank} "
-            f"--lora-modules {name}={adapter_path} --port 8001"
+            f"--lora-modules {name}={adapter_path} --port ${{SERVE_PORT:-8001}}"
         ),
         "tgi": (
-            f"docker run --gpus all --shm-size 1g -p 8080:80 -v {base_path}:/data/base -v {adapter_path}:/data/"
-            f"{name} -e LORA_ADAPTERS={name}=/data/{name} "
+            f"docker run --gpus all --shm-size 1g -p ${{SERVE_PORT:-8080}}:80 -v {base_path}:/data/base "
+            f"-v {adapter_path}:/data/{name} -e LORA_ADAPTERS={name}=/data/{name} "
             "ghcr.io/huggingface/text-generation-inference:latest --model-id /data/base"
         ),
     }

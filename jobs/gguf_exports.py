@@ -1,6 +1,6 @@
 """GGUF downloads of a merged deployment (f16, q8_0) and its Ollama Modelfile.
 
-The worker writes them right after a merge (deploy.run_deploy calls write_for_deployment once the deployment is
+The worker writes them right after a merge (deploy_worker.run_deploy calls write_for_deployment once the deployment is
 handed to the inference server, so they never delay `live`); the page and GET /api/v1/deployments/<id>/gguf/<kind>
 serve them. They sit beside the merged folder (`<merged>-gguf/`), so the merged-model zip stays safetensors only.
 """
@@ -26,7 +26,7 @@ def write_for_deployment(deployment_id: int, revision: int, merged_path: str, na
     """Worker side: writes the GGUF files for a merged model (kept when already there for the same merge) and
     notes them, or the reason there are none, on the deployment. Never fails the deployment."""
     from finetune.errors import TunedeckError
-    from finetune.gguf_export import GGUF_TYPES, export_gguf
+    from serving.gguf_export import GGUF_TYPES, export_gguf
 
     from .serving_engines import note
 
@@ -52,8 +52,8 @@ def gguf_problem(deployment: Deployment, kind: str):
     if deployment.version_id is None:  # its version was deleted, with the merged model and these files
         return "gone", f"{deployment.version_label or 'Its version'} was deleted, with its GGUF files.", 410
     if not deployment.path:
-        return ("not_merged", "GGUF files are made from the merged model; this deployment serves the adapter "
-                "unmerged. Deploy it merged to get them.", 409)
+        return ("not_merged", ("GGUF files are made from the merged model; this deployment serves the adapter "
+                               "unmerged. Deploy it merged to get them."), 409)
     details = deployment.details or {}
     if details.get("gguf_error"):
         return "not_exportable", f"No GGUF export for this model: {details['gguf_error']}", 409

@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from finetune import search
+from autotune import search
 
 from .errors import InputError
 from .models import FineTuneJob, JobStatus

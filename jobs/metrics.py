@@ -9,7 +9,7 @@ from django.db.models import Avg, Count, F, Max, Min
 
 from .models import MetricPoint
 
-FIELDS = ["train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "memory_bytes"]
+FIELDS = list(MetricPoint.SERIES)
 DEFAULT_POINTS = 500
 
 

@@ -7,7 +7,7 @@ from django.db import models
 from django.http import Http404
 from django.utils import timezone
 
-from finetune.method_traits import method_names
+from finetune.methods import method_names
 
 User = settings.AUTH_USER_MODEL
 
@@ -64,6 +64,25 @@ class BaseModel(models.Model):
     has_chat_template = models.BooleanField(default=False)
     trust_remote_code = models.BooleanField(default=False, help_text="Only an admin may turn this on.")
     created_at = models.DateTimeField(default=timezone.now)
+    # issue 34: a model pulled from the Hugging Face Hub (jobs/hub_pulls.py, jobs/services/hub_download.py) goes
+    # pending -> downloading -> validating -> ready, or failed / cancelled; a registered folder is ready at once.
+    status = models.CharField(max_length=20, default="ready", choices=[(s, s) for s in (
+        "pending", "downloading", "validating", "ready", "failed", "cancelled")])
+    hub_repo = models.CharField(max_length=200, blank=True)
+    hub_revision = models.CharField(max_length=200, blank=True)
+    hub_commit = models.CharField(max_length=64, blank=True)
+    hub_endpoint = models.CharField(max_length=500, blank=True)
+    pulled_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    token_source = models.CharField(max_length=10, blank=True, help_text="whose Hub token the pull uses: user, site")
+    license = models.CharField(max_length=200, blank=True)
+    dtype = models.CharField(max_length=20, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    files = models.JSONField(default=list, blank=True)
+    bytes_total = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.IntegerField(default=0)
 
     objects = OwnedQuerySet.as_manager()
 
@@ -76,6 +95,23 @@ class BaseModel(models.Model):
     @classmethod
     def visible_to(cls, user):
         return cls.objects.filter(models.Q(owner__isnull=True) | models.Q(owner=user))
+
+    @classmethod
+    def ready_for(cls, user):
+        """The models a user may train on now (a pull still downloading is listed, not offered)."""
+        return cls.visible_to(user).filter(status="ready")
+
+
+class HubToken(models.Model):
+    """A Hugging Face access token, encrypted at rest (jobs/hub_tokens.py); owner None is the site's token, set by
+    an administrator. The token itself is never shown again, logged, or sent in a response."""
+
+    owner = models.OneToOneField(User, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    encrypted = models.TextField()
+    set_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"Hub token of {self.owner or 'the site'} (set {self.set_at:%Y-%m-%d})"
 
 
 class Dataset(models.Model):
@@ -163,6 +199,8 @@ class FineTuneJob(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     attempts = models.IntegerField(default=0)
     log_tail = models.TextField(blank=True)
+    # The phases of the current attempt, before and after the steps (jobs/phases.py): written by the worker.
+    phases = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -184,7 +222,32 @@ class FineTuneJob(models.Model):
         return settings.CHECKPOINT_DIR / f"job-{self.pk}"
 
 
+class JobNode(models.Model):
+    """One worker's part of a job trained across several workers (issue 36): node 0 is the worker that claimed
+    the job and opened the c10d rendezvous; the others join it (jobs/node_join.py). The rows are the placement the
+    job page and the API show, and how a joining worker reports its own failure."""
+
+    WAITING, JOINED, FINISHED, FAILED = "waiting", "joined", "finished", "failed"
+
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="nodes")
+    node_rank = models.PositiveIntegerField()
+    worker = models.CharField(max_length=255, blank=True)  # the Celery worker's name, once it has joined
+    ranks = models.JSONField(default=list)  # the global ranks this node trains
+    rendezvous = models.CharField(max_length=255)  # host:port of node 0's c10d rendezvous
+    status = models.CharField(max_length=16, default=WAITING)
+    error = models.TextField(blank=True)
+    updated_at = models.DateTimeField(auto_now=True)  # a joined node touches it while it trains
+
+    class Meta:
+        ordering = ["node_rank"]
+        constraints = [models.UniqueConstraint(fields=["job", "node_rank"], name="one_row_per_job_node")]
+
+
 class MetricPoint(models.Model):
+    # The measured series, named as the trainer's on_progress reports them: the recorder, the REST API and the
+    # downsampled charts all read this one list.
+    SERIES = ("train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "memory_bytes")
+
     job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="metric_points")
     step = models.IntegerField()
     train_loss = models.FloatField(null=True)

@@ -9,6 +9,7 @@ PROCESS_DATASET = "jobs.tasks.process_dataset_task"
 DEPLOY = "jobs.tasks.deploy_version"
 EVALUATE = "jobs.tasks.evaluate_versions_task"
 SEARCH_TRIALS = "jobs.tasks.search_trials_task"  # issue 20
+JOIN_JOB = "jobs.tasks.join_job_task"  # issue 36: a worker joining a job trained across several workers
 EVALUATE_INTERACTIVE = "jobs.tasks.evaluate_interactive"  # routed to the "interactive" queue
 
 
@@ -48,6 +49,10 @@ def send_evaluation(version_ids: list[int], set_id: str) -> None:
 
 def send_search_trials(job_id: int) -> None:  # issue 20: a helper running trials of the job's search
     send(SEARCH_TRIALS, job_id)
+
+
+def send_join(job_id: int, node_rank: int) -> None:  # issue 36: another worker trains this node of the job
+    send(JOIN_JOB, job_id, node_rank)
 
 
 def send_interactive_evaluation(version_ids: list[int], set_id: str) -> None:

@@ -20,10 +20,10 @@ from django.utils import timezone
 
 from finetune.errors import TunedeckError
 
-from . import queue
+from . import phases, queue
 from .models import FineTuneJob, JobEvent, JobStatus, MetricPoint, Worker
 from .periodic import run_every
-from .search import run_search_stage  # issue 20 (search)
+from .services.search_stage import run_search_stage  # issue 20 (search)
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,44 @@ class JobReporter:
         self.lease_lost = False
         self.pending_events: list[JobEvent] = []  # events the database did not take yet (it was restarting)
         self.lock = threading.Lock()
+        self.phases: list[dict] = list(job.phases or [])
+        self.has_validation = bool(job.dataset.validation_path) if job.dataset_id else False
+
+    # The trainer reports the phases before and after its steps through its events; one that emits
+    # on_event("phase", message, {"phase": name}) names them itself, else they are read from the events it has.
+    def begin_phase(self, name: str):
+        with self.lock:
+            changed = phases.begin(self.phases, name, self.step)
+            if changed is self.phases:
+                return
+            self.phases = changed
+        self.flush()
+
+    def end_phases(self):
+        with self.lock:
+            self.phases = phases.end(self.phases)
+
+    def _phase_from_event(self, kind: str, data: dict):
+        running = phases.current_name(self.phases)
+        if kind == "phase" and data.get("phase") in phases.LABELS:
+            self.begin_phase(data["phase"])
+        elif kind == "fit_check" and not data.get("replanned"):
+            self.begin_phase("evaluating_before" if self.has_validation else "training")
+        elif kind == "resumed" and running == "evaluating_before":
+            self.begin_phase("training")  # a resumed run does not evaluate the base again
+        elif kind == "evaluated" and data.get("step") == 0:
+            self.begin_phase("training")
+        elif kind == "stopped_early":
+            self.begin_phase("evaluating")
 
     def on_progress(self, info: dict):
+        step = int(info.get("step") or 0)
+        running = phases.current_name(self.phases)
+        if step >= 1 and running in phases.FIXED_BEFORE_TRAINING:
+            self.begin_phase("training")
+        total = int(info.get("total_steps") or self.total_steps or 0)
+        if total and step >= total and running in ("training", *phases.FIXED_BEFORE_TRAINING):
+            self.begin_phase("evaluating")  # the last step: the trainer saves and generates samples next
         with self.lock:
             self.step = int(info.get("step", self.step))
             self.total_steps = int(info.get("total_steps", self.total_steps) or 0)
@@ -138,22 +174,17 @@ class JobReporter:
                         "tokens_per_second", "eta_seconds", "memory_bytes", "epoch"):
                 if info.get(key) is not None:
                     self.latest[key] = info[key]
-            self.points.append(
-                MetricPoint(
-                    job_id=self.job_id,
-                    step=self.step,
-                    train_loss=info.get("train_loss"),
-                    eval_loss=info.get("eval_loss"),
-                    learning_rate=info.get("learning_rate"),
-                    grad_norm=info.get("grad_norm"),
-                    tokens_per_second=info.get("tokens_per_second"),
-                    memory_bytes=info.get("memory_bytes"),
-                )
-            )
+            self.points.append(MetricPoint(job_id=self.job_id, step=self.step,
+                                           **{name: info.get(name) for name in MetricPoint.SERIES}))
         if info.get("checkpoint_due") or time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
             self.flush()
 
     def on_event(self, kind: str, message: str, data: dict | None = None):
+        self._phase_from_event(kind, data or {})
+        if kind == "phase":
+            return  # shown as the job's phase, not as an event
+        if kind == "started":  # the worker said "started" when it took the job; this is the first step coming
+            kind = "training"
         event = JobEvent(job_id=self.job_id, kind=kind, message=message, data=_jsonable(data or {}))
         try:
             event.save()
@@ -179,6 +210,7 @@ class JobReporter:
             events, self.pending_events = self.pending_events, []
             progress = min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
             fields = dict(
+                phases=list(self.phases),
                 step=self.step,
                 total_steps=self.total_steps,
                 progress=progress,
@@ -277,14 +309,22 @@ def run_training(job_id: int, worker_name: str):
     JobEvent.objects.create(
         job=job, kind="started", message=f"Started on {worker_name} (attempt {job.attempts}).",
     )
+    job.phases = _first_phases(job)
     reporter = JobReporter(job, token)
     heartbeat = Heartbeat(job.pk, token)
     heartbeat.start()
     try:
         _replan_for_this_worker(job, worker_name)
+        if (job.plan.get("search") or {}).get("enabled") and not job.plan.get("search_result"):
+            reporter.begin_phase("searching")
         job = run_search_stage(job, reporter.should_stop, worker_name)  # trials, then the winner's plan
+        reporter.begin_phase("loading")
         result = _train(job, reporter)
+        if result.status != "cancelled":
+            reporter.begin_phase("saving")  # the adapter version is recorded from the trainer's folder
         wait_for_database()  # what is left to write must not be lost to a database restart
+        if result.status == "cancelled":
+            reporter.end_phases()
         reporter.flush()
         if reporter.lease_lost:
             log.warning("job %s lost its lease; another worker owns it now", job.pk)
@@ -296,6 +336,7 @@ def run_training(job_id: int, worker_name: str):
         _succeed(job, token, result, reporter)
     except TunedeckError as exc:
         wait_for_database()
+        reporter.end_phases()
         reporter.flush()
         _fail(job, token, str(exc))
     except DB_ERRORS:
@@ -312,7 +353,8 @@ def run_training(job_id: int, worker_name: str):
         else:
             message = f"{type(exc).__name__}: {exc}"
         wait_for_database()
-        _fail(job, token, message)
+        reporter.end_phases()
+        _fail(job, token, message, phases=reporter.phases)
     finally:
         heartbeat.stop()
         try:
@@ -320,6 +362,17 @@ def run_training(job_id: int, worker_name: str):
         except DB_ERRORS as exc:
             log.warning("could not clear the current job of %s: %s", worker_name, exc)
     return job.pk
+
+
+def _first_phases(job: FineTuneJob) -> list[dict]:
+    """This attempt's phases so far: queued since the job was created or last sent back to the queue (the newest
+    event before this attempt's "started"), until this worker took it; written with the lease."""
+    took = job.started_at or timezone.now()
+    last = job.events.filter(created_at__lt=took).exclude(kind="started").order_by("-created_at", "-id").first()
+    since = last.created_at if last else job.created_at
+    listed = [{"name": "queued", "started_at": since.isoformat(), "ended_at": took.isoformat(), "step": job.step}]
+    FineTuneJob.objects.filter(pk=job.pk, lease_token=job.lease_token).update(phases=listed)
+    return listed
 
 
 def _replan_for_this_worker(job: FineTuneJob, worker_name: str):
@@ -332,21 +385,18 @@ def _replan_for_this_worker(job: FineTuneJob, worker_name: str):
 
 
 def _train(job: FineTuneJob, reporter: JobReporter):
-    from finetune.train import TrainSpec, train
+    from finetune.train import train
+
+    from .node_join import job_spec
+    from .rank_launch import train_on_ranks_for_job, world_size
 
     out_dir = job.checkpoint_dir / "adapter-out"
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    spec = TrainSpec.from_plan(
-        job.plan,
-        base_model_path=job.base_model.path,
-        train_file=job.dataset.train_path,
-        eval_file=job.dataset.validation_path or None,
-        output_dir=str(out_dir),
-        checkpoint_dir=str(job.checkpoint_dir / "checkpoints"),
-        # Only the model row decides (an admin sets it per model); never a plan or an override.
-        trust_remote_code=job.base_model.trust_remote_code,
-    )
+    spec = job_spec(job)
+
+    if world_size(job.plan) > 1:  # issue 36: torchrun starts the ranks; rank 0 reports like a one-process run
+        return train_on_ranks_for_job(job, spec, reporter)
     return train(spec, on_progress=reporter.on_progress, on_event=reporter.on_event, should_stop=reporter.should_stop)
 
 
@@ -356,12 +406,13 @@ def _succeed(job, token, result, reporter):
     metrics = _jsonable({**reporter.latest, **(result.metrics or {})})
     plan = _jsonable(result.plan or job.plan)
     version = record_adapter_version(job, result.adapter_dir, metrics, _jsonable(result.generations), plan)
-    _finish(job, token, JobStatus.SUCCEEDED, metrics=metrics, progress=1.0, plan=plan)
+    reporter.end_phases()
+    _finish(job, token, JobStatus.SUCCEEDED, metrics=metrics, progress=1.0, plan=plan, phases=reporter.phases)
     JobEvent.objects.create(job=job, kind="succeeded", message=f"Saved as {version.label}.")
 
 
-def _fail(job, token, message):
-    _finish(job, token, JobStatus.FAILED, error=message)
+def _fail(job, token, message, **fields):
+    _finish(job, token, JobStatus.FAILED, error=message, **fields)
     JobEvent.objects.create(job=job, kind="failed", message=message)
 
 

@@ -63,4 +63,6 @@ from . import model_views  # noqa: E402
 
 urlpatterns += [
     path("models/", model_views.model_list, name="models"),
+    path("models/<int:pk>/progress", model_views.model_progress, name="model-progress"),  # issue 34
+    path("models/<int:pk>/cancel", model_views.model_cancel, name="model-cancel"),
 ]

@@ -19,7 +19,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import evaluation, plan_display, services, waiting
+from finetune.chat_templates import CHAT_TEMPLATES
+from finetune.units import format_bytes, format_duration
+
+from . import evaluation, phases, plan_display, services, waiting
 from .archives import zip_folder
 from .compare import compare_versions, prompt_run, version_curve
 from .metrics import DEFAULT_POINTS, as_series, downsampled_points, recent_points
@@ -50,22 +53,9 @@ INACTIVE_DEPLOYMENT = [Deployment.Status.STOPPED, Deployment.Status.FAILED]
 ACTIVE_DEPLOYMENT = ~Q(status__in=INACTIVE_DEPLOYMENT)  # on Deployment
 
 
-def format_duration(seconds) -> str:
-    """3s, 4m 05s, 2h 03m, 3d 4h."""
-    if seconds is None or not isinstance(seconds, (int, float)) or math.isnan(seconds):
-        return ""
-    s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d {(s % 86400) // 3600}h"
-
-
-def _timing(job, now):
-    """Elapsed and remaining seconds of a job, from its timestamps and the trainer's eta_seconds."""
+def _timing(job, now, costs=None):
+    """Elapsed and remaining seconds of a job: remaining from the step rate measured over its training phase and
+    the measured cost of the phases after it (jobs/phases.py); None while nothing is measured yet."""
     if job.status == JobStatus.QUEUED:
         elapsed = (now - job.created_at).total_seconds()
     elif job.started_at:
@@ -73,10 +63,11 @@ def _timing(job, now):
     else:
         elapsed = None
     remaining = None
-    if job.status == JobStatus.RUNNING:
+    if job.status == JobStatus.RUNNING and job.phases:
+        remaining = phases.remaining_seconds(job, now, costs)
+    elif job.status == JobStatus.RUNNING:  # a worker that records no phases: the trainer's own estimate
         eta = (job.metrics or {}).get("eta_seconds")
-        if isinstance(eta, (int, float)) and eta >= 0:
-            remaining = eta
+        remaining = eta if isinstance(eta, (int, float)) and eta >= 0 else None
     return elapsed, remaining
 
 
@@ -88,8 +79,11 @@ def _decorate_jobs(jobs):
     positions = {}
     if any(j.status == JobStatus.QUEUED for j in jobs):
         positions = waiting.job_positions()
+    costs = phases.measured_costs({j.base_model_id for j in jobs if j.status == JobStatus.RUNNING})
     for job in jobs:
-        elapsed, remaining = _timing(job, now)
+        elapsed, remaining = _timing(job, now, costs.get(job.base_model_id, {}))
+        running = phases.current(job)
+        job.phase_label = phases.LABELS.get(running, "") if job.status == JobStatus.RUNNING else ""
         job.elapsed_display = format_duration(elapsed)
         job.remaining_display = format_duration(remaining)
         job.queue_position = positions.get(job.pk)
@@ -148,6 +142,9 @@ def _first_run_guide(user, context):
 
 FORM_OVERRIDES = ("rank", "alpha", "micro_batch", "grad_accum", "max_seq_len", "learning_rate", "epochs", "max_steps",
                   "search", "search_minutes", "search_trials",  # issue 20 (search)
+                  "chat_template",  # issue 34: for a model without one
+                  "gpus",  # issue 36: the world size (GPUs, or processes on a CPU)
+                  "nodes",  # issue 36: how many workers the ranks span (docs/distributed.md)
                   "gradient_checkpointing")
 FORM_INPUTS = FORM_OVERRIDES[:-1]  # the fields job_new.html has inputs for; the rest go to "Other overrides"
 
@@ -234,8 +231,9 @@ def job_new(request):
         "values": values,
         "cloned": cloned,
         "datasets": Dataset.objects.owned_by(request.user).filter(status=Dataset.Status.READY),
-        "base_models": BaseModel.visible_to(request.user),
+        "base_models": BaseModel.ready_for(request.user),  # issue 34: a pull still downloading is not offered
         "methods": ["auto", *METHODS],
+        "chat_templates": [(name, label) for name, (label, _) in CHAT_TEMPLATES.items()],  # issue 34
         "error": error,
         "needs_confirmation": needs_confirmation,
     }
@@ -249,10 +247,9 @@ def _unconfirmed_overshoot(request, plan):
     if plan.get("fits", True):
         return None
     memory = plan_display.memory_bars(plan)
-    from .templatetags.humanize_bytes import human_bytes
-
-    return (f"This plan needs about {human_bytes(memory['total'])} but the worker has "
-            f"{human_bytes(memory['capacity'])} ({memory['used_pct']}%); it will most likely run out of memory. "
+    total, capacity = format_bytes(memory["total"], missing="–"), format_bytes(memory["capacity"], missing="–")
+    return (f"This plan needs about {total} but the worker has {capacity} ({memory['used_pct']}%); "
+            "it will most likely run out of memory. "
             "Change the settings, or tick \"Queue it anyway\" and press Train again.")
 
 
@@ -270,9 +267,23 @@ def plan_preview(request):
 
 def _plan_context(plan, dataset, base_model):
     estimate = plan_display.time_estimate(plan, dataset, base_model)
-    # The selector's own warnings already say what is missing; the page adds no second copy of it.
-    return {"plan": plan, "memory": plan_display.memory_bars(plan), "estimate": estimate,
+    memory = plan_display.memory_bars(plan)
+    fixed = plan_display.fixed_seconds(base_model)
+    took = ""
+    if estimate and fixed is not None:
+        took = f"about {format_duration(estimate['seconds'] + fixed)} with loading and evaluation"
+    elif estimate:
+        took = f"about {format_duration(estimate['seconds'])} of steps plus loading and evaluation"
+    search = (plan.get("search") or {}).get("summary")
+    # The selector's own warnings already say what is missing; the page adds no second copy of it, nor of the
+    # search paragraph shown above the reasons.
+    reasons = [r for r in plan.get("reasons") or [] if not r.startswith("Warning: ") and r != search]
+    return {"plan": plan, "memory": memory, "estimate": estimate, "reasons": reasons,
             "estimate_display": format_duration(estimate["seconds"]) if estimate else "",
+            "fixed_display": format_duration(fixed) if fixed is not None else "",
+            "fields": plan_display.method_fields(plan.get("method") or ""),
+            "summary": plan_display.summary(plan, dataset, base_model, estimate, memory, took),
+            "notes": plan_display.worker_notes(plan),
             "auto": {k: plan.get(k) for k in FORM_INPUTS}}
 
 
@@ -329,6 +340,7 @@ def _job_context(job):
         "version": AdapterVersion.objects.filter(job=job).select_related("line").first(),
         "elapsed": format_duration(elapsed),
         "remaining": format_duration(remaining),
+        "phases": [{**p, "display": format_duration(p["seconds"])} for p in phases.view(job, now)],
         "progress_pct": round(100 * (job.progress or 0), 1),
         "queue_position": spot["position"] if spot else None,
         "memory": {
@@ -400,6 +412,7 @@ def job_detail(request, pk):
     from .search import trials_payload  # issue 20 (search)
 
     context["search"] = trials_payload(job)
+    context["plan_fields"] = plan_display.method_fields((job.plan or {}).get("method") or job.method)
     return render(request, "jobs/job_detail.html", context)
 
 

@@ -53,7 +53,7 @@ def _training() -> list[Work]:
 
 
 def merge_started(deployment) -> bool:
-    """A merge task writes merge_started_at for the revision it works on (jobs.deploy.run_deploy)."""
+    """A merge task writes merge_started_at for the revision it works on (jobs.deploy_worker.run_deploy)."""
     details = deployment.details or {}
     return bool(details.get("merge_started_at")) and details.get("merge_revision") == deployment.revision
 

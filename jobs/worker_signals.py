@@ -31,6 +31,7 @@ class WorkerHeartbeat(threading.Thread):
         from .models import Worker
         from .runner import requeue_orphans, resend_queued
         from .services.dataset_processing import recover_stuck_datasets
+        from .services.hub_download import recover_stuck_pulls
         from .services.worker_planning import worker_inventory
 
         Worker.objects.update_or_create(
@@ -41,6 +42,7 @@ class WorkerHeartbeat(threading.Thread):
         requeue_orphans()
         resend_queued()
         recover_stuck_datasets()
+        recover_stuck_pulls()  # issue 34: Hub downloads resume on a live worker
 
 
 _heartbeat = None

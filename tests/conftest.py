@@ -93,7 +93,7 @@ def token_for():
     return issue
 
 
-def start_worker(name, log_path, queues="gpu,default,datasets-large,interactive", extra_env=None):
+def start_worker(name, log_path, queues="gpu,default,datasets-large,interactive,downloads", extra_env=None):
     """The session's worker: every queue and the normal lease (the reliability tests use a fast one)."""
     return helpers.start_worker(name, log_path, queues, lease={}, extra_env=extra_env)
 
@@ -125,7 +125,7 @@ def purge_broker():
     from tunedeck.celery import app
 
     with app.connection_for_write() as conn:
-        for queue in ("gpu", "default", "datasets-large", "interactive"):
+        for queue in ("gpu", "default", "datasets-large", "interactive", "downloads"):
             try:
                 conn.default_channel.queue_purge(queue)
             except Exception:  # noqa: BLE001 - a queue that does not exist yet has nothing to purge
@@ -153,3 +153,30 @@ def celery_worker(django_db_setup, django_db_blocker, worker_log_dir):
     stop_worker(proc)
 
 
+
+
+@pytest.fixture(scope="session")
+def _shared_inference_server_ends():
+    yield
+    helpers.stop_shared_inference_server()
+
+
+@pytest.fixture
+def inference_server(_shared_inference_server_ends, django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real `manage.py serve_inference` process on a free port, reading the test database, shared by the tests
+    that use it (it keeps at most 2 adapters per base loaded). It serves every deployment in that database, so a
+    test that runs an inference service of its own stops it first (`no_shared_inference_server`); the next test
+    that needs it starts it again."""
+    from django.conf import settings
+
+    with django_db_blocker.unblock():
+        database_url = helpers.worker_database_url()
+    return helpers.shared_inference_server(database_url, settings.CELERY_BROKER_URL, settings.DATA_DIR,
+                                           lambda: tmp_path_factory.mktemp("inference-logs"))
+
+
+@pytest.fixture
+def no_shared_inference_server():
+    """For a test that runs an inference service in its own process: the shared one would also serve (and write
+    the engine notes of) the deployments the test makes."""
+    helpers.stop_shared_inference_server()

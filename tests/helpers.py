@@ -244,6 +244,40 @@ class PrivatePostgres:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# The inference server the deploy tests share: one `manage.py serve_inference` process reading the test database.
+SHARED_INFERENCE_SERVER: dict = {}
+
+
+def shared_inference_server(database_url: str, broker_url: str, data_dir, log_dir) -> str:
+    """Its URL, started first when it is not running (`log_dir()` names the folder for a new one's log)."""
+    proc = SHARED_INFERENCE_SERVER.get("proc")
+    if proc is not None and proc.poll() is None:
+        return SHARED_INFERENCE_SERVER["url"]
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=database_url, CELERY_BROKER_URL=broker_url, TUNEDECK_DATA_DIR=str(data_dir),
+               PYTHONUNBUFFERED="1")
+    command = [sys.executable, "manage.py", "serve_inference", "--port", str(port), "--device", "cpu", "--poll",
+               "0.5", "--max-adapters", "2"]
+    # It imports torch, transformers and peft before listening.
+    proc = _start_http(command, port, env, log_dir() / "inference.log", "the inference server", health="/health",
+                       timeout=180)
+    SHARED_INFERENCE_SERVER.update(proc=proc, url=f"http://127.0.0.1:{port}")
+    return SHARED_INFERENCE_SERVER["url"]
+
+
+def stop_shared_inference_server() -> None:
+    proc = SHARED_INFERENCE_SERVER.pop("proc", None)
+    SHARED_INFERENCE_SERVER.clear()
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def django_env(database_url, broker_url=None, **extra) -> dict:
     from django.conf import settings
 
@@ -286,8 +320,8 @@ def start_gunicorn(port, env, log_path, workers=2, threads=8):
                         "--threads", str(threads), "--timeout", "120"], port, env, log_path, "gunicorn")
 
 
-def _start_http(command, port, env, log_path, what):
-    """Starts an HTTP server process and waits until its /healthz answers."""
+def _start_http(command, port, env, log_path, what, health="/healthz", timeout=60):
+    """Starts an HTTP server process and waits until its health URL answers; one that does not is ended."""
     import requests
 
     log = open(log_path, "ab")
@@ -299,11 +333,17 @@ def _start_http(command, port, env, log_path, what):
         if proc.poll() is not None:
             raise AssertionError(f"{what} exited:\n{Path(log_path).read_text()[-3000:]}")
         try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            return requests.get(f"http://127.0.0.1:{port}{health}", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
-    wait_for(up, timeout=60, interval=0.3, what=what)
+    try:
+        wait_for(up, timeout=timeout, interval=0.3, what=what)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        _reap_group(proc)
+        raise
     return proc
 
 

@@ -2,6 +2,8 @@
 
 - no import loop between the project's modules, counting imports inside functions too (a loop that only closes
   at run time still ties the modules together and breaks as soon as one import moves to the top);
+- no import loop between the project's packages either: finetune is the base library, autotune (planning) and
+  serving build on it, the web side (tunedeck, jobs) on those, bench on everything; finetune never imports autotune;
 - autotune/ and finetune/ never import Django, Celery or the web side (jobs/, tunedeck/), at any depth;
 - a module the web process loads never imports torch, transformers or peft while it is being imported, directly or
   through the project modules it imports at module level. The modules only workers load are listed below;
@@ -16,8 +18,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tunedeck", "jobs", "autotune", "finetune")
-PURE_PACKAGES = ("autotune", "finetune")
+PACKAGES = ("tunedeck", "jobs", "autotune", "finetune", "serving")
+GRAPH_PACKAGES = PACKAGES + ("bench",)  # the package graph also covers the benches, which sit on top of everything
+# tunedeck (the Django project: settings, urls, the Celery app, the CLI) and jobs (its app) load each other by
+# design (the urls load the app's views, the app loads the project's Celery app), so they count as one package.
+PACKAGE_OF = {"tunedeck": "web", "jobs": "web"}
+PURE_PACKAGES = ("autotune", "finetune", "serving")
 WEB_PACKAGES = ("tunedeck", "jobs")
 NOT_FOR_PURE = ("django", "celery", "rest_framework", "drf_spectacular", "jobs", "tunedeck")
 HEAVY = ("torch", "transformers", "peft")
@@ -27,11 +33,17 @@ HEAVY = ("torch", "transformers", "peft")
 WORKER_ONLY = {
     "jobs.tasks": "loaded by Celery workers (autodiscovery); the web sends tasks by name through jobs.queue",
     "jobs.runner": "the training side of a job, called only by jobs.tasks.train_job",
+    "jobs.rank_launch": "starts a job's ranks through torchrun (jobs.runner)",
+    "jobs.node_join": "a job across several workers: node 0's placement and a joining worker's side (jobs.tasks)",
     "jobs.inference_server": "the inference server process (manage.py serve_inference), the one that serves models",
     "jobs.management.commands.serve_inference": "starts the inference server process",
     "jobs.services.dataset_processing": "processes an upload under its lease (jobs.tasks, the worker heartbeat)",
     "jobs.services.worker_planning": "a worker's inventory and replanning for it (jobs.runner, the heartbeat)",
     "jobs.services.version_recording": "records the adapter a worker trained (jobs.runner)",
+    "jobs.deploy_worker": "merges a version and hands it to the inference server (jobs.tasks.deploy_version)",
+    "jobs.services.hub_download": "downloads a base model from the Hugging Face Hub (jobs.tasks, the heartbeat)",
+    "jobs.services.evaluation_runs": "runs a queued evaluation (jobs.tasks)",
+    "jobs.services.search_stage": "runs a job's search trials, its own and helpers' (jobs.runner, jobs.tasks)",
 }
 
 
@@ -42,9 +54,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def project_modules() -> dict[str, Path]:
+def project_modules(packages=PACKAGES) -> dict[str, Path]:
     modules = {}
-    for package in PACKAGES:
+    for package in packages:
         for path in sorted((ROOT / package).rglob("*.py")):
             if "migrations" not in path.parts:
                 modules[module_name(path)] = path
@@ -132,6 +144,21 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
+def package_of(module: str) -> str:
+    return PACKAGE_OF.get(_top(module), _top(module))
+
+
+def package_edges(edges: dict[str, set[str]]) -> dict[str, dict[str, list[str]]]:
+    """package -> {each other package it imports: the module imports that make the edge}, from the module graph."""
+    graph: dict[str, dict[str, list[str]]] = {}
+    for module, targets in sorted(edges.items()):
+        imported = graph.setdefault(package_of(module), {})
+        for target in sorted(targets):
+            if package_of(target) != package_of(module):
+                imported.setdefault(package_of(target), []).append(f"{module} -> {target}")
+    return graph
+
+
 def test_the_checker_finds_a_loop_and_ignores_a_chain():
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
@@ -142,6 +169,33 @@ def test_the_checker_reads_relative_and_lazy_imports(tmp_path):
     source.write_text("from . import queue\nfrom .models import X\n\ndef f():\n    from .tasks import t\n")
     assert imports_of("jobs.m", source, module_level_only=False) >= {"jobs.queue", "jobs.models", "jobs.tasks"}
     assert "jobs.tasks" not in imports_of("jobs.m", source, module_level_only=True)
+
+
+def test_the_checker_finds_a_loop_between_packages():
+    graph = package_edges({"a.x": {"b.y"}, "b.y": set(), "b.z": {"a.w"}, "a.w": set(), "c.m": {"a.x"}})
+    assert graph == {"a": {"b": ["a.x -> b.y"]}, "b": {"a": ["b.z -> a.w"]}, "c": {"a": ["c.m -> a.x"]}}
+    assert import_cycles({p: set(t) for p, t in graph.items()}) == [["a", "b"]]
+    # The Django project and its app are one package: their mutual imports are no loop.
+    assert package_edges({"tunedeck.urls": {"jobs.views"}, "jobs.apps": {"tunedeck.celery"}}) == {"web": {}}
+
+
+def test_no_import_loop_between_packages():
+    """Two packages that import each other (a lazy import counts) are one package in two folders: neither can be
+    used, tested or reasoned about without the other."""
+    graph = package_edges(project_edges(project_modules(GRAPH_PACKAGES)))
+    assert {"finetune", "autotune", "serving", "web", "bench"} <= set(graph)
+    loops = import_cycles({package: set(imported) for package, imported in graph.items()})
+    routes = {f"{a} -> {b}": graph[a][b][:3] for loop in loops for a in loop for b in loop if b in graph[a]}
+    assert loops == [], routes
+
+
+def test_finetune_never_imports_autotune():
+    """finetune is the base library and autotune plans on top of it: what both need (the optimizer table, the fused
+    loss's chunk rule) lives in finetune, and a hardware measurement or the search lives in autotune."""
+    modules = project_modules()
+    wrong = [f"{module} imports {name}" for module, path in modules.items() if _top(module) == "finetune"
+             for name in sorted(imports_of(module, path, module_level_only=False)) if _top(name) == "autotune"]
+    assert wrong == []
 
 
 def test_no_import_loop_between_modules():

@@ -168,8 +168,20 @@ TUNEDECK_VLLM_MAX_LORAS = int(os.environ.get("TUNEDECK_VLLM_MAX_LORAS", "16"))  
 TUNEDECK_VLLM_MAX_LORA_RANK = int(os.environ.get("TUNEDECK_VLLM_MAX_LORA_RANK", "64"))
 TUNEDECK_VLLM_STARTUP_SECONDS = float(os.environ.get("TUNEDECK_VLLM_STARTUP_SECONDS", "600"))
 TUNEDECK_VLLM_DTYPE = os.environ.get("TUNEDECK_VLLM_DTYPE", "auto")
-# auto | all | vllm: which CPUs vLLM's model threads use on CPU hosts (finetune/vllm_engine.cpu_thread_binding)
+# auto | all | vllm: which CPUs vLLM's model threads use on CPU hosts (serving/vllm_process.cpu_thread_binding)
 TUNEDECK_VLLM_CPU_THREADS = os.environ.get("TUNEDECK_VLLM_CPU_THREADS", "auto")
+# The inference server's engines, in order: each deployment is served by the first that can serve it and is
+# available (serving/engine.py). A third engine is a serving.engine.Engine subclass and one entry here.
+TUNEDECK_SERVING_ENGINES = [
+    {"ENGINE": "serving.vllm.VllmEngine", "OPTIONS": {
+        "python": TUNEDECK_VLLM_PYTHON, "kv_cache_gb": TUNEDECK_VLLM_KV_CACHE_GB,
+        "max_model_len": TUNEDECK_VLLM_MAX_MODEL_LEN, "max_loras": TUNEDECK_VLLM_MAX_LORAS,
+        "max_lora_rank": TUNEDECK_VLLM_MAX_LORA_RANK, "startup_seconds": TUNEDECK_VLLM_STARTUP_SECONDS,
+        "dtype": TUNEDECK_VLLM_DTYPE, "cpu_threads": TUNEDECK_VLLM_CPU_THREADS,
+        # vLLM servers running at once; 0: one per 4 CPUs on a CPU host (at least one), no limit on a GPU.
+        "max_servers": int(os.environ.get("TUNEDECK_VLLM_MAX_SERVERS", "0"))}},
+    {"ENGINE": "serving.builtin.BuiltinEngine"},
+]
 # Where the inference server tells the workers' GPU probe how much memory starting vLLM servers will take.
 os.environ.setdefault("TUNEDECK_SERVING_RESERVED_FILE", str(DATA_DIR / "serving-reserved.json"))
 
@@ -197,7 +209,10 @@ CELERY_TASK_ROUTES = {
     "jobs.tasks.deploy_version": {"queue": "gpu"},
     "jobs.tasks.evaluate_versions_task": {"queue": "gpu"},
     "jobs.tasks.search_trials_task": {"queue": "gpu"},  # issue 20: search trials train too
+    "jobs.tasks.join_job_task": {"queue": "gpu"},  # issue 36: a worker joining a job that spans several workers
     "jobs.tasks.evaluate_interactive": {"queue": INTERACTIVE_QUEUE},
+    # issue 34: Hub downloads on their own queue, so a large pull never delays dataset checks or training
+    "jobs.tasks.pull_base_model_task": {"queue": "downloads"},
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A broker restart must not kill a training run: the job row's lease, not the broker connection, owns the job.
@@ -213,6 +228,12 @@ CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER") == "1"
 # A worker that has not beaten its heart for this long is gone; its job is requeued.
 WORKER_HEARTBEAT_SECONDS = float(os.environ.get("TUNEDECK_HEARTBEAT_SECONDS", "10"))
 JOB_LEASE_SECONDS = float(os.environ.get("TUNEDECK_LEASE_SECONDS", "60"))
+# issue 36, jobs across several workers (docs/distributed.md): the address the other workers reach this worker's
+# c10d rendezvous at (default: its host name), its port (0: a free one per job), how long node 0 waits for the
+# others to join.
+RENDEZVOUS_HOST = os.environ.get("TUNEDECK_RENDEZVOUS_HOST", "")
+RENDEZVOUS_PORT = int(os.environ.get("TUNEDECK_RENDEZVOUS_PORT", "0"))
+NODE_JOIN_SECONDS = float(os.environ.get("TUNEDECK_NODE_JOIN_SECONDS", "600"))
 # A job queued this long (or this long since its message was last sent) gets its message sent again: a broker
 # restarted without persistence loses queued messages. Duplicates are no-ops (the lease), so this is only cost.
 JOB_RESEND_SECONDS = float(os.environ.get("TUNEDECK_RESEND_SECONDS", "900"))
@@ -234,6 +255,14 @@ DATASET_MAX_DECOMPRESSED_BYTES = int(os.environ.get("TUNEDECK_DATASET_MAX_DECOMP
 DATASET_TOKEN_STATS_SECONDS = float(os.environ.get("TUNEDECK_DATASET_TOKEN_STATS_SECONDS", "600"))
 DATASET_LEASE_SECONDS = float(os.environ.get("TUNEDECK_DATASET_LEASE_SECONDS", "120"))
 DATASET_MAX_ATTEMPTS = 2
+
+# issue 34: base models pulled from the Hugging Face Hub (HF_ENDPOINT: a mirror, or the tests' local server). A pull
+# is refused unless HUB_DISK_RESERVE_BYTES stay free after it; a worker renews a pull's lease every quarter of
+# HUB_PULL_LEASE_SECONDS, and a pull whose lease goes stale resumes on a live worker, at most HUB_PULL_MAX_ATTEMPTS.
+HUB_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+HUB_DISK_RESERVE_BYTES = int(os.environ.get("TUNEDECK_HUB_DISK_RESERVE_BYTES", str(2 * 1024**3)))
+HUB_PULL_LEASE_SECONDS = float(os.environ.get("TUNEDECK_HUB_LEASE_SECONDS", "120"))
+HUB_PULL_MAX_ATTEMPTS = 5
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

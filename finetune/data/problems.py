@@ -1,6 +1,8 @@
 """Row problems and the words of error messages: what every other module of the package reports with."""
 from __future__ import annotations
 
+from finetune.units import format_bytes
+
 # Any kind but `duplicate` makes a dataset invalid unless the user consents to dropping those rows.
 PROBLEM_KINDS = (
     "malformed_json",
@@ -52,8 +54,5 @@ def describe_columns(columns: list[str], limit: int = 10) -> str:
 
 
 def human_bytes(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} bytes"
+    """Sizes in dataset messages: '1000 bytes', '4.9 KiB'."""
+    return format_bytes(n, byte_word="bytes")

@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from ..models import (
+    METHODS,
     AdapterVersion,
     ApiToken,
     BaseModel,
@@ -12,6 +13,8 @@ from ..models import (
     Worker,
 )
 from ..tokens import MAX_DAYS as MAX_TOKEN_DAYS
+
+METHOD_HELP = f"auto (the planner chooses), or one of the registered methods: {', '.join(METHODS)}"
 
 
 class StrictCharField(serializers.CharField):
@@ -93,14 +96,22 @@ class TokenRevokedSerializer(serializers.Serializer):
 
 class BaseModelSerializer(serializers.ModelSerializer):
     shared = serializers.SerializerMethodField()
+    context_length = serializers.SerializerMethodField()
 
     class Meta:
         model = BaseModel
         fields = ["id", "name", "architecture", "model_type", "parameters", "sha256", "is_default",
-                  "has_chat_template", "shared", "created_at"]
+                  "has_chat_template", "shared", "created_at",
+                  # issue 34: pulled from the Hub (status pending/downloading/validating/ready/failed/cancelled)
+                  "status", "hub_repo", "hub_revision", "hub_commit", "license", "dtype", "size_bytes",
+                  "bytes_done", "bytes_total", "error", "context_length"]
 
     def get_shared(self, obj) -> bool:
         return obj.owner_id is None
+
+    def get_context_length(self, obj) -> int | None:
+        config = obj.config or {}
+        return config.get("max_position_embeddings") or config.get("n_positions") or None
 
 
 class BaseModelCreateSerializer(serializers.Serializer):
@@ -213,7 +224,7 @@ class InventorySerializer(serializers.Serializer):
 class PlanRequestSerializer(serializers.Serializer):
     base_model = serializers.IntegerField(required=False, allow_null=True)
     dataset = serializers.IntegerField(required=False, allow_null=True)
-    method = StrictCharField(required=False, default="auto", max_length=20)
+    method = StrictCharField(required=False, default="auto", max_length=20, help_text=METHOD_HELP)
     overrides = serializers.JSONField(required=False, allow_null=True,
                                       help_text="plan fields to fix, e.g. {\"rank\": 16}")
     gpu = InventorySerializer(required=False, allow_null=True)
@@ -222,7 +233,7 @@ class PlanRequestSerializer(serializers.Serializer):
 class JobCreateSerializer(serializers.Serializer):
     base_model = serializers.IntegerField(required=False, allow_null=True)
     dataset = serializers.IntegerField()
-    method = StrictCharField(required=False, default="auto", max_length=20)
+    method = StrictCharField(required=False, default="auto", max_length=20, help_text=METHOD_HELP)
     overrides = serializers.JSONField(required=False, allow_null=True)
     adapter_name = StrictCharField(required=False, allow_blank=True, max_length=200)
 
@@ -233,7 +244,7 @@ class JobCloneSerializer(serializers.Serializer):
 
     base_model = serializers.IntegerField(required=False, allow_null=True)
     dataset = serializers.IntegerField(required=False)
-    method = StrictCharField(required=False, max_length=20)
+    method = StrictCharField(required=False, max_length=20, help_text=METHOD_HELP)
     overrides = serializers.JSONField(required=False, allow_null=True)
     adapter_name = StrictCharField(required=False, allow_blank=True, max_length=200)
 
@@ -263,6 +274,11 @@ class PlanSerializer(serializers.Serializer):
     fits = serializers.BooleanField(required=False)
     device = serializers.CharField(required=False)
     dtype = serializers.CharField(required=False)
+    # issue 36 (docs/distributed.md): the ranks the plan trains on; grad_accum is per rank
+    gpus = serializers.IntegerField(required=False, help_text="the world size: GPUs, or processes on a CPU")
+    parallel = serializers.ChoiceField(["ddp", "fsdp"], required=False,
+                                       help_text="with gpus > 1: data parallel, or the frozen base sharded (FSDP2)")
+    global_batch = serializers.IntegerField(required=False, help_text="micro_batch x grad_accum x gpus")
 
 
 def _queue_place(queue, key, request) -> dict | None:
@@ -277,12 +293,46 @@ class JobSerializer(serializers.ModelSerializer):
     adapter_version = serializers.SerializerMethodField()
     metrics = serializers.SerializerMethodField()
     queue = serializers.SerializerMethodField()
+    phase = serializers.SerializerMethodField()
+    phases = serializers.SerializerMethodField()
+    remaining_seconds = serializers.SerializerMethodField()
+    nodes = serializers.SerializerMethodField()
 
     class Meta:
         model = FineTuneJob
         fields = ["id", "status", "progress", "step", "total_steps", "metrics", "error", "adapter_version",
                   "adapter_name", "method", "base_model", "dataset", "plan", "overrides", "cancel_requested",
-                  "worker", "attempts", "created_at", "started_at", "finished_at", "queue"]
+                  "worker", "attempts", "created_at", "started_at", "finished_at", "queue", "phase", "phases",
+                  "remaining_seconds", "nodes"]
+
+    def get_nodes(self, obj) -> list[dict]:
+        """issue 36: a job across several workers: which worker runs which node and ranks (empty on one worker)."""
+        return [{"node": n.node_rank, "worker": n.worker, "ranks": n.ranks, "status": n.status,
+                 "rendezvous": n.rendezvous, "error": n.error} for n in obj.nodes.all()]
+
+    def get_phase(self, obj) -> str | None:
+        """The running phase (jobs/phases.py LABELS): queued, loading, checking_fit, ..., saving; null when done."""
+        from ..phases import current
+
+        return current(obj)
+
+    def get_phases(self, obj) -> list[dict]:
+        """This attempt's phases, oldest first: name, label, seconds, state (done|current), started_at, ended_at."""
+        from ..phases import view
+
+        return view(obj)
+
+    def get_remaining_seconds(self, obj) -> float | None:
+        """Time left of a running job from its measured step rate and phase costs; null while not measured."""
+        from ..phases import measured_costs, remaining_seconds
+
+        if obj.status != "running":
+            return None
+        cache = self.context.setdefault("phase_costs", {})
+        if obj.base_model_id not in cache:
+            cache[obj.base_model_id] = measured_costs([obj.base_model_id]).get(obj.base_model_id, {})
+        left = remaining_seconds(obj, costs=cache[obj.base_model_id])
+        return round(left, 1) if left is not None else None
 
     def get_queue(self, obj) -> dict | None:
         if obj.status != "queued":
@@ -309,8 +359,7 @@ class JobEventSerializer(serializers.ModelSerializer):
 class MetricPointSerializer(serializers.ModelSerializer):
     class Meta:
         model = MetricPoint
-        fields = ["step", "train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
-                  "memory_bytes"]
+        fields = ["step", *MetricPoint.SERIES]
 
 
 class JobMetricPointSerializer(serializers.Serializer):

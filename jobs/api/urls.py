@@ -1,11 +1,14 @@
-from django.urls import path
+from django.urls import path, re_path
 
-from . import search_views, views
+from . import hub_views, search_views, views
 
 urlpatterns = [
     path("auth/token", views.issue_token, name="api-token"),
     path("base-models", views.BaseModelList.as_view(), name="api-base-models"),
     path("base-models/<int:pk>", views.BaseModelDetail.as_view(), name="api-base-model"),
+    path("base-models/pull", hub_views.BaseModelPull.as_view(), name="api-base-model-pull"),  # issue 34
+    path("base-models/<int:pk>/cancel", hub_views.BaseModelPullCancel.as_view(), name="api-base-model-cancel"),
+    path("hub-token", hub_views.HubTokenView.as_view(), name="api-hub-token"),
     path("datasets", views.DatasetList.as_view(), name="api-datasets"),
     path("datasets/<int:pk>", views.DatasetDetail.as_view(), name="api-dataset"),
     path("datasets/<int:pk>/drop-invalid", views.DatasetDropInvalid.as_view(), name="api-dataset-drop-invalid"),
@@ -54,3 +57,19 @@ urlpatterns = [
          name="api-version-champion"),
     path("adapter-versions/<int:pk>", version_views.AdapterVersionDetailDelete.as_view(), name="api-version"),
 ] + urlpatterns
+
+
+def _same_without_slash(request, rest):
+    """/api/v1/datasets/ answers as /api/v1/datasets (issue 37): a trailing slash is a common client habit, and
+    a 404 for it reads as "no such endpoint". Any method, no redirect (a redirected POST would lose its body)."""
+    from django.http import Http404
+    from django.urls import Resolver404, resolve
+
+    try:
+        match = resolve(request.path_info.rstrip("/"))
+    except Resolver404:
+        raise Http404(f"No such API path: {request.path_info}") from None
+    return match.func(request, *match.args, **match.kwargs)
+
+
+urlpatterns += [re_path(r"^(?P<rest>.+)/$", _same_without_slash)]

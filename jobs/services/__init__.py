@@ -10,6 +10,8 @@ Worker side (only Celery workers import these; tests/test_architecture.py holds 
     dataset_processing.py  validating and splitting an upload under a renewed lease; recovering stuck ones
     worker_planning.py     a worker's inventory for its heartbeat; replanning a job for the worker that took it
     version_recording.py   a trained adapter moved into the store as the next version of its line
+    evaluation_runs.py     running a queued evaluation of adapter versions (../evaluation.py queues it)
+    search_stage.py        a job's search trials on this and the helper workers, the winner into the plan
 
 The names below are the web side's public API (`from jobs import services; services.create_job(...)`); import the
 worker side from its own module.

@@ -201,7 +201,7 @@ def delete_dataset(dataset: Dataset):
 
     used = FineTuneJob.objects.filter(dataset=dataset).count()
     if used:
-        raise InputError(f"Dataset {dataset.pk} is used by {used} job(s) and their adapter versions; it is kept "
+        raise InputError(f"Dataset {dataset.name!r} is used by {used} job(s) and their adapter versions; it is kept "
                          "for their lineage.", code="conflict")
     source, processed = Path(dataset.file_path), Path(dataset.file_path).parent / f"processed-{dataset.pk}"
     try:

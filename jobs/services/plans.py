@@ -6,7 +6,9 @@ from __future__ import annotations
 from django.conf import settings
 from django.utils import timezone
 
+from finetune.chat_templates import chat_template_choice
 from finetune.data import LAYOUTS
+from finetune.methods import AUTO, auto_method_for_schema, method_plan_fields, schema_problem
 
 from ..base_models import check_usable
 from ..errors import InputError
@@ -28,8 +30,6 @@ OVERRIDE_TYPES = {
     "target_modules": list,
     "num_virtual_tokens": int,
     "adapter_bottleneck": int,
-    "dpo_beta": float,
-    "kto_beta": float,
     "seed": int,
     "eval_every_steps": int,
     "early_stopping_patience": int,  # 0: train to the end
@@ -44,9 +44,14 @@ OVERRIDE_TYPES = {
     "optimizer": str,
     "max_eval_generations": int,
     "max_new_tokens": int,
+    "chat_template": str,  # issue 34: a template for a model without one (finetune/chat_templates.py)
+    "gpus": int,  # issue 36: the world size (GPUs, or processes on a CPU); autotune/parallel.py
+    "nodes": int,  # issue 36: how many workers the ranks span (jobs/rank_launch.py)
 }
 POSITIVE = {"rank", "micro_batch", "grad_accum", "max_seq_len", "epochs", "max_steps", "num_virtual_tokens",
-            "adapter_bottleneck", "learning_rate", "eval_every_steps", "checkpoint_every_steps", "max_new_tokens"}
+            "adapter_bottleneck", "learning_rate", "eval_every_steps", "checkpoint_every_steps", "max_new_tokens",
+            "gpus", "nodes"}
+OVERRIDE_TYPES.update(method_plan_fields())  # each method's own fields: dpo_beta, kto_beta, orpo_beta, ...
 OVERRIDE_TYPES.update(SEARCH_OVERRIDES)  # issue 20: search=false, search_minutes, search_trials (jobs/search.py)
 POSITIVE |= {"search_minutes", "search_trials"}
 
@@ -67,6 +72,13 @@ def clean_overrides(overrides) -> dict:
                 f"Unknown override {key!r}; known: {', '.join(sorted(OVERRIDE_TYPES))}.", field="overrides"
             )
         clean[key] = _coerce(key, value, kind)
+    if "chat_template" in clean:
+        try:
+            clean["chat_template"] = chat_template_choice(clean["chat_template"]) or None
+        except ValueError as exc:
+            raise InputError(str(exc), field="overrides") from None
+        if clean["chat_template"] is None:
+            del clean["chat_template"]
     return clean
 
 
@@ -104,8 +116,8 @@ def _coerce(key, value, kind):
 
 
 def clean_method(method) -> str:
-    method = (method or "auto").strip().lower()
-    if method not in ["auto", *METHODS]:
+    method = (method or AUTO).strip().lower()
+    if method not in [AUTO, *METHODS]:
         raise InputError(f"Unknown method {method!r}; choose auto or one of {', '.join(METHODS)}.", field="method")
     return method
 
@@ -147,7 +159,7 @@ def current_inventory() -> tuple[dict, dict]:
     return inventory, {"worker": "", "source": "web_host", "note": note}
 
 
-def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", overrides=None, gpu=None) -> dict:
+def make_plan(base_model: BaseModel, dataset: Dataset | None, method=AUTO, overrides=None, gpu=None) -> dict:
     from autotune import select
 
     method = clean_method(method)
@@ -165,8 +177,8 @@ def make_plan(base_model: BaseModel, dataset: Dataset | None, method="auto", ove
         inventory, origin = current_inventory()
     stats = {"rows": dataset.train_rows if dataset else 0, "token_stats": dataset.token_stats if dataset else {},
              "validation_rows": dataset.validation_rows if dataset else None}  # issue 32: 0 = nothing stops a run
-    if dataset is not None and method == "auto":
-        method = {"preference": "dpo", "kto": "kto"}.get(training_schema(dataset), method)
+    if dataset is not None and method == AUTO:
+        method = auto_method_for_schema(training_schema(dataset))  # dpo for pairs, kto for labelled answers
     calibration = measured_calibration(base_model, _device_name(inventory))
     preferences = {"method": method, "overrides": overrides}
     if calibration:
@@ -234,18 +246,7 @@ def training_schema(dataset) -> str:
 
 
 def _check_method_fits_schema(method, dataset):
-    schema = training_schema(dataset)
-    if method == "dpo" and schema != "preference":
-        raise InputError(
-            "DPO needs a preference dataset (prompt/chosen/rejected); this one is " f"{dataset.schema}.",
-            field="method",
-        )
-    if method not in ("dpo", "auto") and schema == "preference":
-        raise InputError("A preference dataset trains with method dpo (or auto).", field="method")
-    if method == "kto" and schema != "kto":
-        raise InputError("KTO needs rows labelled desirable or undesirable (a kto_tag or label column); this "
-                         f"dataset is {dataset.schema}.", field="method")
-    if method not in ("kto", "auto") and schema == "kto":
-        raise InputError("This dataset labels answers desirable or undesirable (its kto_tag/label column): it "
-                         "trains with method kto (or auto), so undesirable answers are not learned as good ones.",
-                         field="method")
+    """Each method says which training schemas it trains on (finetune/methods/), and what to tell the user."""
+    problem = schema_problem(method, training_schema(dataset), dataset.schema)
+    if problem:
+        raise InputError(problem, field="method")

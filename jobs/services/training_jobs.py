@@ -7,6 +7,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from .. import limits, queue
+from ..base_models import check_ready
 from ..errors import InputError
 from ..models import BaseModel, Dataset, FineTuneJob, JobEvent, JobStatus
 from .plans import clean_method, clean_overrides, make_plan
@@ -23,6 +24,7 @@ def create_job(user, base_model: BaseModel, dataset: Dataset, method="auto", ove
                plan: dict | None = None) -> FineTuneJob:
     """Queues a job with its plan: the one the caller already made for these same settings (the page shows it
     before queueing), or made here."""
+    check_ready(base_model)  # issue 34: a model still downloading from the Hub is planned for, not trained
     if plan is None:
         plan = make_plan(base_model, dataset, method, overrides)
     with transaction.atomic():

@@ -4,6 +4,7 @@ module (jobs/runner.py, jobs/worker_signals.py's heartbeat)."""
 from __future__ import annotations
 
 import logging
+import os
 
 from django.conf import settings
 
@@ -20,9 +21,11 @@ def worker_inventory(queues: str) -> dict:
     from autotune import probe
 
     inventory = probe()
+    if hasattr(os, "getloadavg"):  # the plan page says when other work keeps this machine's CPUs busy
+        inventory["cpu"]["load_1m"] = round(os.getloadavg()[0], 2)
     if training_queue() in [q.strip() for q in (queues or "").split(",")]:
         try:
-            from finetune.precision import matmul_speed
+            from autotune.precision import matmul_speed
 
             inventory["matmul_speed"] = matmul_speed(settings.DATA_DIR)
         except Exception as exc:  # noqa: BLE001 - no torch or a broken device: plan without the measurement
@@ -61,4 +64,4 @@ def replan_for_worker(job: FineTuneJob, inventory: dict, hostname: str) -> str |
 
 
 REPLAN_FIELDS = ("method", "device", "dtype", "micro_batch", "grad_accum", "max_seq_len", "gradient_checkpointing",
-                 "optimizer")
+                 "optimizer", "gpus", "parallel", "global_batch", "quant_storage")

@@ -4,6 +4,8 @@ import math
 
 from django import template
 
+from finetune.methods import method_plan_field_labels
+
 from .humanize_bytes import human_bytes
 
 register = template.Library()
@@ -58,7 +60,6 @@ LABELS = {
     "completion_only": "Train on answers only",
     "num_virtual_tokens": "Virtual tokens",
     "adapter_bottleneck": "Adapter bottleneck",
-    "dpo_beta": "DPO beta",
     "max_new_tokens": "Max new tokens",
     "max_eval_generations": "Generations at the end",
     "eval_every_steps": "Evaluate every (steps)",
@@ -76,6 +77,9 @@ def label(name):
     name = str(name)
     if name in LABELS:
         return LABELS[name]
+    own = method_plan_field_labels()  # a method's own fields, named by the method (finetune/methods/)
+    if name in own:
+        return own[name]
     words = name.replace("_", " ").strip()
     return words[:1].upper() + words[1:]
 

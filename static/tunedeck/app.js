@@ -1,4 +1,5 @@
-// Small page behaviour shared by every page: the phone menu, and the job form's automatic values as placeholders.
+// Small page behaviour shared by every page: the phone menu, the job form's automatic values as placeholders, and
+// the hint on a table box that scrolls sideways.
 (function () {
   "use strict";
   function setUpMenu() {
@@ -25,6 +26,28 @@
     }
   }
 
-  document.addEventListener("DOMContentLoaded", function () { setUpMenu(); showAutomaticValues(); });
+  // A table wider than its box scrolls inside it; the box is then marked (its first column stays in view, see
+  // app.css) and a line above it says so, so no column is cut off without the reader knowing there is more.
+  function markScrollingBoxes() {
+    for (const box of document.querySelectorAll(".scroll")) {
+      const overflowing = box.scrollWidth > box.clientWidth + 1;
+      box.classList.toggle("overflowing", overflowing);
+      let hint = box.previousElementSibling;
+      if (!(hint && hint.classList.contains("scroll-hint"))) hint = null;
+      if (overflowing && !hint) {
+        hint = document.createElement("p");
+        hint.className = "scroll-hint";
+        hint.textContent = "Scroll sideways for more columns";
+        box.before(hint);
+      } else if (!overflowing && hint) {
+        hint.remove();
+      }
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { setUpMenu(); showAutomaticValues(); markScrollingBoxes(); });
   document.addEventListener("htmx:afterSwap", showAutomaticValues);
+  document.addEventListener("htmx:afterSettle", markScrollingBoxes);
+  document.addEventListener("toggle", markScrollingBoxes, true);  // a table inside a <details> just opened
+  window.addEventListener("resize", markScrollingBoxes);
 })();

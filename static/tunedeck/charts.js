@@ -24,11 +24,17 @@
     return out;
   }
 
-  // Small numbers (learning rates) read better as 2.0e-4 than as 0.000200000.
-  function tickLabel(value) {
+  // Small numbers (learning rates) read better as 2.0e-4 than as 0.000200000; with as many digits as it takes
+  // for neighbouring ticks to read differently (2.05e-4, 2.10e-4, not 2.1e-4 twice).
+  function tickLabel(value, index, ticks) {
     var v = Number(value);
-    if (v !== 0 && Math.abs(v) < 0.01) return v.toExponential(1);
-    return Math.round(v * 1000) / 1000;
+    if (v === 0 || Math.abs(v) >= 0.01) return Math.round(v * 1000) / 1000;
+    var values = (ticks || []).map(function (t) { return Number(t.value); });
+    for (var digits = 1; digits < 6; digits++) {
+      var labels = values.map(function (x) { return x.toExponential(digits); });
+      if (new Set(labels).size === labels.length) return v.toExponential(digits);
+    }
+    return v.toExponential(6);
   }
 
   function lineChart(canvas, datasets, yLabel) {
@@ -179,13 +185,16 @@
       var datasets = [];
       var total = 0;
       curves.forEach(function (c, k) {
-        var color = COLORS[k % COLORS.length];
+        // A single version's train and validation curves get two colours; several versions one colour each
+        // (validation dashed), so the legend tells them apart either way.
+        var color = COLORS[(curves.length === 1 ? 0 : k) % COLORS.length];
+        var evalColor = curves.length === 1 ? COLORS[1 % COLORS.length] : color;
         var train = xy(c.steps, c.train_loss);
         var evalPoints = xy(c.steps, c.eval_loss);
         total += train.length + evalPoints.length;
         datasets.push(series(c.label + " train", color, train));
         if (evalPoints.length) {
-          datasets.push(series(c.label + " validation", color, evalPoints, { borderDash: [5, 3], pointRadius: 2.5 }));
+          datasets.push(series(c.label + " validation", evalColor, evalPoints, { borderDash: [5, 3], pointRadius: 2.5 }));
         }
       });
       var chart = lineChart(canvas, datasets, "loss");

@@ -3,7 +3,6 @@ Celery worker, loaded by a real inference server process), open the playground a
 import pytest
 
 from tests.web.test_deploy import (  # noqa: F401 - fixtures shared with tests/web/test_deploy.py
-    inference_server,
     make_version,
     serving,
     trained_adapters,

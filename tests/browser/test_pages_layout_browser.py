@@ -2,6 +2,9 @@
 (390 px) width (issue 23). A page fails on horizontal overflow (the document wider than the viewport), on a
 console error or an uncaught exception, on a failed request (4xx/5xx or a request that never completed), and on
 any serious or critical accessibility violation found by axe-core (npm, injected from node_modules).
+Tables (issue 37): a page also fails on a table cell squeezed to a few characters' width, on a box whose content
+is clipped sideways without the visible "scroll sideways" hint, and, at the desktop width, on any table wider
+than its card.
 
 The states are made directly in the database (a real training run adds nothing to the layout); the adapter
 files of the versions are real, built on the tiny model. Screenshots go to $TUNEDECK_SCREENSHOT_DIR when set."""
@@ -153,6 +156,41 @@ class PageProblems:
         self.page.goto("about:blank")
 
 
+# Table cells narrower than this many times their font size while holding a longer text read as "2", "c", "reac".
+SQUEEZED_EMS = 2.5
+
+TABLE_PROBLEMS = """(desktop) => {
+    const found = [];
+    const label = e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+        (e.className && typeof e.className === 'string' ? '.' + e.className.trim().split(/\\s+/).join('.') : '');
+    const visible = e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0 &&
+                                                                      getComputedStyle(e).visibility !== 'hidden'; };
+    for (const cell of document.querySelectorAll('td, th')) {
+        if (!visible(cell)) continue;
+        const text = cell.innerText.trim();
+        const style = getComputedStyle(cell);
+        const inner = cell.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        if (text.length >= 4 && inner < """ + str(SQUEEZED_EMS) + """ * parseFloat(style.fontSize)) {
+            found.push(`table cell squeezed to ${Math.round(inner)} px: "${text.slice(0, 30)}"`);
+        }
+    }
+    for (const box of document.querySelectorAll('body *')) {
+        const overflowX = getComputedStyle(box).overflowX;
+        if (!['auto', 'scroll', 'hidden', 'clip'].includes(overflowX) || !visible(box)) continue;
+        if (box.matches('.chart-box, .memory-bar, .bar, .track, .sr-only, textarea, select, input')) continue;
+        if (box.scrollWidth <= box.clientWidth + 1) continue;
+        const hint = box.previousElementSibling;
+        const cued = box.classList.contains('overflowing') && hint && hint.matches('.scroll-hint') && visible(hint);
+        if (desktop && box.querySelector('table')) {
+            found.push(`table wider than its card at desktop width: ${label(box)} ${box.scrollWidth} px in ${box.clientWidth} px`);
+        } else if (!cued) {
+            found.push(`content clipped sideways without a visible cue: ${label(box)} ${box.scrollWidth} px in ${box.clientWidth} px`);
+        }
+    }
+    return found.slice(0, 8);
+}"""
+
+
 def check_page(page, url, name, width_name):
     problems = PageProblems(page)
     page.goto(url, wait_until="load")
@@ -165,6 +203,7 @@ def check_page(page, url, name, width_name):
             .filter(e => !e.closest('.scroll, pre, .chart-box'))
             .slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className)""")
         found.append(f"horizontal overflow: {sizes[0]} px wide in a {sizes[1]} px viewport ({wide})")
+    found += page.evaluate(TABLE_PROBLEMS, width_name == "desktop")
     page.add_script_tag(path=str(AXE))
     violations = page.evaluate("""async () => {
         const r = await axe.run(document, {resultTypes: ['violations']});

@@ -146,14 +146,12 @@ def avx512_bf16_bitsandbytes(monkeypatch):
     default kernel for that op is plain torch and would pass gradients); on one with it, bitsandbytes' own."""
     from bitsandbytes.functional import has_avx512bf16
 
-    import finetune.train as train_module
-
     def advertise_avx512_bf16(model):
         for layer in fourbit.four_bit_layers(model):
             layer.support_avx512bf16_for_cpu = True
         return 0
 
-    monkeypatch.setattr(train_module.fourbit, "keep_trainable", advertise_avx512_bf16)
+    monkeypatch.setattr(fourbit, "keep_trainable", advertise_avx512_bf16)
     library = None
     if not has_avx512bf16():
         library = torch.library.Library("bitsandbytes", "FRAGMENT")

@@ -6,8 +6,9 @@ import pytest
 
 from finetune import checkpoint as ckpt
 from finetune.errors import OutOfMemory, TrainingError
+from finetune.fitcheck import shrink_after_oom
 from finetune.tokenize import IGNORE, encode_example, preview_segments
-from finetune.train import TrainSpec, _shrink_after_oom, train
+from finetune.train import TrainSpec, train
 from tinymodel import learnable_chat_rows, write_jsonl
 
 
@@ -185,11 +186,11 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, chat_files, tmp_path):
 
 def test_oom_shrinks_micro_batch_keeping_effective_batch(tiny_model_dir, chat_files, tmp_path):
     spec = _spec(tiny_model_dir, chat_files, tmp_path, micro_batch=8, grad_accum=2)
-    assert "micro-batch 4 x 4" in _shrink_after_oom(spec)
+    assert "micro-batch 4 x 4" in shrink_after_oom(spec)
     assert spec.micro_batch * spec.grad_accum == 16
     spec.micro_batch, spec.grad_accum = 1, 16
-    assert _shrink_after_oom(spec) == "gradient checkpointing on"
-    assert _shrink_after_oom(spec) is None
+    assert shrink_after_oom(spec) == "gradient checkpointing on"
+    assert shrink_after_oom(spec) is None
 
 
 def test_oom_during_training_is_recovered(tiny_model_dir, chat_files, tmp_path, monkeypatch):

@@ -28,6 +28,22 @@ def fresh_counters():
     cache.clear()
 
 
+@pytest.fixture
+def mid_window_clock(monkeypatch):
+    """The rate limits count in fixed windows of the clock (jobs/ratelimit.py): a test whose requests straddled a
+    window's end would see two half-empty counters and no 429. Their clock is held 20 s into a minute."""
+    from jobs import ratelimit
+
+    held = 1_800_000_020.0
+
+    class Clock:
+        @staticmethod
+        def time():
+            return held
+
+    monkeypatch.setattr(ratelimit, "time", Clock)
+
+
 def settings_in(env):
     code = ("import json, django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'tunedeck.settings');"
             "from django.conf import settings as s; django.setup();"
@@ -63,7 +79,7 @@ def test_forms_need_the_csrf_token(user, tiny_base_model):
     assert browser.post("/api/v1/tokens", {"name": "y"}, content_type="application/json").status_code == 403
 
 
-def test_login_rate_limit(user, settings):
+def test_login_rate_limit(user, settings, mid_window_clock):
     settings.TUNEDECK_LOGIN_RATE = "5/min"
     browser = Client()
     codes = [browser.post("/login/", {"username": "alice", "password": "wrong"}).status_code for _ in range(7)]
@@ -72,7 +88,7 @@ def test_login_rate_limit(user, settings):
     assert refused.status_code == 429 and int(refused["Retry-After"]) > 0  # even the right password waits
 
 
-def test_inference_rate_limit(user, token_for, settings):
+def test_inference_rate_limit(user, token_for, settings, mid_window_clock):
     settings.TUNEDECK_INFERENCE_RATE = "3/min"
     headers = {"HTTP_AUTHORIZATION": f"Bearer {token_for(user)}"}
     codes = [Client().post("/v1/chat/completions", "{}", content_type="application/json", **headers).status_code

@@ -28,6 +28,7 @@ ROUTE_MODELS = {
     "deployments": "deployment",
     "tokens": "token",
     "base-models": "base_model",
+    "models": "base_model",  # the Models page's pull progress and cancel (issue 34)
 }
 METHODS = ("get", "post", "put", "patch", "delete")
 

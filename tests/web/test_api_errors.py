@@ -48,7 +48,7 @@ def assert_error(response, status, code=None):
 
 def test_unknown_paths_and_methods(client):
     assert_error(client.get("/api/v1/no-such-thing"), 404, "not_found")
-    assert_error(client.get("/api/v1/datasets/"), 404, "not_found")
+    assert_error(client.get("/api/v1/no-such-thing/"), 404, "not_found")  # a trailing slash is forgiven (issue 37), not invented
     assert_error(client.post("/api/v2/jobs", {}, format="json"), 404, "not_found")
     assert_error(client.delete("/api/v1/jobs"), 405, "method_not_allowed")
     assert_error(client.put("/api/v1/plans", {}, format="json"), 405, "method_not_allowed")
@@ -228,3 +228,11 @@ def test_schema_lists_error_responses(client):
     assert "application/zip" in download["responses"]["200"]["content"]
     assert download["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
     assert "429" in paths["/api/v1/auth/token"]["post"]["responses"]
+
+
+def test_a_trailing_slash_answers_like_the_path_without_it(client, user):
+    """Issue 37: /api/v1/datasets/ was a 404; it answers as /api/v1/datasets (no redirect that would drop a body)."""
+    ready_dataset(user)
+    plain, slashed = client.get("/api/v1/datasets"), client.get("/api/v1/datasets/")
+    assert slashed.status_code == 200 and slashed.json() == plain.json()
+    assert client.get("/api/v1/no-such-thing/").status_code == 404

@@ -5,23 +5,17 @@ import json
 from datetime import timedelta
 
 import pytest
-import requests
 from django.test import override_settings
 from django.utils import timezone
 
-from .conftest import wait_for
+from .conftest import api_session, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
 def api(live_server, user, tiny_base_model):
-    session = requests.Session()
-    response = session.post(f"{live_server.url}/api/v1/auth/token", json={"username": "alice", "password": "alice-pw"})
-    assert response.status_code == 200, response.text
-    session.headers["Authorization"] = f"Bearer {response.json()['token']}"
-    session.base = f"{live_server.url}/api/v1"
-    return session
+    return api_session(live_server)
 
 
 def upload(api, content, filename="data.jsonl", **fields):

@@ -2,25 +2,23 @@
 (`manage.py serve_inference`): merged and unmerged deployments go live and answer like their adapter, rollback
 and stop, merge failures, export, and other users' deployments stay invisible.
 
-The fixtures here (trained tiny adapters, the inference server, versions made without a training job run) are
-imported by tests/web/test_openai_api.py and tests/browser/test_deploy_browser.py too. The inference
-server keeps at most 2 adapters per base loaded, so the multi-LoRA test sees least-recently-used eviction.
+The fixtures here (trained tiny adapters, versions made without a training job run) are imported by
+tests/web/test_openai_api.py and tests/browser/test_deploy_browser.py too; the inference server they share is
+tests/conftest.py's. It keeps at most 2 adapters per base loaded, so the multi-LoRA test sees least-recently-used
+eviction.
 """
 import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import worker_database_url
 
 from tests.conftest import ROOT, wait_for
 
@@ -91,58 +89,6 @@ def make_version(user, base_model, adapter_dir, line_name, method=None, *, break
     if break_it:
         (copy / "adapter_model.safetensors").unlink()
     return record_adapter_version(job, copy, {"train_loss": 0.1}, [], plan)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-_SERVER: dict = {}
-
-
-@pytest.fixture(scope="session")
-def inference_server(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A real `manage.py serve_inference` process on a free port, reading the test database."""
-    if _SERVER.get("proc") is not None and _SERVER["proc"].poll() is None:
-        yield _SERVER["url"]
-        return
-    from django.conf import settings
-
-    with django_db_blocker.unblock():
-        database_url = worker_database_url()
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("inference-logs") / "inference.log"
-    env = dict(os.environ, DATABASE_URL=database_url, CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
-               TUNEDECK_DATA_DIR=str(settings.DATA_DIR), PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "manage.py", "serve_inference", "--port", str(port), "--device", "cpu", "--poll", "0.5",
-             "--max-adapters", "2"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    proc.log_path = log_path
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180  # it imports torch, transformers and peft before listening
-    while True:
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"the inference server did not start:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.3)
-    _SERVER.update(proc=proc, url=url)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    _SERVER.clear()
 
 
 @pytest.fixture

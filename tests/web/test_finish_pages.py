@@ -3,12 +3,14 @@ waits for, the Workers page busy with evaluations and merges, deploy's "queued (
 starts, a plan that cannot fit asks for confirmation, confirmed destructive actions with feedback, next steps,
 human labels, offline API docs and the smaller fixes. The layout itself is tests/browser/test_pages_layout_browser."""
 import json
+import re
 
 import pytest
 from django.utils import timezone
 
 from jobs import deploy, evaluation, services, waiting
 from jobs.models import ApiToken, Dataset, Deployment, FineTuneJob, JobStatus, Worker
+from jobs.services import evaluation_runs
 from tests.web.test_versions import train_version
 
 pytestmark = pytest.mark.django_db
@@ -84,7 +86,7 @@ def test_deploy_says_queued_until_its_merge_starts(client, user, version):
 def test_workers_page_shows_a_running_evaluation(client, user, version):
     set_id = evaluation.queue_evaluation([version], [{"prompt": "hi", "reference": None}], name="prompt box",
                                          kind="prompt")
-    evaluation._update_entry(version.pk, set_id, lambda e: e.update(status="running", worker="interactive@box",
+    evaluation_runs._update_entry(version.pk, set_id, lambda e: e.update(status="running", worker="interactive@box",
                                                                     started_at=timezone.now().isoformat()))
     Worker.objects.create(hostname="interactive@box", queues="interactive", last_heartbeat=timezone.now(),
                           inventory={})
@@ -100,7 +102,9 @@ def test_stop_is_confirmed_and_the_page_stops_saying_serving(client, user, versi
     page = client.get(f"/deployments/{deployment.pk}/").content.decode()
     assert 'id="stop-confirm"' in page and 'class="danger" id="stop-confirm-button"' in page
     assert "--port 8000" not in page, "8000 is Tunedeck's own port"
-    assert "--port 8001" in json.dumps(deploy.export_commands(deployment))
+    commands = json.dumps(deploy.export_commands(deployment))
+    assert "--port 8001" not in commands and "--port ${SERVE_PORT:-8001}" in commands, "a port the user sets"
+    assert 'id="serve-port-note"' in page and "export SERVE_PORT=" in page
     response = client.post(f"/deployments/{deployment.pk}/stop", {"next": f"/deployments/{deployment.pk}/"},
                            follow=True)
     page = response.content.decode()
@@ -125,7 +129,7 @@ def test_a_plan_that_cannot_fit_asks_before_queueing(client, user, tiny_base_mod
             "extra_overrides": '{"device": "cuda"}', "adapter_name": "too-big"}
     preview = client.post("/jobs/plan-preview", form).content.decode()
     assert preview.count("is missing") == 1 and "does not fit in memory" not in preview, "one warning, once"
-    assert "GB " not in preview and "GiB" in preview
+    assert "GB " not in preview and re.search(r"\d (MiB|GiB)", preview), "binary units, as the estimator counts"
     refused = client.post("/jobs/new/", form)
     assert refused.status_code == 400 and 'name="confirm_overshoot"' in refused.content.decode()
     assert not FineTuneJob.objects.filter(adapter_name="too-big").exists()

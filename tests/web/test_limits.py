@@ -7,9 +7,9 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from finetune.search import Budget
-from jobs import search as job_search
+from autotune.search import Budget
 from jobs.models import Dataset, FineTuneJob, JobStatus, Worker
+from jobs.services import search_stage as job_search
 
 pytestmark = pytest.mark.django_db
 

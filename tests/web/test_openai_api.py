@@ -13,7 +13,6 @@ from tests.web.test_deploy import (  # noqa: F401 - fixtures shared with test_de
     PING,
     alice,
     deploy,
-    inference_server,
     make_version,
     served_models,
     serving,

@@ -2,7 +2,7 @@
 official `openai` client through /v1 to both engines: each is honoured (200) or refused with a 400 naming it,
 never dropped without a word; and the honoured ones really change the answer where that can be seen exactly.
 
-The tables under test: jobs.openai_fields (what /v1 knows, what vLLM does) and finetune.serving.BUILTIN_FIELDS.
+The tables under test: jobs.openai_fields (what /v1 knows), serving.vllm_fields and serving.builtin_fields.
 The vLLM half needs .venv-vllm (scripts/setup-vllm.sh) and starts one vLLM server, which takes minutes.
 """
 import json
@@ -13,14 +13,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from jobs import openai_fields
 from jobs.openai_fields import CHAT, COMPLETIONS, METADATA, VLLM_FIELDS
-from tests.conftest import make_base_model
+from serving.vllm_fields import for_vllm, vllm_refusal
+from tests.conftest import make_base_model, wait_for
 from tests.web.test_deploy import (  # noqa: F401 - fixtures shared with test_deploy.py
     PING,
     alice,
     deploy,
-    inference_server,
     make_version,
     serving,
     trained_adapters,
@@ -203,7 +202,7 @@ def _check_unknown_fields(client, model):
 
 
 def test_every_openai_field_has_a_fate_and_every_sample_is_listed():
-    from finetune.serving import BUILTIN_FIELDS
+    from serving.builtin_fields import BUILTIN_FIELDS
 
     for endpoint in (CHAT, COMPLETIONS):
         known = {k for k, f in VLLM_FIELDS.items() if endpoint in f.endpoints} | METADATA
@@ -239,28 +238,38 @@ def test_vllm_field_table_matches_the_installed_vllm(settings):
 
 def test_for_vllm_moves_the_removed_guided_fields_and_leaves_out_what_asks_for_nothing():
     body = {"model": "m", "guided_regex": "[0-9]+", "guided_whitespace_pattern": " ", "priority": 0, "top_k": 3}
-    assert openai_fields.vllm_refusal(body) is None
-    assert openai_fields.for_vllm(body) == {"model": "m", "top_k": 3,
+    assert vllm_refusal(body) is None
+    assert for_vllm(body) == {"model": "m", "top_k": 3,
                                             "structured_outputs": {"regex": "[0-9]+", "whitespace_pattern": " "}}
-    assert openai_fields.vllm_refusal({"priority": 2}) == ("priority", VLLM_FIELDS["priority"].refused)
-    assert openai_fields.vllm_refusal({"logprobs": 0, "best_of": 1}) is None  # 1 candidate: nothing asked
+    assert vllm_refusal({"priority": 2}) == ("priority", VLLM_FIELDS["priority"].refused)
+    assert vllm_refusal({"logprobs": 0, "best_of": 1}) is None  # 1 candidate: nothing asked
 
 
 def test_the_builtin_refusal_says_how_to_get_vllm_when_it_is_not_installed(tmp_path):
     """The reason comes from the real engine choice for a model vLLM can run, with no vLLM environment."""
-    from finetune.vllm_engine import choose_engine
-    from jobs.serving_engines import refusal_message
+    from serving.builtin import BuiltinEngine
+    from serving.engine import MERGED, RequestError, ServedModel, choose
+    from serving.vllm import VllmEngine
 
     folder = tmp_path / "llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(
         {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_attention_heads": 9}))
-    choice = choose_engine("merged", folder, vllm_python=str(tmp_path / "no-venv" / "python"))
-    assert choice["engine"] == "builtin"
-    message = refusal_message("logprobs", choice["reason"])
+    engines = [VllmEngine(python=str(tmp_path / "no-venv" / "python"), gpus=[]), BuiltinEngine()]
+    builtin, choice = choose(engines, ServedModel("m", MERGED, model_dir=folder))
+    assert choice.engine == "builtin"
+
+    def refusal(key, reason, ahead=engines[:1]):
+        with pytest.raises(RequestError) as refused:
+            builtin.check_fields({key: 2}, reason, ahead)
+        assert refused.value.status == 400 and refused.value.param == key
+        return str(refused.value)
+
+    message = refusal("logprobs", choice.reason)
     assert "scripts/setup-vllm.sh" in message and "deploy a method" not in message, message
-    assert "vLLM does not take it either" in refusal_message("best_of", choice["reason"])
-    assert "--no-vllm" in refusal_message("n", "vLLM is switched off for this inference server")
+    assert "vLLM does not take it either" in refusal("best_of", choice.reason)
+    off = VllmEngine(enabled=False, gpus=[])
+    assert "--no-vllm" in refusal("n", choose([off, builtin], ServedModel("m", MERGED, model_dir=folder))[1].reason)
 
 
 # ---------------------------------------------------------------- the built-in engine's own effects
@@ -269,7 +278,7 @@ def test_the_builtin_refusal_says_how_to_get_vllm_when_it_is_not_installed(tmp_p
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     """The built-in engine in this process, on the random tiny model (its greedy answers repeat tokens)."""
-    from finetune.serving import ModelServer
+    from serving.model_server import ModelServer
 
     server = ModelServer(device="cpu")
     server.add_merged("tiny", tiny_model_dir)
@@ -294,14 +303,14 @@ def test_builtin_sampling_filters_reduce_to_greedy_when_they_keep_one_token(engi
 def test_builtin_penalties_and_biases_change_the_logits_as_specified(engine, tiny_model_dir):
     import torch
 
-    from finetune.serving import _SamplingParams, request_processors
+    from serving.sampling import SamplingParams, request_processors
 
     prompt = torch.tensor([[5, 6, 7]])
     answer = torch.tensor([[5, 6, 7, 9, 9, 8]])  # the prompt, then the answer so far: 9 twice, 8 once
     scores = torch.randn(1, 384, generator=torch.Generator().manual_seed(0))
 
     def processed(**fields):
-        return request_processors(_SamplingParams(temperature=0, **fields), prompt.shape[1], 384)(answer, scores)
+        return request_processors(SamplingParams(temperature=0, **fields), prompt.shape[1], 384)(answer, scores)
 
     assert torch.equal(processed(), scores)
     penalised = processed(repetition_penalty=2.0)
@@ -398,7 +407,10 @@ def test_vllm_honours_or_refuses_each_field_through_v1(vllm_available, alice, li
     version = make_version(user, base, smollm_loras[0], "smol-fields", method="lora")
     response = alice.post(f"{alice.base}/adapter-versions/{version.pk}/deploy", json={"merge": False})
     assert response.status_code == 202, response.text
-    live = wait_status(alice, response.json()["deployment"]["id"], timeout=STARTUP_SECONDS, worker=celery_worker)
+    deployment_id = response.json()["deployment"]["id"]
+    wait_status(alice, deployment_id, timeout=STARTUP_SECONDS, worker=celery_worker)
+    live = wait_for(lambda: ((d := alice.get(f"{alice.base}/deployments/{deployment_id}").json())["engine"] or {})
+                    .get("name") == "vllm" and d, timeout=STARTUP_SECONDS, what="vLLM taking over")
     assert live["status"] == "live" and live["engine"]["name"] == "vllm", live
     client = client_for(live_server, alice.token)
 

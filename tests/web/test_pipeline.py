@@ -5,11 +5,9 @@ import json
 import zipfile
 
 import pytest
-import requests
-
 from tinymodel import learnable_chat_rows
 
-from .conftest import wait_for
+from .conftest import api_session, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -20,12 +18,7 @@ def jsonl(rows):
 
 @pytest.fixture
 def api(live_server, user, tiny_base_model, celery_worker):
-    session = requests.Session()
-    response = session.post(f"{live_server.url}/api/v1/auth/token", json={"username": "alice", "password": "alice-pw"})
-    assert response.status_code == 200, response.text
-    session.headers["Authorization"] = f"Bearer {response.json()['token']}"
-    session.base = f"{live_server.url}/api/v1"
-    return session
+    return api_session(live_server)
 
 
 def upload(api, content, filename="chat.jsonl", **fields):
@@ -74,6 +67,12 @@ def test_upload_train_and_download_adapter(api, celery_worker):
     metrics = api.get(f"{api.base}/jobs/{job_id}/metrics").json()
     assert [p["step"] for p in metrics["points"] if p["train_loss"] is not None][-1] == 12
     assert {"started", "succeeded"} <= {e["kind"] for e in metrics["events"]}
+    assert [e["kind"] for e in metrics["events"]].count("started") == 1, "the worker's start, not the trainer's too"
+    # Issue 37: the phases around the steps, each with its own time, all closed once the job is done.
+    phases = [p["name"] for p in job["phases"]]
+    assert phases == ["queued", "loading", "checking_fit", "evaluating_before", "training", "evaluating",
+                      "saving"], f"each phase once, in the order of the run: {phases}"
+    assert all(p["state"] == "done" and p["seconds"] is not None for p in job["phases"]) and job["phase"] is None
 
     version = api.get(f"{api.base}/adapter-versions/{job['adapter_version']}").json()
     assert version["adapter_name"] == "ping-pong" and version["version"] == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.vllm_engine import EngineSettings, VllmServer
+from serving.vllm_process import EngineSettings, VllmServer
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

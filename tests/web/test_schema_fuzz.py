@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import pytest
 import schemathesis
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, Phase, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from jobs.models import AdapterLine, AdapterVersion, Dataset, FineTuneJob
 

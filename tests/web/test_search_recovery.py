@@ -5,8 +5,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from jobs import search as job_search
 from jobs.models import Dataset, FineTuneJob, SearchTrial
+from jobs.services import search_stage as job_search
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

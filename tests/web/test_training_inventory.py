@@ -97,3 +97,27 @@ def test_a_training_worker_reports_its_matmul_speed_and_a_dataset_worker_does_no
     assert trainer["matmul_speed"][0]["bf16_speedup"] > 0
     assert (tmp_path / "matmul-speed.json").is_file()  # measured once, kept for the next heartbeat
     assert "matmul_speed" not in worker_planning.worker_inventory("default")
+
+
+def test_the_heartbeat_reports_the_cpu_load_and_the_plan_says_when_the_machine_is_loaded():
+    from jobs.plan_display import worker_notes
+
+    load = worker_planning.worker_inventory("default")["cpu"]["load_1m"]
+    assert isinstance(load, float) and load >= 0, "the 1-minute load average, next to the core count"
+    busy_cpu = {**DATASET_WORKER, "cpu": {**DATASET_WORKER["cpu"], "load_1m": 3.9}}
+    worker = _worker("cpu-box", busy_cpu, "gpu,default")
+    cpu_plan = {"method": "lora", "device": "cpu"}
+    assert any("cpu-box's CPUs busy (load 3.9 on 4 cores): the machine is loaded" in n for n in worker_notes(cpu_plan))
+
+    worker.inventory = {**DATASET_WORKER, "cpu": {**DATASET_WORKER["cpu"], "load_1m": 0.5}}
+    worker.save()
+    assert not any("loaded" in n for n in worker_notes(cpu_plan)), "a quiet machine is not called loaded"
+
+    worker.inventory = {**H100, "cpu": {**H100["cpu"], "load_1m": 40.0}}
+    worker.save()
+    assert not any("CPUs busy" in n for n in worker_notes({"method": "lora", "device": "cuda"})), \
+        "a GPU plan on a GPU host is not slowed by the CPU load"
+
+    worker.inventory, worker.last_heartbeat = busy_cpu, timezone.now() - timedelta(hours=1)
+    worker.save()
+    assert not any("loaded" in n for n in worker_notes(cpu_plan)), "a worker that stopped beating says nothing"

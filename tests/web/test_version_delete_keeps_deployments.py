@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from jobs import deploy
+from jobs import deploy, deploy_worker
 from jobs.models import AdapterVersion, Deployment
 from jobs.versions import delete_version
 from tests.web.test_versions import dataset, train_version  # noqa: F401 - the dataset fixture is used
@@ -125,7 +125,7 @@ def test_workers_and_the_inference_server_skip_a_deployment_without_a_version(us
     assert [d.pk for d in delete_version(v2)] == [deployment.pk]
     Deployment.objects.filter(pk=deployment.pk).update(status=Deployment.Status.LOADING)
     assert deployment.pk not in [spec["id"] for spec in deploy.serving_specs()]
-    assert deploy.run_deploy(deployment.pk, deployment.revision) == Deployment.Status.FAILED
+    assert deploy_worker.run_deploy(deployment.pk, deployment.revision) == Deployment.Status.FAILED
     deployment.refresh_from_db()
     assert deployment.status == "failed" and "support v2 was deleted" in deployment.error
     assert str(settings.DEPLOYMENT_DIR) not in deployment.error

@@ -16,6 +16,7 @@ from finetune.evaluate import score_answers
 from jobs import evaluation
 from jobs.compare import compare_versions
 from jobs.models import AdapterVersion, Dataset, Deployment, FineTuneJob, JobStatus, MetricPoint
+from jobs.services.evaluation_runs import run_evaluation
 from jobs.services.version_recording import record_adapter_version
 from tests.finetune.adapter_factory import make_adapter
 
@@ -117,7 +118,7 @@ def test_evaluation_of_versions_and_the_base_model(two_versions):
     v1.refresh_from_db()
     assert evaluation.entry_of(v1, set_id)["status"] == "queued"
     # The worker's side of the task, run here (the Celery task is a thin wrapper around it).
-    statuses = evaluation.run_evaluation([v1.pk, v2.pk], set_id)
+    statuses = run_evaluation([v1.pk, v2.pk], set_id)
     assert statuses == {v1.pk: "done", v2.pk: "done"}
     data = compare_versions(AdapterVersion.objects.filter(pk__in=[v1.pk, v2.pk]).select_related("line")
                             .order_by("version"), set_id)
@@ -148,6 +149,23 @@ def test_compare_settings_diff_and_best_metric(two_versions):
     assert [c["label"] for c in data["versions"]] == ["support v1", "support v2"]
     assert [p["step"] for p in data["versions"][0]["curve"]] == [1, 2, 3]
     assert data["generations"][0]["outputs"] == ["out-1", "out-2"]
+
+
+def test_compare_leaves_out_the_fields_no_compared_method_uses(user, tiny_base_model, dataset, tmp_path, client):
+    ia3 = train_version(user, tiny_base_model, dataset, tmp_path, seed=1, plan={"method": "ia3"})
+    prompt = train_version(user, tiny_base_model, dataset, tmp_path, seed=2,
+                           plan={"method": "prompt", "num_virtual_tokens": 20})
+    fields = {row["field"] for row in compare_versions([ia3, prompt])["settings"]}
+    assert not {"rank", "alpha"} & fields, "neither IA3 nor prompt tuning has a rank or alpha"
+    assert {"target_modules", "num_virtual_tokens", "method", "learning_rate"} <= fields, "IA3 adapts layers"
+    fields = {row["field"] for row in compare_versions([ia3])["settings"]}
+    assert not {"rank", "alpha", "num_virtual_tokens"} & fields and "target_modules" in fields
+    lora = train_version(user, tiny_base_model, dataset, tmp_path, seed=3)
+    rows = {row["field"]: row for row in compare_versions([ia3, lora])["settings"]}
+    assert rows["rank"]["values"] == [4, 4] and "alpha" in rows, "LoRA uses them: shown for both, as planned"
+    client.force_login(user)
+    page = client.get(f"/versions/compare/?ids={ia3.pk},{prompt.pk}").content.decode()
+    assert 'data-field="method"' in page and 'data-field="rank"' not in page and 'data-field="alpha"' not in page
 
 
 def test_compare_page(client, user, other_user, two_versions):
@@ -184,7 +202,7 @@ def test_prompt_box_queues_one_prompt_on_every_version(client, user, two_version
     assert evaluation.entry_of(v1, set_id)["queue"] == "interactive", "never behind a training job"
     from django.conf import settings
     assert settings.CELERY_TASK_ROUTES["jobs.tasks.evaluate_interactive"] == {"queue": "interactive"}
-    evaluation.run_evaluation([v1.pk, v2.pk], set_id)
+    run_evaluation([v1.pk, v2.pk], set_id)
     done = client.get(f"/versions/compare/prompt?ids={v1.pk},{v2.pk}&set={set_id}").content.decode()
     assert 'data-status="done"' in done and "hx-get" not in done and done.count("<pre>") == 3
     empty = client.post("/versions/compare/prompt", {"ids": f"{v1.pk},{v2.pk}", "prompt": "  "})

@@ -29,7 +29,7 @@ class Command(BaseCommand):
         import peft  # noqa: F401
         import transformers  # noqa: F401
         service = InferenceService(device=device, max_adapters=max_adapters, poll_seconds=poll,
-                                   use_vllm=not no_vllm)
+                                   switched_off={"vllm"} if no_vllm else ())
         httpd = make_server(service, host, port)
         service.start()
 

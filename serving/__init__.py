@@ -1,0 +1,1 @@
+"""Serving engines behind one interface (serving.engine): the built-in engine, vLLM, and GGUF export."""
