@@ -1,6 +1,8 @@
 """How long a run trains: a ceiling of passes that grows as the data shrinks, and validation deciding where under
 that ceiling the run stops (finetune/train.py evaluates every `eval_every_steps`, stops after
-`early_stopping_patience` evaluations without a better validation loss and saves the best evaluation's adapter).
+`early_stopping_patience` evaluations without a better validation score and saves the best evaluation's adapter;
+the score is the exact match of greedy answers when the answers are short, labels or classes, else the loss:
+finetune/validation.py says why).
 
     length = choose_length(rows, effective_batch, validation_rows, overrides)
     -> {"epochs": ceiling, "eval_every_steps": ..., "early_stopping_patience": ...} and length_reason(...)
@@ -24,7 +26,7 @@ MAX_PASSES = 20
 # A multi-pass ceiling is evaluated at least every pass and at least this many times over the ceiling (with the
 # default 10 % validation split, one evaluation costs about 4 % of a pass: a forward pass is ~1/3 of a step).
 MIN_EVALUATIONS = 8
-# Patience: evaluations without a better validation loss before the run stops, about one pass's worth (so one
+# Patience: evaluations without a better validation score before the run stops, about one pass's worth (so one
 # noisy evaluation of a small validation split does not end it), at least MIN_PATIENCE, at most MAX_PATIENCE.
 MIN_PATIENCE, MAX_PATIENCE = 2, 3
 # Without validation rows nothing can stop a run early, so the ceiling would be its length: then the old fixed
@@ -93,7 +95,7 @@ def length_reason(plan: dict, rows: int, validation_rows: int | None, overrides:
                f"validation split to let validation decide, with room for up to {MAX_PASSES} passes)."
     if float(epochs) <= 1:
         return f"{head}{steps}: {rows:,} rows give at least {CEILING_STEPS} optimizer steps in one pass, room " \
-               "enough; the run stops early when validation loss stops improving and keeps its best checkpoint."
+               "enough; the run stops early when validation stops improving and keeps its best checkpoint."
     cap = f"{MAX_PASSES} passes" if epochs == MAX_PASSES else f"{CEILING_STEPS} optimizer steps"
     return f"At most {head}{steps}: a ceiling of {CEILING_STEPS} steps or {MAX_PASSES} passes, whichever " \
            f"comes first ({cap} here: {rows:,} rows give {per_pass:,} steps a pass); validation decides where " \
@@ -103,12 +105,13 @@ def length_reason(plan: dict, rows: int, validation_rows: int | None, overrides:
 def stopping_text(plan: dict, per_pass: int) -> str:
     every, patience = plan.get("eval_every_steps"), plan.get("early_stopping_patience")
     if not every or not patience or not per_pass:
-        return "; the run stops early when validation loss stops improving and keeps its best checkpoint"
+        return "; the run stops early when validation stops improving and keeps its best checkpoint"
     epochs = float(plan["epochs"])
     earliest = min(epochs, (1 + patience) * every / per_pass)
     cadence = "every pass" if every >= per_pass else f"every {every / per_pass:.2g} pass"
     return f". Validation every {every:,} steps ({cadence}); the run stops after {patience} evaluations without " \
-           f"a better validation loss and keeps the best one's adapter (its best checkpoint), so it ends between " \
+           f"a better validation score (the exact match of its greedy answers when the answers are short, labels " \
+           f"or classes, else the loss) and keeps the best one's adapter (its best checkpoint), so it ends between " \
            f"{_number(round(earliest, 2))} passes (nothing better after the first evaluation) and " \
            f"{_number(epochs)} (still improving): a task the base model nearly knows stops near the low end, new " \
            "labels or formats use more"

@@ -14,9 +14,11 @@ How it works, and why:
   that is not finite is pruned at once. Trials in one worker load the base model from disk once and train copies
   of it (reused_base_model). A trial warms up for as many steps as the final run will, so it is the final run's
   first steps at its settings.
-- A finished trial is scored on the validation split: when the rows have reference answers, by greedy generations
-  on up to setup.score_examples validation prompts, with exact match when the references are short (labels,
-  classes) and token F1 otherwise (finetune/evalmetrics.py); else by the final validation loss.
+- A finished trial is scored on the validation split: when the rows have short reference answers (labels,
+  classes), by the exact match of its greedy answers, which the trial's own evaluations watch as the final run's
+  do (finetune/validation.py: the best evaluation is kept, on up to 64 validation prompts); with longer answers by
+  token F1 of greedy generations on up to setup.score_examples prompts (finetune/evalmetrics.py); else by the
+  final validation loss.
 - The first trials are the rules' plan, then the same at 3x and 10x its learning rate (LR_LADDER): the rate is
   what most often decides whether a small dataset is learned (issue 32: 0.04 at 2e-4 against 0.95 at 1e-3).
   Then TPE samples. With few trials (fewer than FULL_SPACE_TRIALS expected) only the learning rate is searched and
@@ -43,11 +45,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from statistics import median
 
 from finetune.evalmetrics import exact_match, token_f1
 from finetune.methods import find_method, names_where
 from finetune.units import format_duration
+from finetune.validation import choose_metric, reference_prompts  # noqa: F401  (search.choose_metric: the study's metric)
 
 DEFAULT_BUDGET_FRACTION = 0.3  # of the final training's ceiling (its longest possible time)
 LR_LADDER = (1.0, 3.0, 10.0)  # the first trials: the rules' learning rate times these
@@ -60,7 +62,6 @@ MAX_FINAL_SLOWDOWN = 1.3  # the winner's settings may train at most this much sl
 # TRIAL_OVERHEAD_STEPS steps (the fit check's step, the validation passes, the scoring generations).
 TRIAL_OVERHEAD_SECONDS = 6.0
 TRIAL_OVERHEAD_STEPS = 2
-SHORT_REFERENCE_WORDS = 4  # median reference length up to this: exact match; longer: token F1
 RANKS = (4, 8, 16, 32)
 ALPHA_RATIOS = (1.0, 2.0, 4.0)
 LEARNING_RATE_RANGE = (5e-5, 3e-3)
@@ -226,30 +227,6 @@ def searched_text(searched: str, learning_rate: float | None) -> str:
 # ------------------------------------------------------------------------ the study
 
 
-def choose_metric(eval_file: str) -> str:
-    """exact_match for short reference answers, token_f1 for longer ones, eval_loss when rows have none."""
-    references = [r for _, r in validation_prompts(eval_file, 200)]
-    if not references:
-        return "eval_loss"
-    words = median(len(r.split()) for r in references)
-    return "exact_match" if words <= SHORT_REFERENCE_WORDS else "token_f1"
-
-
-def validation_prompts(eval_file: str, limit: int) -> list[tuple[list, str]]:
-    from finetune.data import iter_examples
-
-    found = []
-    if not eval_file or not Path(eval_file).is_file():
-        return found
-    for example in iter_examples(eval_file):
-        if len(found) >= limit:
-            break
-        messages = example.get("messages")
-        if messages and messages[-1].get("role") == "assistant" and messages[-1].get("content"):
-            found.append((messages[:-1], messages[-1]["content"]))
-    return found
-
-
 def open_study(storage, name: str, metric: str, seed: int = 42, eval_every: int = 2):
     """Creates the study, or loads it when another worker (or an earlier attempt) already did."""
     import optuna
@@ -299,7 +276,8 @@ def run_trials(study, setup: SearchSetup, budget: Budget, observer: Observer | N
     observer = observer or Observer()
     should_stop = should_stop or (lambda: False)
     if setup.max_new_tokens is None:
-        longest = max((len(r.split()) for _, r in validation_prompts(setup.eval_file, 200)), default=8)
+        references = reference_prompts(setup.eval_file, 200, preference=False)
+        longest = max((len(r.split()) for _, r in references), default=8)
         setup.max_new_tokens = min(64, 2 * longest + 6)
     setup.final_steps = setup.final_steps or budget.final_steps
     space = trial_space(setup, budget)
@@ -580,6 +558,9 @@ def trial_warmup_ratio(plan: dict, trial_steps: int, final_steps: int | None) ->
 def score(result, metric: str) -> float:
     if metric == "eval_loss":
         return float(result.metrics.get("eval_loss", float("inf")))
+    if metric == "exact_match" and "val_exact_match" in result.metrics:
+        # early stopping watched it on up to 64 validation prompts and kept its best checkpoint (finetune/train.py)
+        return float(result.metrics["val_exact_match"])
     scorer = exact_match if metric == "exact_match" else token_f1
     generations = [g for g in result.generations if g.get("reference") is not None]
     if not generations:

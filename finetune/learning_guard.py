@@ -130,10 +130,18 @@ class LearningGuard:
                 f"The validation loss was never a finite number after training started (the base model's was "
                 f"{initial:.4f}): the training diverged. No version was saved; try a lower learning rate.")
         best_loss = best["eval"]["eval_loss"]
-        if best_loss < initial:
+        if best_loss < initial or _answers_improved(initial_eval, best["eval"]):
             return
+        answers = "" if "val_exact_match" not in best["eval"] else \
+            f" and its greedy answers were right no more often ({best['eval']['val_exact_match']:.3g})"
         raise TrainingError(
             f"The validation loss never went below the base model's {initial:.4f} (the best was {best_loss:.4f}, "
-            f"at step {best['step']}), so this adapter would answer your validation rows no better than the base "
+            f"at step {best['step']}){answers}, so this adapter would answer your validation rows no better than the base "
             "model. No version was saved. Try another learning rate or more steps, and check that the validation "
             "rows are like the training rows.")
+
+
+def _answers_improved(initial_eval: dict, best_eval: dict) -> bool:
+    """More validation answers right than the base model got (when early stopping watched exact match)."""
+    before, after = initial_eval.get("val_exact_match"), best_eval.get("val_exact_match")
+    return before is not None and after is not None and after > before

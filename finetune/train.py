@@ -65,7 +65,14 @@ from .trainable_model import (
     load_for_training,
 )
 from .trainspec import TrainResult, TrainSpec, spec_dict
-from .validation import evaluate, generate_samples
+from .validation import (
+    MAX_STOPPING_PROMPTS,
+    answer_exact_match,
+    evaluate,
+    generate_samples,
+    reference_prompts,
+    stopping_metric,
+)
 
 # What callers (jobs, the search, the benches, tests) import from here; most of it lives in the modules above.
 __all__ = [
@@ -132,7 +139,7 @@ class RunClock:
     loss_ema: float | None = None
     last_loss: float | None = None
     last_eval: dict = field(default_factory=dict)
-    best: dict | None = None  # {"step", "eval", "evals_since", "weights"} at the best validation loss (track_best)
+    best: dict | None = None  # {"step", "eval", "evals_since", "weights"} at the best evaluation (track_best)
     stopped_early: bool = False
 
 
@@ -160,6 +167,10 @@ class Run:
     lengths: list = field(default_factory=list)
     order: list = field(default_factory=list)
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a multi-rank run (finetune/distributed.py)
+    # What early stopping and the best checkpoint follow (finetune/validation.py): "eval_loss", or "exact_match"
+    # of greedy answers to stop_prompts (validation prompts with their reference answers).
+    stop_metric: str = "eval_loss"
+    stop_prompts: list = field(default_factory=list)
 
 
 def _train_once(spec, on_progress, on_event, should_stop, oom_recoveries) -> TrainResult:
@@ -216,15 +227,19 @@ def setup_run(spec: TrainSpec, on_event) -> Run:
     if resumed:
         state = ckpt.restore(resumed, model, optimizer)
         on_event("resumed", f"Resumed from the checkpoint at step {state['step']}.", {"step": state["step"]})
+    stop_metric, stop_prompts = _stopping(spec, model, eval_rows)
+    watched = f"; early stopping watches the exact match of {len(stop_prompts)} validation answers" \
+        if stop_metric == "exact_match" else ""
     on_event("started", f"Training {spec.method} on {len(train_rows)} examples for {total_steps} steps "
-             f"({trainable:,} trainable parameters of {total_params:,}).",
+             f"({trainable:,} trainable parameters of {total_params:,}){watched}.",
              {"data": data_stats, "total_steps": total_steps, "trainable_parameters": trainable,
               "loss_path": fastloss.loss_path(model)})
     run = Run(spec=spec, model=model, tokenizer=tokenizer, device=device, pad_id=pad_id, train_rows=train_rows,
               eval_rows=eval_rows, data_stats=data_stats, params=params, optimizer=optimizer,
               scaler=grad_scaler(model, device), total_steps=total_steps,
               warmup=int(spec.warmup_ratio * total_steps), trainable=trainable, total_params=total_params,
-              state=state, resumed=bool(resumed), guard=LearningGuard(named_params), ranks=ranks)
+              state=state, resumed=bool(resumed), guard=LearningGuard(named_params), ranks=ranks,
+              stop_metric=stop_metric, stop_prompts=stop_prompts)
     run.lengths = [len(r["input_ids"]) if "input_ids" in r else len(r["chosen"]["input_ids"]) for r in train_rows]
     run.order = _epoch_order(run, state["epoch"])
     return run
@@ -244,6 +259,15 @@ def _load_rows(spec: TrainSpec, tokenizer):
 
 
 
+def _stopping(spec: TrainSpec, model, eval_rows: list) -> tuple[str, list]:
+    """(metric, prompts) early stopping follows. A sharded model generates only with every rank stepping the same
+    tokens, so it keeps the loss."""
+    metric = stopping_metric(spec) if eval_rows and spec.early_stopping_patience else "eval_loss"
+    if metric != "exact_match" or is_sharded(model):
+        return "eval_loss", []
+    return metric, reference_prompts(spec.eval_file, MAX_STOPPING_PROMPTS)
+
+
 def _epoch_order(run: Run, epoch: int) -> list[list[int]]:
     spec = run.spec
     return batch_order(len(run.train_rows), spec.micro_batch, spec.seed, epoch, run.lengths,
@@ -255,7 +279,7 @@ def evaluate_before_training(run: Run, on_event, on_progress) -> dict:
     if not run.eval_rows:
         return {}
     initial = evaluate_held_out(run)
-    on_event("evaluated", f"Before training: eval loss {initial['eval_loss']:.4f}.", {"step": 0, **initial})
+    on_event("evaluated", f"Before training: {_eval_text(initial)}.", {"step": 0, **initial})
     on_progress({"step": 0, "total_steps": run.total_steps, **initial})
     return initial
 
@@ -372,8 +396,7 @@ def report_step(run: Run, outcome: dict, clock: RunClock, on_progress, on_event)
         clock.last_eval = evaluate_held_out(run)
         progress.update(clock.last_eval)
         if clock.last_eval:
-            on_event("evaluated", f"Step {state['step']}: eval loss {clock.last_eval['eval_loss']:.4f}.",
-                     clock.last_eval)
+            on_event("evaluated", f"Step {state['step']}: {_eval_text(clock.last_eval)}.", clock.last_eval)
             track_best(run, clock, on_event)
     checkpoint_due = run.ranks.any(_checkpoint_due(run, clock))  # the ranks agree (a sharded save needs all)
     # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
@@ -395,9 +418,34 @@ def _save_checkpoint(run: Run, clock: RunClock, on_event) -> None:
 
 
 def evaluate_held_out(run: Run) -> dict:
-    """The validation scores. On several data-parallel ranks each evaluates its share of the rows and the scores
-    are averaged by learned tokens (pairs for preference methods), so every rank holds the same numbers and early
-    stopping stops them all at the same step. A sharded model's forward needs every rank: all evaluate all."""
+    """The validation scores: the loss (and what the method adds), and the exact match of greedy answers when
+    early stopping watches it."""
+    scores = _validation_loss(run)
+    if scores and run.stop_metric == "exact_match":
+        scores["val_exact_match"] = _validation_exact_match(run)
+    return scores
+
+
+def _eval_text(scores: dict) -> str:
+    text = f"eval loss {scores['eval_loss']:.4f}"
+    if "val_exact_match" in scores:
+        text += f", validation exact match {scores['val_exact_match']:.3g}"
+    return text
+
+
+def _validation_exact_match(run: Run) -> float:
+    """Exact match of greedy answers to the stopping prompts; data-parallel ranks answer a share each."""
+    ranks, prompts = run.ranks, run.stop_prompts
+    share = ranks.my_share(prompts) if ranks.distributed else prompts
+    right = answer_exact_match(run.model, run.tokenizer, share, run.spec) * len(share) if share else 0.0
+    right, asked = ranks.sum(right, len(share))
+    return right / max(asked, 1)
+
+
+def _validation_loss(run: Run) -> dict:
+    """On several data-parallel ranks each evaluates its share of the rows and the scores are averaged by learned
+    tokens (pairs for preference methods), so every rank holds the same numbers and early stopping stops them all
+    at the same step. A sharded model's forward needs every rank: all evaluate all."""
     ranks, rows = run.ranks, run.eval_rows
     if not ranks.distributed or len(rows) < ranks.world_size or is_sharded(run.model):
         return evaluate(run.model, rows, run.spec, run.pad_id)
@@ -430,25 +478,33 @@ def _eval_every(run: Run) -> int:
 
 
 def track_best(run: Run, clock: RunClock, on_event) -> None:
-    """Keeps a copy of the trainable weights at the best validation loss so far, and sets clock.stopped_early
-    once early_stopping_patience evaluations in a row brought no new best. The copy lives in memory (adapter
-    weights only); a run resumed from a checkpoint starts tracking afresh."""
+    """Keeps a copy of the trainable weights at the best evaluation so far (the highest validation exact match when
+    early stopping watches it, ties going to the lower loss; else the lowest validation loss), and sets
+    clock.stopped_early once early_stopping_patience evaluations in a row brought no new best. The copy lives in
+    memory (adapter weights only); a run resumed from a checkpoint starts tracking afresh."""
     loss = clock.last_eval.get("eval_loss")
     if loss is None or not math.isfinite(loss):
         return
     best = clock.best
-    if best is None or loss < best["eval"]["eval_loss"]:
+    if best is None or _better(clock.last_eval, best["eval"]):
         clock.best = {"step": run.state["step"], "eval": dict(clock.last_eval), "evals_since": 0,
-                         "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
+                      "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
         return
     best["evals_since"] += 1
     patience = run.spec.early_stopping_patience
     if patience and best["evals_since"] >= patience and run.state["step"] < run.total_steps:
         clock.stopped_early = True
+        watched = "validation exact match or loss" if "val_exact_match" in best["eval"] else "validation loss"
         on_event("stopped_early", f"Stopped early at step {run.state['step']} of {run.total_steps}: no better "
-                 f"validation loss in {patience} evaluations; keeping step {best['step']} "
-                 f"(eval loss {best['eval']['eval_loss']:.4f}).",
-                 {"step": run.state["step"], "best_step": best["step"], "best_eval_loss": best["eval"]["eval_loss"]})
+                 f"{watched} in {patience} evaluations; keeping step {best['step']} ({_eval_text(best['eval'])}).",
+                 {"step": run.state["step"], "best_step": best["step"], "best_eval_loss": best["eval"]["eval_loss"],
+                  "best_val_exact_match": best["eval"].get("val_exact_match")})
+
+
+def _better(scores: dict, best: dict) -> bool:
+    if "val_exact_match" in scores and scores["val_exact_match"] != best.get("val_exact_match"):
+        return scores["val_exact_match"] > best.get("val_exact_match", -1.0)
+    return scores["eval_loss"] < best["eval_loss"]
 
 
 def restore_best(run: Run, clock: RunClock) -> None:

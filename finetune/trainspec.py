@@ -7,6 +7,8 @@ from pathlib import Path
 from .errors import TrainingError
 from .methods import get_method
 
+STOPPING_METRICS = ("auto", "eval_loss", "exact_match")  # what early stopping may watch (finetune/validation.py)
+
 
 @dataclass
 class TrainSpec:
@@ -47,6 +49,8 @@ class TrainSpec:
     # Evaluations in a row without a new best validation loss before training stops (0: train to the end). The
     # adapter saved is always the best evaluation's, not the last step's.
     early_stopping_patience: int = 3
+    # auto: validation exact match when the answers are short, else validation loss (finetune/validation.py)
+    early_stopping_metric: str = "auto"
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float = 10.0
     max_eval_generations: int = 4
@@ -68,10 +72,16 @@ class TrainSpec:
         for name in ("micro_batch", "grad_accum", "max_seq_len"):
             if int(getattr(self, name)) < 1:
                 raise TrainingError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        self.check_stopping_metric()
         if not self.learning_rate or self.learning_rate <= 0:
             raise TrainingError("learning_rate must be positive.")
         if not Path(self.train_file).is_file():
             raise TrainingError(f"The training file {self.train_file} is missing; re-process the dataset.")
+
+    def check_stopping_metric(self):
+        if (self.early_stopping_metric or "auto") not in STOPPING_METRICS:
+            raise TrainingError(f"early_stopping_metric must be one of {', '.join(STOPPING_METRICS)}, not "
+                                f"{self.early_stopping_metric!r}.")
 
     def as_plan(self) -> dict:
         plan = dict(self.plan)

@@ -9,6 +9,7 @@ from django.utils import timezone
 from finetune.chat_templates import chat_template_choice
 from finetune.data import LAYOUTS
 from finetune.methods import AUTO, auto_method_for_schema, method_plan_fields, schema_problem
+from finetune.trainspec import STOPPING_METRICS
 
 from ..base_models import check_usable
 from ..errors import InputError
@@ -33,6 +34,7 @@ OVERRIDE_TYPES = {
     "seed": int,
     "eval_every_steps": int,
     "early_stopping_patience": int,  # 0: train to the end
+    "early_stopping_metric": str,  # auto, eval_loss or exact_match (finetune/validation.py)
     "checkpoint_every_steps": int,
     "checkpoint_every_minutes": float,
     "warmup_ratio": float,
@@ -72,6 +74,10 @@ def clean_overrides(overrides) -> dict:
                 f"Unknown override {key!r}; known: {', '.join(sorted(OVERRIDE_TYPES))}.", field="overrides"
             )
         clean[key] = _coerce(key, value, kind)
+    metric = clean.get("early_stopping_metric")
+    if metric is not None and metric not in STOPPING_METRICS:
+        raise InputError(f"Override 'early_stopping_metric' must be one of {', '.join(STOPPING_METRICS)}, not "
+                         f"{metric!r}.", field="overrides")
     if "chat_template" in clean:
         try:
             clean["chat_template"] = chat_template_choice(clean["chat_template"]) or None

@@ -63,6 +63,9 @@ LABELS = {
     "max_new_tokens": "Max new tokens",
     "max_eval_generations": "Generations at the end",
     "eval_every_steps": "Evaluate every (steps)",
+    "early_stopping_patience": "Early stopping patience (evaluations)",
+    "early_stopping_metric": "Early stopping watches",
+    "val_exact_match": "Validation exact match",
     "checkpoint_every_steps": "Checkpoint every (steps)",
     "checkpoint_every_minutes": "Checkpoint every (minutes)",
 }

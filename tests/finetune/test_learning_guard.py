@@ -211,3 +211,15 @@ def test_a_run_whose_validation_never_improves_fails(tiny_model_dir, files, tmp_
         train(_spec(tiny_model_dir, files, tmp_path, learning_rate=30.0, max_steps=8, eval_every_steps=4))
     assert "no better than the base model" in str(err.value)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_more_validation_answers_right_than_the_base_model_is_learning_even_at_a_higher_loss():
+    """Early stopping on exact match may keep a checkpoint whose loss is above the base model's (a label's loss
+    rises on the rows still wrong while more rows come right): that adapter learned, and is saved."""
+    guard = LearningGuard([("q_proj.lora_B.default.weight", torch.nn.Parameter(torch.zeros(2, 2)))])
+    guard.steps = 10
+    base = {"eval_loss": 2.0, "val_exact_match": 0.25}
+    guard.check_validation_improved(base, {"step": 10, "eval": {"eval_loss": 2.5, "val_exact_match": 0.5}})
+    with pytest.raises(TrainingError, match=r"never went below the base model's 2.0000 .* and its greedy answers "
+                                            r"were right no more often \(0.25\)"):
+        guard.check_validation_improved(base, {"step": 10, "eval": {"eval_loss": 2.5, "val_exact_match": 0.25}})

@@ -102,6 +102,10 @@ def test_validation_errors_name_the_field(client, user):
     assert "magic" in error["message"] and error["details"] == {"field": "method"}
     error = assert_error(client.post("/api/v1/plans", {"overrides": {"rank": "lots"}}, format="json"), 400)
     assert "rank" in error["message"]
+    error = assert_error(client.post("/api/v1/plans", {"overrides": {"early_stopping_metric": "accuracy"}},
+                                     format="json"), 400)
+    assert error["message"] == "Override 'early_stopping_metric' must be one of auto, eval_loss, exact_match, not " \
+                               "'accuracy'." and error["details"] == {"field": "overrides"}
     error = assert_error(client.post("/api/v1/plans", {"gpu": {"gpus": "many"}}, format="json"), 400)
     assert error["message"].startswith("gpu:")
     error = assert_error(client.post("/api/v1/plans", {"gpu": {"gpus": [{"free_bytes": 1e300}]}}, format="json"),
