@@ -173,10 +173,17 @@ def train_plan(model_dir: Path, task: dict, plan: dict, out: Path, **extra) -> t
     spec = TrainSpec.from_plan({"max_eval_generations": 0, "checkpoint_every_minutes": 1e9, **plan, **extra},
                                base_model_path=str(model_dir), train_file=task["train"],
                                eval_file=task["validation"], output_dir=str(out), checkpoint_dir=None)
-    progress = {}
+    progress, evaluations = {}, []
+
+    def on_event(kind, message, data):
+        if kind == "evaluated":  # the validation path early stopping read: [step, loss, exact match or None]
+            evaluations.append([data["step"], round(data["eval_loss"], 4),
+                                data.get("val_exact_match")])
+
     started = time.monotonic()
-    result = train(spec, on_progress=progress.update)
-    metrics = {**result.metrics, "train_tokens_per_second": progress.get("train_tokens_per_second")}
+    result = train(spec, on_progress=progress.update, on_event=on_event)
+    metrics = {**result.metrics, "train_tokens_per_second": progress.get("train_tokens_per_second"),
+               "evaluations": evaluations}
     return {"adapter": result.adapter_dir, "metrics": metrics, "spec": spec}, time.monotonic() - started
 
 
@@ -217,7 +224,8 @@ def arm_auto(model_dir, task, stats, work, ctx) -> dict:
     metrics = trained["metrics"]
     info.update(plan=describe(final), search_seconds=round(search_seconds, 1), final_seconds=round(seconds, 1),
                 steps=metrics.get("steps"), best_step=metrics.get("best_step"),
-                stopped_early=metrics.get("stopped_early"), reasons=[r for r in final["reasons"][:4]])
+                stopped_early=metrics.get("stopped_early"), evaluations=metrics.get("evaluations"),
+                reasons=[r for r in final["reasons"][:4]])
     return {"adapter": trained["adapter"], "seconds": search_seconds + seconds, **info}
 
 

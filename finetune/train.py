@@ -396,7 +396,7 @@ def report_step(run: Run, outcome: dict, clock: RunClock, on_progress, on_event)
         clock.last_eval = evaluate_held_out(run)
         progress.update(clock.last_eval)
         if clock.last_eval:
-            on_event("evaluated", f"Step {state['step']}: {_eval_text(clock.last_eval)}.", clock.last_eval)
+            on_event("evaluated", f"Step {state['step']}: {_eval_text(clock.last_eval)}.", {"step": state["step"], **clock.last_eval})
             track_best(run, clock, on_event)
     checkpoint_due = run.ranks.any(_checkpoint_due(run, clock))  # the ranks agree (a sharded save needs all)
     # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
@@ -478,24 +478,30 @@ def _eval_every(run: Run) -> int:
 
 
 def track_best(run: Run, clock: RunClock, on_event) -> None:
-    """Keeps a copy of the trainable weights at the best evaluation so far (the highest validation exact match when
-    early stopping watches it, ties going to the lower loss; else the lowest validation loss), and sets
-    clock.stopped_early once early_stopping_patience evaluations in a row brought no new best. The copy lives in
-    memory (adapter weights only); a run resumed from a checkpoint starts tracking afresh."""
-    loss = clock.last_eval.get("eval_loss")
+    """Keeps a copy of the trainable weights at the best evaluation so far, and sets clock.stopped_early once
+    early_stopping_patience evaluations in a row brought no progress. Watching the loss: the lowest loss is best and
+    progress. Watching exact match: most answers right is best, ties going to the lower loss, and progress is more
+    answers right (a tie at a lower loss moves the kept checkpoint, not the stopping point: on a dozen validation
+    rows the answers stop changing long before the loss stops creeping down). The copy lives in memory (adapter
+    weights only); a run resumed from a checkpoint starts tracking afresh."""
+    scores = clock.last_eval
+    loss = scores.get("eval_loss")
     if loss is None or not math.isfinite(loss):
         return
     best = clock.best
-    if best is None or _better(clock.last_eval, best["eval"]):
-        clock.best = {"step": run.state["step"], "eval": dict(clock.last_eval), "evals_since": 0,
-                      "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
-        return
-    best["evals_since"] += 1
+    if best is None or _better(scores, best["eval"]):
+        tie = best is not None and "val_exact_match" in scores and \
+            scores["val_exact_match"] == best["eval"].get("val_exact_match")
+        clock.best = {"step": run.state["step"], "eval": dict(scores), "evals_since": best["evals_since"] + 1 if tie
+                      else 0, "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
+    else:
+        best["evals_since"] += 1
+    best = clock.best
     patience = run.spec.early_stopping_patience
     if patience and best["evals_since"] >= patience and run.state["step"] < run.total_steps:
         clock.stopped_early = True
-        watched = "validation exact match or loss" if "val_exact_match" in best["eval"] else "validation loss"
-        on_event("stopped_early", f"Stopped early at step {run.state['step']} of {run.total_steps}: no better "
+        watched = "more validation answers right" if "val_exact_match" in best["eval"] else "better validation loss"
+        on_event("stopped_early", f"Stopped early at step {run.state['step']} of {run.total_steps}: no "
                  f"{watched} in {patience} evaluations; keeping step {best['step']} ({_eval_text(best['eval'])}).",
                  {"step": run.state["step"], "best_step": best["step"], "best_eval_loss": best["eval"]["eval_loss"],
                   "best_val_exact_match": best["eval"].get("val_exact_match")})

@@ -115,28 +115,39 @@ def test_short_answers_make_early_stopping_watch_exact_match_and_long_ones_the_l
 
 def test_the_best_evaluation_is_the_one_with_most_answers_right_not_the_lowest_loss():
     """Issue 32: on 12 validation rows of new labels the loss was lowest two passes before most labels were right.
-    Ties in exact match (common on a dozen rows) go to the lower loss."""
+    Ties in exact match (common on a dozen rows) keep the lower loss's weights but do not put off the stop."""
     from types import SimpleNamespace
 
     import torch
 
     from finetune.train import RunClock, track_best
 
-    weight = torch.zeros(1)
-    run = SimpleNamespace(state={"step": 0}, params=[weight], total_steps=100,
-                          spec=SimpleNamespace(early_stopping_patience=2))
-    clock, events = RunClock(), []
-    history = [(0.25, 1.0), (0.5, 1.3), (0.5, 1.2), (0.42, 0.9), (0.33, 0.8)]  # (exact match, loss) per evaluation
-    for step, (match, loss) in enumerate(history, start=1):
-        run.state["step"] = step
-        weight.fill_(step)
-        clock.last_eval = {"eval_loss": loss, "val_exact_match": match}
-        track_best(run, clock, lambda kind, message, data: events.append((kind, message)))
+    def run_through(history, patience=2):
+        weight = torch.zeros(1)
+        run = SimpleNamespace(state={"step": 0}, params=[weight], total_steps=100,
+                              spec=SimpleNamespace(early_stopping_patience=patience))
+        clock, events = RunClock(), []
+        for step, (match, loss) in enumerate(history, start=1):
+            run.state["step"] = step
+            weight.fill_(step)
+            clock.last_eval = {"eval_loss": loss, "val_exact_match": match}
+            track_best(run, clock, lambda kind, message, data: events.append((kind, message)))
+            if clock.stopped_early:
+                break
+        return clock, events
+
+    # (exact match, loss) per evaluation: the loss falls to 0.7 while the answers are past their best
+    clock, events = run_through([(0.25, 1.0), (0.5, 1.3), (0.5, 1.2), (0.42, 0.9), (0.33, 0.7)])
     assert clock.best["step"] == 3 and clock.best["weights"][0].item() == 3  # 0.5 right at loss 1.2
-    assert clock.stopped_early  # two evaluations without more answers right
-    assert events == [("stopped_early", ("Stopped early at step 5 of 100: no better validation exact match or "
-                                         "loss in 2 evaluations; keeping step 3 (eval loss 1.2000, validation exact "
-                                         "match 0.5)."))]
+    assert events == [("stopped_early", ("Stopped early at step 4 of 100: no more validation answers right in 2 "
+                                         "evaluations; keeping step 3 (eval loss 1.2000, validation exact match "
+                                         "0.5)."))]
+    # Answers all right early, the loss still creeping down: the lower-loss tie is kept, and the run stops.
+    clock, events = run_through([(0.5, 1.0), (1.0, 0.6), (1.0, 0.5), (1.0, 0.45), (1.0, 0.4)])
+    assert clock.stopped_early and clock.best["step"] == 4 and clock.best["eval"]["eval_loss"] == 0.45
+    # More answers right resets the count however the loss moves.
+    clock, _ = run_through([(0.1, 1.0), (0.1, 1.1), (0.2, 1.5), (0.2, 1.6), (0.3, 2.0)])
+    assert not clock.stopped_early and clock.best["step"] == 5
 
 
 def test_a_run_on_short_answers_keeps_the_checkpoint_with_the_answers_right(tiny_model_dir, tmp_path):
