@@ -526,7 +526,7 @@ def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, obse
 
     out_dir = Path(setup.work_dir) / f"trial-{trial.number}"
     trial_plan = {**plan, "max_steps": setup.trial_steps, "eval_every_steps": setup.eval_every,
-                  "max_eval_generations": setup.score_examples if record.metric in MAXIMISED else 0,
+                  "max_eval_generations": setup.score_examples if scored_by_generations(plan, record.metric) else 0,
                   "max_new_tokens": setup.max_new_tokens, "seed": setup.seed, "checkpoint_every_minutes": 1e9,
                   "max_eval_examples": setup.eval_examples,
                   "warmup_ratio": trial_warmup_ratio(plan, setup.trial_steps, setup.final_steps)}
@@ -540,6 +540,16 @@ def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, obse
     if result.status != "succeeded":
         return None
     return score(result, record.metric)
+
+
+def scored_by_generations(plan: dict, metric: str) -> bool:
+    """Whether a trial needs greedy answers at its end to be scored: not when its early stopping already watched
+    exact match (finetune/validation.py: patience on, the metric not forced to the loss)."""
+    if metric not in MAXIMISED:
+        return False
+    watched = metric == "exact_match" and plan.get("early_stopping_patience", 3) and \
+        plan.get("early_stopping_metric", "auto") != "eval_loss"
+    return not watched
 
 
 def trial_warmup_ratio(plan: dict, trial_steps: int, final_steps: int | None) -> float:

@@ -396,7 +396,8 @@ def report_step(run: Run, outcome: dict, clock: RunClock, on_progress, on_event)
         clock.last_eval = evaluate_held_out(run)
         progress.update(clock.last_eval)
         if clock.last_eval:
-            on_event("evaluated", f"Step {state['step']}: {_eval_text(clock.last_eval)}.", {"step": state["step"], **clock.last_eval})
+            on_event("evaluated", f"Step {state['step']}: {_eval_text(clock.last_eval)}.",
+                     {"step": state["step"], **clock.last_eval})
             track_best(run, clock, on_event)
     checkpoint_due = run.ranks.any(_checkpoint_due(run, clock))  # the ranks agree (a sharded save needs all)
     # Said before the checkpoint exists, so a caller that batches progress can write it first: a worker killed
@@ -482,16 +483,17 @@ def track_best(run: Run, clock: RunClock, on_event) -> None:
     early_stopping_patience evaluations in a row brought no progress. Watching the loss: the lowest loss is best and
     progress. Watching exact match: most answers right is best, ties going to the lower loss, and progress is more
     answers right (a tie at a lower loss moves the kept checkpoint, not the stopping point: on a dozen validation
-    rows the answers stop changing long before the loss stops creeping down). The copy lives in memory (adapter
-    weights only); a run resumed from a checkpoint starts tracking afresh."""
+    rows the answers stop changing long before the loss stops creeping down), or a lower loss while none is right
+    yet (the first passes on new labels). The copy lives in memory (adapter weights only); a run resumed from a
+    checkpoint starts tracking afresh."""
     scores = clock.last_eval
     loss = scores.get("eval_loss")
     if loss is None or not math.isfinite(loss):
         return
     best = clock.best
     if best is None or _better(scores, best["eval"]):
-        tie = best is not None and "val_exact_match" in scores and \
-            scores["val_exact_match"] == best["eval"].get("val_exact_match")
+        tie = best is not None and scores.get("val_exact_match") == best["eval"].get("val_exact_match") and \
+            bool(scores.get("val_exact_match"))  # while no answer is right yet, the loss is the only progress
         clock.best = {"step": run.state["step"], "eval": dict(scores), "evals_since": best["evals_since"] + 1 if tie
                       else 0, "weights": [p.detach().to("cpu", copy=True) for p in run.params]}
     else:

@@ -148,6 +148,9 @@ def test_the_best_evaluation_is_the_one_with_most_answers_right_not_the_lowest_l
     # More answers right resets the count however the loss moves.
     clock, _ = run_through([(0.1, 1.0), (0.1, 1.1), (0.2, 1.5), (0.2, 1.6), (0.3, 2.0)])
     assert not clock.stopped_early and clock.best["step"] == 5
+    # Before any answer is right (new labels, first passes) a falling loss is the progress there is.
+    clock, _ = run_through([(0.0, 3.0), (0.0, 2.0), (0.0, 1.5), (0.0, 1.2), (0.1, 1.1)])
+    assert not clock.stopped_early and clock.best["step"] == 5
 
 
 def test_a_run_on_short_answers_keeps_the_checkpoint_with_the_answers_right(tiny_model_dir, tmp_path):
