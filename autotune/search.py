@@ -525,7 +525,10 @@ def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, obse
             state["prune"] = True
 
     out_dir = Path(setup.work_dir) / f"trial-{trial.number}"
+    # A trial runs its steps whole (no early stopping: a third of a pass between evaluations is too little for
+    # a dozen validation answers to settle) and is scored at its best evaluation.
     trial_plan = {**plan, "max_steps": setup.trial_steps, "eval_every_steps": setup.eval_every,
+                  "early_stopping_patience": 0,
                   "max_eval_generations": setup.score_examples if scored_by_generations(plan, record.metric) else 0,
                   "max_new_tokens": setup.max_new_tokens, "seed": setup.seed, "checkpoint_every_minutes": 1e9,
                   "max_eval_examples": setup.eval_examples,
@@ -543,13 +546,11 @@ def train_trial(trial, setup: SearchSetup, plan: dict, record: TrialRecord, obse
 
 
 def scored_by_generations(plan: dict, metric: str) -> bool:
-    """Whether a trial needs greedy answers at its end to be scored: not when its early stopping already watched
-    exact match (finetune/validation.py: patience on, the metric not forced to the loss)."""
+    """Whether a trial needs greedy answers at its end to be scored: not when its evaluations already answered
+    with exact match and kept the best (finetune/validation.py; the metric not forced to the loss)."""
     if metric not in MAXIMISED:
         return False
-    watched = metric == "exact_match" and plan.get("early_stopping_patience", 3) and \
-        plan.get("early_stopping_metric", "auto") != "eval_loss"
-    return not watched
+    return metric != "exact_match" or plan.get("early_stopping_metric") == "eval_loss"
 
 
 def trial_warmup_ratio(plan: dict, trial_steps: int, final_steps: int | None) -> float:

@@ -260,9 +260,9 @@ def _load_rows(spec: TrainSpec, tokenizer):
 
 
 def _stopping(spec: TrainSpec, model, eval_rows: list) -> tuple[str, list]:
-    """(metric, prompts) early stopping follows. A sharded model generates only with every rank stepping the same
-    tokens, so it keeps the loss."""
-    metric = stopping_metric(spec) if eval_rows and spec.early_stopping_patience else "eval_loss"
+    """(metric, prompts) early stopping and the kept checkpoint follow (the latter also with patience 0). A sharded
+    model generates only with every rank stepping the same tokens, so it keeps the loss."""
+    metric = stopping_metric(spec) if eval_rows else "eval_loss"
     if metric != "exact_match" or is_sharded(model):
         return "eval_loss", []
     return metric, reference_prompts(spec.eval_file, MAX_STOPPING_PROMPTS)

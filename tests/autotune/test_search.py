@@ -226,3 +226,14 @@ def test_only_a_cpu_plan_with_room_for_a_second_copy_keeps_the_model():
     assert not search.keeps_a_copy({**plan, "method": "qlora"})
     assert not search.keeps_a_copy({**plan, "memory": {**plan["memory"], "capacity_bytes": 35 * 10**8}})
     assert not search.keeps_a_copy({"device": "cpu", "method": "lora"})  # no estimate: no second copy
+
+
+def test_a_trial_watched_by_exact_match_is_scored_by_it_without_generating_again():
+    """The trial's early stopping already answered the validation prompts at each evaluation and kept the best
+    (finetune/validation.py); greedy answers at its end are needed only for token F1 or when nothing watched."""
+    assert not search.scored_by_generations({}, "exact_match")
+    assert search.scored_by_generations({"early_stopping_metric": "eval_loss"}, "exact_match")
+    assert search.scored_by_generations({}, "token_f1")
+    assert not search.scored_by_generations({}, "eval_loss")
+    result = type("Result", (), {"metrics": {"val_exact_match": 0.75, "eval_loss": 1.0}, "generations": []})()
+    assert search.score(result, "exact_match") == 0.75
