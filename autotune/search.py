@@ -13,7 +13,8 @@ How it works, and why:
   others' at the same step (should_stop answers True, training returns "cancelled", the trial is pruned). A loss
   that is not finite is pruned at once. Trials in one worker load the base model from disk once and train copies
   of it (reused_base_model). A trial warms up for as many steps as the final run will, so it is the final run's
-  first steps at its settings.
+  first steps at its settings; it has no early stopping of its own (its evaluations, a third of a pass apart on
+  small data, are too close for a dozen validation answers to settle), and keeps its best evaluation.
 - A finished trial is scored on the validation split: when the rows have short reference answers (labels,
   classes), by the exact match of its greedy answers, which the trial's own evaluations watch as the final run's
   do (finetune/validation.py: the best evaluation is kept, on up to 64 validation prompts); with longer answers by
