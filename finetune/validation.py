@@ -72,7 +72,7 @@ def reference_prompts(eval_file, limit: int, preference: bool = True) -> list[tu
             if answers:
                 found.append((messages[:answers[-1]], messages[answers[-1]].get("content") or ""))
         elif "chosen" in example and preference:
-            found.append((list(example["prompt"]), example["chosen"]))
+            found.append((list(example.get("prompt") or []), example.get("chosen")))
     return found
 
 

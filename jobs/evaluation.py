@@ -109,26 +109,13 @@ def choose_prompts(version, typed=None, *, typed_name="your prompts", one_typed_
 def validation_prompts(version, limit: int = VALIDATION_PROMPTS) -> list[dict]:
     """The first prompts of the version's validation split, with the held-out answers as references; without a
     split, the prompts the training run generated for."""
-    from finetune.data import iter_examples
+    from finetune.validation import reference_prompts
 
     prompts = []
     path = version.dataset.validation_path if version.dataset_id else ""
     if path:
         try:
-            for example in iter_examples(path):
-                if len(prompts) >= limit:
-                    break
-                if "messages" in example:
-                    messages = example["messages"]
-                    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-                    if not answers:
-                        continue
-                    last = answers[-1]
-                    context, reference = messages[:last], messages[last].get("content")
-                elif "chosen" in example:
-                    context, reference = list(example.get("prompt") or []), example.get("chosen")
-                else:
-                    continue
+            for context, reference in reference_prompts(path, limit):
                 users = [m for m in context if m.get("role") == "user"]
                 if not users:
                     continue
