@@ -363,8 +363,8 @@ def planned_dtype(requested: str, cuda: bool) -> str:
     if requested != "auto":
         return requested
     from autotune import probe
-    from autotune.select import Notes, choose_dtype, choose_target
     from autotune.precision import matmul_speed
+    from autotune.select import Notes, choose_dtype, choose_target
 
     inventory = probe()
     inventory["matmul_speed"] = matmul_speed(ROOT / "var" / "bench")
@@ -433,8 +433,9 @@ def measure_row(args, shape, folder, data, work, config, method, seq, lengths, p
 
 def platform_step_tokens(job: dict, steps: int) -> list[int]:
     """Non-padding tokens per optimizer step in the platform's own batch order (same encoder, same seed)."""
-    from finetune.train import TrainSpec, batch_order, load_encoded
     from transformers import AutoTokenizer
+
+    from finetune.train import TrainSpec, batch_order, load_encoded
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     spec = TrainSpec(base_model_path=job["model"], train_file=job["data"], output_dir=job["out"],

@@ -14,7 +14,7 @@ ROOT = TESTS.parent
 sys.path.append(str(TESTS))  # after the project, so tests/finetune never shadows finetune/
 
 import helpers  # noqa: E402
-from helpers import wait_for  # noqa: E402  (re-exported: tests import it from conftest)
+from helpers import wait_for  # noqa: E402, F401  (re-exported: tests import it from conftest)
 
 
 def pytest_report_header(config):

@@ -2,11 +2,11 @@
 reload while a real Celery worker trains the tiny model, and Cancel stops the job within seconds."""
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from tinymodel import learnable_chat_rows, write_jsonl
 
 from jobs import services
 from jobs.models import Dataset, FineTuneJob, JobStatus
 from tests.conftest import wait_for
-from tinymodel import learnable_chat_rows, write_jsonl
 
 from .conftest import log_in
 

@@ -7,12 +7,12 @@ happens anyway (the workaround switched off) fails with the learning guard's mes
 """
 import pytest
 import torch
+from tinymodel import learnable_chat_rows, write_jsonl
 
 from finetune import fourbit
 from finetune.errors import TrainingError
 from finetune.learning_guard import LearningGuard
 from finetune.train import TrainSpec, evaluate, load_encoded, load_for_training, token_loss_sum, train
-from tinymodel import learnable_chat_rows, write_jsonl
 
 
 @pytest.fixture

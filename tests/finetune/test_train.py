@@ -3,13 +3,13 @@ import json
 import os
 
 import pytest
+from tinymodel import learnable_chat_rows, write_jsonl
 
 from finetune import checkpoint as ckpt
 from finetune.errors import OutOfMemory, TrainingError
 from finetune.fitcheck import shrink_after_oom
 from finetune.tokenize import IGNORE, encode_example, preview_segments
 from finetune.train import TrainSpec, train
-from tinymodel import learnable_chat_rows, write_jsonl
 
 
 @pytest.fixture
@@ -269,8 +269,9 @@ def test_smollm2_lora_few_steps(tmp_path, method):
 
 def test_fit_check_replans_a_batch_that_does_not_fit(tiny_model_dir, tmp_path):
     """The estimate says it fits, the longest batch does not: corrected before the first real step."""
-    from finetune.train import load_for_training, load_encoded, measure_step_peak, worst_case_batch
     import torch
+
+    from finetune.train import load_encoded, load_for_training, measure_step_peak, worst_case_batch
 
     rows = learnable_chat_rows(56) + [
         {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "long " * 40}]}

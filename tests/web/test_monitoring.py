@@ -1,7 +1,6 @@
 """Job monitoring pages (issue 6): list pages run a number of queries that does not grow with the number of jobs,
 metrics are downsampled in SQL and stay fast with 100k points, and the job page shows what a user needs to judge
 a run (progress, ETA, memory against the plan and the fit check, events, log) and its controls work."""
-import time
 from datetime import timedelta
 
 import pytest
